@@ -1,0 +1,40 @@
+"""celery_nb: run notebook cells and functions in Docker containers through Celery.
+
+In a notebook::
+
+    %load_ext celery_nb
+
+    %%celery_docker --image python:3.12-slim --memory 2g
+    result = heavy(x)          # x comes from the kernel, result goes back to it
+
+From Python: ``submit(fn, *args, image=...)`` and ``@remote(image=...)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from celery_nb.client import Client, RemoteFunction, default_client, remote, submit
+from celery_nb.config import CeleryNB, use_settings
+from celery_nb.errors import (CeleryNBError, ContainerError, DockerUnavailableError, ImageNotFoundError,
+                              InputError, JobCancelled, JobTimeoutError, OutOfMemoryError, OutputError,
+                              PolicyError, PythonVersionError, RemoteError)
+from celery_nb.job import Job
+from celery_nb_runtime import progress
+
+__all__ = [
+    "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "ImageNotFoundError", "InputError",
+    "Job", "JobCancelled", "JobTimeoutError", "OutOfMemoryError", "OutputError", "PolicyError",
+    "PythonVersionError", "RemoteError", "RemoteFunction", "default_client", "progress", "remote", "submit",
+]
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext celery_nb``: settings (``%config CeleryNB``), magics, and the embedded worker."""
+    from celery_nb.magics import CeleryDockerMagics
+
+    config = CeleryNB(parent=shell)
+    shell.configurables.append(config)
+    use_settings(config)
+    shell.register_magics(CeleryDockerMagics)
+    if config.broker_url is None:
+        default_client()  # start the embedded worker now rather than in the first cell

@@ -1,0 +1,123 @@
+"""Which names a cell reads from the kernel and which names it assigns, from its AST.
+
+Scoping comes from ``symtable`` (so comprehension variables, function locals and
+parameters are not mistaken for kernel variables); statement order from the AST (so
+``x = 1; print(x)`` does not ship the kernel's ``x``).
+"""
+from __future__ import annotations
+
+import ast
+import symtable
+from dataclasses import dataclass
+from typing import Collection, Iterator
+
+CELL_FILENAME = "<cell>"
+
+
+@dataclass(frozen=True)
+class CellNames:
+    reads: frozenset[str]
+    """Names the cell may read before assigning them: candidates for inputs."""
+    assigns: tuple[str, ...]
+    """Names the cell binds at top level, in first-binding order, imports excluded."""
+
+
+def parse_cell(source: str, first_line: int = 1) -> ast.Module:
+    """Parse with line numbers as the notebook shows them; raises SyntaxError."""
+    return ast.parse("\n" * (first_line - 1) + source, CELL_FILENAME)
+
+
+def analyse_cell(source: str, first_line: int = 1) -> CellNames:
+    tree = parse_cell(source, first_line)
+    table = symtable.symtable("\n" * (first_line - 1) + source, CELL_FILENAME, "exec")
+
+    referenced = {s.get_name() for s in table.get_symbols() if s.is_referenced()}
+    referenced |= set(_globals_read_in_nested_scopes(table))
+    # symtable does not count the read in ``x += 1``
+    referenced |= {n.target.id for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Name)}
+
+    imported_only = {s.get_name() for s in table.get_symbols() if s.is_imported() and not s.is_assigned()}
+    bound_in_order = [name for name in _top_level_bindings(tree) if name not in imported_only]
+    assigns = tuple(dict.fromkeys(n for n in bound_in_order if n != "_"))
+
+    # A name is read from the kernel unless a top-level statement binds it
+    # unconditionally before the first statement that reads it.
+    reads = set()
+    for name in referenced:
+        first_read = _first_statement_using(tree, name)
+        first_bind = _first_unconditional_binding(tree, name)
+        if first_bind is None or first_read is None or first_read <= first_bind:
+            reads.add(name)
+    return CellNames(reads=frozenset(reads), assigns=assigns)
+
+
+def select_inputs(names: CellNames, namespace_names: Collection[str], hidden: Collection[str] = ()) -> list[str]:
+    """The names to ship: read by the cell, present in the kernel, not IPython internals."""
+    return sorted(n for n in names.reads
+                  if n in namespace_names and n not in hidden and not n.startswith("_"))
+
+
+def _globals_read_in_nested_scopes(table: symtable.SymbolTable) -> Iterator[str]:
+    for child in table.get_children():
+        for sym in child.get_symbols():
+            if sym.is_referenced() and sym.is_global():
+                yield sym.get_name()
+        yield from _globals_read_in_nested_scopes(child)
+
+
+def _binding_names(node: ast.AST) -> Iterator[str]:
+    """Names bound by one top-level statement (including inside its nested blocks)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        yield node.name
+        return
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        for alias in node.names:
+            if alias.name != "*":
+                yield (alias.asname or alias.name).split(".")[0]
+        return
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Lambda, ast.GeneratorExp, ast.ListComp, ast.SetComp, ast.DictComp)):
+            continue  # own scope (only walrus escapes; handled below)
+        if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)):
+            yield child.id
+        elif isinstance(child, ast.NamedExpr):
+            yield child.target.id
+            yield from _binding_names(child.value)
+        elif isinstance(child, ast.stmt) and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                 ast.ClassDef, ast.Import, ast.ImportFrom)):
+            yield from _binding_names(child)
+        elif isinstance(child, (ast.ExceptHandler,)) and child.name:
+            yield child.name
+            yield from _binding_names(child)
+        elif isinstance(child, ast.MatchAs) and child.name or isinstance(child, ast.MatchStar) and child.name:
+            yield child.name  # type: ignore[misc]
+        else:
+            yield from _binding_names(child)
+
+
+def _top_level_bindings(tree: ast.Module) -> Iterator[str]:
+    for stmt in tree.body:
+        yield from _binding_names(stmt)
+
+
+_UNCONDITIONAL = (ast.Assign, ast.AnnAssign, ast.Import, ast.ImportFrom, ast.FunctionDef,
+                  ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _first_unconditional_binding(tree: ast.Module, name: str) -> int | None:
+    for index, stmt in enumerate(tree.body):
+        if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
+            continue
+        if isinstance(stmt, _UNCONDITIONAL) and name in set(_binding_names(stmt)):
+            return index
+    return None
+
+
+def _first_statement_using(tree: ast.Module, name: str) -> int | None:
+    for index, stmt in enumerate(tree.body):
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and node.id == name and not isinstance(node.ctx, ast.Store):
+                return index
+            if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
+                return index
+    return None

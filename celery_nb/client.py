@@ -1,0 +1,188 @@
+"""Submitting cells and functions; the embedded default worker.
+
+With a broker URL, jobs go through Redis to ``celery-nb worker`` processes anywhere.
+Without one, the client starts a Celery worker inside this process (memory transport)
+that still runs every job in a real container.
+"""
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+from celery.worker import WorkController
+
+from celery_nb import analysis, payload
+from celery_nb.config import parse_memory, settings
+from celery_nb.errors import InputError
+from celery_nb.job import Job
+from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
+from celery_nb.worker.app import TASK_NAME, make_app
+
+
+def _limits(memory: str | int | None, cpus: float | None, timeout: float | None) -> dict[str, Any]:
+    if cpus is not None and cpus <= 0:
+        raise ValueError(f"--cpus must be positive, got {cpus}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"--timeout must be positive, got {timeout}")
+    return {"memory": parse_memory(memory) if memory is not None else None, "cpus": cpus, "timeout": timeout}
+
+
+class Client:
+    """Sends jobs to workers and follows them. ``broker_url=None``: embedded worker."""
+
+    def __init__(self, broker_url: str | None = None, *, embedded_workers: int = 4) -> None:
+        self.broker_url = broker_url
+        self.store: JobStore = RedisJobStore(broker_url) if broker_url else MemoryJobStore()
+        self.app = make_app(broker_url, self.store)
+        self.jobs: list[Job] = []
+        self._embedded: WorkController | None = None
+        if broker_url is None:
+            self._start_embedded_worker(embedded_workers)
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    def _start_embedded_worker(self, concurrency: int) -> None:
+        # Celery's pool threads look tasks up in the current/default app, not the worker's
+        # (as celery.contrib.testing.worker does).
+        self.app.set_current()
+        self.app.set_default()
+        ready = threading.Event()
+        self._embedded = WorkController(
+            app=self.app, pool_cls="threads", concurrency=concurrency,
+            hostname=f"embedded@{socket.gethostname()}", queues=[settings().default_queue],
+            without_heartbeat=True, without_mingle=True, without_gossip=True,
+            send_events=False, loglevel="WARNING", ready_callback=lambda _consumer: ready.set())
+        threading.Thread(target=self._embedded.start, name="celery_nb-embedded-worker", daemon=True).start()
+        if not ready.wait(30):
+            raise RuntimeError("the embedded celery_nb worker did not start within 30 s")
+
+    def shutdown(self) -> None:
+        if self._embedded is not None:
+            self._embedded.stop(in_sighandler=False, exitcode=0)
+            self._embedded = None
+
+    # -- submitting ---------------------------------------------------------------------
+    def submit_cell(self, source: str, namespace: Mapping[str, Any], *, image: str | None = None,
+                    inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
+                    first_line: int = 1, hidden: Collection[str] = (), memory: str | int | None = None,
+                    cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
+                    env: Mapping[str, str] | None = None) -> Job:
+        """Run cell ``source`` in a container; inputs come from ``namespace``.
+
+        ``inputs``/``outputs`` override the automatic detection. Raises SyntaxError and
+        InputError locally, before anything is submitted.
+        """
+        names = analysis.analyse_cell(source, first_line)
+        if inputs is None:
+            inputs = analysis.select_inputs(names, namespace.keys(), hidden)
+        else:
+            missing = [n for n in inputs if n not in namespace]
+            if missing:
+                raise InputError(f"--in names {', '.join(map(repr, missing))}, which the kernel does not have; "
+                                 f"define {'it' if len(missing) == 1 else 'them'} first or fix --in")
+        data = payload.cell_payload(source, first_line, {n: namespace[n] for n in inputs},
+                                    outputs if outputs is not None else names.assigns,
+                                    outputs_explicit=outputs is not None)
+        label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
+        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout), label)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, image: str | None = None,
+               kwargs: Mapping[str, Any] | None = None, memory: str | int | None = None,
+               cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
+               env: Mapping[str, str] | None = None) -> Job:
+        """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor version)."""
+        data = payload.call_payload(fn, args, kwargs or {})
+        label = f"{getattr(fn, '__qualname__', 'function')}()"
+        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout), label)
+
+    def _send(self, kind: str, data: bytes, image: str | None, queue: str | None,
+              env: Mapping[str, str] | None, limits: dict[str, Any], label: str) -> Job:
+        config = settings()
+        image = image or config.default_image
+        # the embedded worker consumes only the default queue: every job runs here
+        queue = config.default_queue if self.embedded or not queue else queue
+        job = Job(self, uuid.uuid4().hex, kind, image, queue, label)
+        request = {"job_id": job.id, "kind": kind, "image": image, "limits": limits,
+                   "env": dict(env or {}), "payload": base64.b64encode(data).decode("ascii")}
+        self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
+                                   "kind": kind, "label": label, "t": job.submitted_at})
+        self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue)
+        self.jobs.append(job)
+        job._follow()
+        return job
+
+    def remote(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """Like ``celery_nb.remote`` but submitting through this client."""
+        return _remote_decorator(fn, options, self)
+
+    def cancel(self, job_id: str) -> None:
+        self.store.request_cancel(job_id)
+        if not self.embedded:
+            # drop the message if no worker has taken it yet (a running job sees the flag)
+            self.app.control.revoke(job_id)
+
+
+class RemoteFunction:
+    """A function that runs in a container: call it, ``.submit()`` it, or ``.map()`` it."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any], client: Client | None = None) -> None:
+        self.fn = fn
+        self.options = options
+        self.client = client  # None: the default client at call time
+        self.__wrapped__ = fn
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", "remote")
+
+    def submit(self, *args: Any, **kwargs: Any) -> Job:
+        return (self.client or default_client()).submit(self.fn, *args, kwargs=kwargs, **self.options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run remotely and wait for the return value."""
+        return self.submit(*args, **kwargs).result()
+
+    def map(self, items: Iterable[Any]) -> list[Any]:
+        """``[fn(item) for item in items]``, the calls running in parallel; results in order."""
+        jobs = [self.submit(item) for item in items]
+        return [job.result() for job in jobs]
+
+
+_default_client: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The client for the current settings (created, and the embedded worker started, on first use)."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            config = settings()
+            _default_client = Client(config.broker_url, embedded_workers=config.embedded_workers)
+        return _default_client
+
+
+def submit(fn: Callable[..., Any], *args: Any, image: str | None = None, kwargs: Mapping[str, Any] | None = None,
+           memory: str | int | None = None, cpus: float | None = None, timeout: float | None = None,
+           queue: str | None = None, env: Mapping[str, str] | None = None) -> Job:
+    """Run ``fn(*args, **kwargs)`` in a container of ``image``; returns a Job at once."""
+    return default_client().submit(fn, *args, image=image, kwargs=kwargs, memory=memory, cpus=cpus,
+                                   timeout=timeout, queue=queue, env=env)
+
+
+def remote(fn: Callable[..., Any] | None = None, *, image: str | None = None, memory: str | int | None = None,
+           cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
+           env: Mapping[str, str] | None = None) -> Any:
+    """Decorator: ``@remote(image="python:3.11-slim")`` makes calls run in containers."""
+    options = {"image": image, "memory": memory, "cpus": cpus, "timeout": timeout, "queue": queue, "env": env}
+    return _remote_decorator(fn, options, None)
+
+
+def _remote_decorator(fn: Callable[..., Any] | None, options: dict[str, Any], client: Client | None) -> Any:
+    if fn is None:
+        return lambda f: RemoteFunction(f, options, client)
+    return RemoteFunction(fn, options, client)

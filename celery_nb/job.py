@@ -1,0 +1,205 @@
+"""``Job``: a future-like handle on one submitted cell or function call.
+
+State is built only from the job's event stream, read by a background thread, so the
+widget, ``Job.logs`` and a later re-read all see the same ordered history.
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, Callable
+
+from celery_nb import payload
+from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
+from celery_nb.jobstore import START, Event
+
+if TYPE_CHECKING:
+    from celery_nb.client import Client
+
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+_READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
+
+
+class Job:
+    """A submitted job. ``result()`` waits and returns the outputs or raises the job's error."""
+
+    def __init__(self, client: Client, job_id: str, kind: str, image: str, queue: str, label: str) -> None:
+        self.id = job_id
+        self.kind = kind  # "cell" or "call"
+        self.image = image
+        self.queue = queue
+        self.label = label  # what was submitted, for display: first cell line or function name
+        self.status = "queued"
+        self.worker: str | None = None
+        self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
+        self.timings: dict[str, float] = {}
+        self.error: CeleryNBError | None = None
+        self.submitted_at = time.time()
+        self.finished_at: float | None = None
+        self._client = client
+        self._log_chunks: list[tuple[str, str]] = []
+        self._result_blob: bytes | None = None
+        self._outputs: dict[str, Any] | None = None
+        self._done = threading.Event()
+        self._listeners: list[Callable[[Job], None]] = []
+        self._done_callbacks: list[Callable[[Job], None]] = []
+        self._lock = threading.Lock()
+        self._follower: threading.Thread | None = None
+
+    # -- following the event stream -------------------------------------------------
+    def _follow(self) -> None:
+        self._follower = threading.Thread(target=self._read_events, name=f"celery_nb-job-{self.id[:8]}",
+                                          daemon=True)
+        self._follower.start()
+
+    def _read_events(self) -> None:
+        cursor = START
+        store = self._client.store
+        while not self._done.is_set():
+            try:
+                events, cursor = store.read(self.id, cursor, _READ_TIMEOUT)
+            except Exception as exc:  # the broker went away: keep trying, say so in the logs
+                self._apply({"type": "log", "stream": "stderr",
+                             "text": f"[celery_nb] lost the job store ({exc}); retrying\n"})
+                time.sleep(1)
+                continue
+            for event in events:
+                self._apply(event)
+                if self._done.is_set():
+                    break
+            self._notify(self._listeners)
+        self._notify(self._done_callbacks)
+
+    def _apply(self, event: Event) -> None:
+        kind = event.get("type")
+        with self._lock:
+            if kind == "status":
+                self.status = event["status"]
+                self.worker = event.get("worker", self.worker)
+                if self.status == "running":
+                    self.timings["started"] = event["t"]
+            elif kind == "log":
+                self._log_chunks.append((event["stream"], event["text"]))
+            elif kind == "progress":
+                self.progress = {k: event.get(k) for k in ("n", "total", "desc")}
+            elif kind == "done":
+                self.worker = event.get("worker", self.worker)
+                self.timings.update(event.get("timings", {}))
+                self.timings["collected"] = time.time()
+                self.timings["transfer"] = self.timings["collected"] - self.timings.get("finished", self.timings["collected"])
+                self.finished_at = time.time()
+                if event["status"] == "failed":
+                    self.error = error_from_event(event["error"], self.id, self.image)
+                self._result_blob = event.get("blob")
+                self.status = event["status"]
+                self._done.set()
+
+    def _notify(self, callbacks: list[Callable[[Job], None]]) -> None:
+        for callback in list(callbacks):
+            try:
+                callback(self)
+            except Exception:  # a broken display must not stop the job from being followed
+                traceback.print_exc()
+
+    def add_listener(self, callback: Callable[[Job], None]) -> None:
+        """Call ``callback(job)`` after new events arrive and periodically while running."""
+        self._listeners.append(callback)
+
+    def add_done_callback(self, callback: Callable[[Job], None]) -> None:
+        """Call ``callback(job)`` once the job is final (at once if it already is)."""
+        with self._lock:
+            if not self._done.is_set() or self._follower is None or self._follower.is_alive():
+                self._done_callbacks.append(callback)
+                return
+        callback(self)
+
+    # -- future-like API --------------------------------------------------------------
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is final or ``timeout`` passes; True when final."""
+        return self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        """Ask the worker to stop the job (kills its container); returns at once."""
+        if not self.done():
+            self._client.cancel(self.id)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's outputs: a dict of variables for a cell, the return value for a call.
+
+        Raises the job's error (RemoteError, JobTimeoutError, ...), JobCancelled, or
+        TimeoutError if it is still running after ``timeout`` seconds.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} is still {self.status} after {timeout:g} s")
+        if self.status == "cancelled":
+            raise JobCancelled(f"job {self.id} ({self.label}) was cancelled; nothing came back")
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            if self._outputs is None:
+                decode_started = time.time()
+                self._outputs = payload.load_result(self._result_blob)
+                # from the worker's end of the job to usable values in the kernel
+                self.timings["transfer"] += time.time() - decode_started
+                self._result_blob = None
+        return self._outputs if self.kind == "cell" else self._outputs["return"]
+
+    # -- what a person reads ------------------------------------------------------------
+    @property
+    def logs(self) -> str:
+        """Everything the job printed so far (stdout and stderr, interleaved as they came)."""
+        return "".join(text for _stream, text in self._log_chunks)
+
+    def log_chunks(self) -> list[tuple[str, str]]:
+        return list(self._log_chunks)
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished_at or time.time()) - self.submitted_at
+
+    def timing_breakdown(self) -> dict[str, float]:
+        """Seconds spent queued, starting the container, running, and bringing results back."""
+        t = self.timings
+        parts = {}
+        if "received" in t:
+            parts["queued"] = t["received"] - self.submitted_at
+        if "started" in t and "received" in t:
+            parts["start"] = t["started"] - t["received"]
+        if "started" in t and "finished" in t:
+            parts["run"] = t.get("exited", t["finished"]) - t["started"]
+        if "transfer" in t:
+            parts["transfer"] = t["transfer"]
+        return {k: max(0.0, v) for k, v in parts.items()}
+
+    def progress_text(self) -> str:
+        if not self.progress:
+            return ""
+        n, total, desc = self.progress["n"], self.progress["total"], self.progress["desc"]
+        count = f"{n:g}/{total:g}" if total else f"{n:g}"
+        return f"{desc}: {count}" if desc else count
+
+    def summary(self) -> str:
+        """One line: what, where, status, time; plus progress."""
+        where = f" on {self.worker}" if self.worker else ""
+        line = f"celery_nb job {self.id[:12]} [{self.image}] {self.label}: {self.status}{where} after {self.elapsed:.1f} s"
+        if self.progress:
+            line += f" | {self.progress_text()}"
+        if self.done():
+            line += " | " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timing_breakdown().items())
+        return line
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id[:12]} {self.kind} image={self.image!r} status={self.status}>"
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        from celery_nb.widgets import job_mimebundle
+
+        return job_mimebundle(self)
+
+    def _repr_html_(self) -> str:
+        return f"<code>{html.escape(self.summary())}</code>"

@@ -1,0 +1,83 @@
+"""``%%celery_docker``: a thin layer over the public API (no Celery or Docker here)."""
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from celery_nb.client import default_client
+from celery_nb.job import Job
+from celery_nb.widgets import JobView, wait_interactively
+
+
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise ValueError(f"not variable names: {', '.join(map(repr, bad))} (use --in a,b / --out c,d)")
+    return names
+
+
+def _env(pairs: list[str] | None) -> dict[str, str]:
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env {pair!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@magics_class
+class CeleryDockerMagics(Magics):
+    @magic_arguments()
+    @argument("--image", "-i", help="Docker image to run the cell in (default: CeleryNB.default_image). "
+                                    "Any image with python3 (3.9+) works; nothing needs to be installed in it.")
+    @argument("--in", dest="inputs", metavar="A,B",
+              help="kernel variables to send (default: the names the cell reads that the kernel has)")
+    @argument("--out", dest="outputs", metavar="C,D",
+              help="variables to bring back (default: every name the cell assigns); a name the cell "
+                   "never assigns is an error")
+    @argument("--timeout", "-t", type=float, metavar="SECONDS", help="kill the container after this long")
+    @argument("--memory", "-m", metavar="SIZE", help="memory limit, e.g. 512m or 2g (default: the worker's)")
+    @argument("--cpus", type=float, help="CPU limit, e.g. 1.5")
+    @argument("--queue", "-q", help="Celery queue, to pick a group of workers (default: CeleryNB.default_queue)")
+    @argument("--env", "-e", action="append", metavar="K=V", help="environment variable in the container; repeatable")
+    @argument("--no-wait", action="store_true",
+              help="return the Job at once; its outputs land in the namespace when it finishes")
+    @cell_magic
+    def celery_docker(self, line: str, cell: str) -> Job | None:
+        """Run this cell in a Docker container through Celery, and bring its variables back.
+
+        The cell's inputs are the variables it reads that exist in the kernel; its outputs
+        are the variables it assigns. While it runs the cell shows status, progress
+        (``celery_nb_runtime.progress`` or tqdm in the container), the live output, the
+        elapsed time and a Cancel button; Ctrl-C / Interrupt also cancels it. A failed or
+        cancelled cell leaves the namespace untouched.
+
+        Example::
+
+            %%celery_docker --image python:3.12-slim --memory 2g --timeout 600
+            import numpy as np
+            u, s, vt = np.linalg.svd(big_matrix)
+        """
+        args = parse_argstring(self.celery_docker, line)
+        shell = self.shell
+        job = default_client().submit_cell(
+            cell, shell.user_ns, image=args.image, inputs=_names(args.inputs), outputs=_names(args.outputs),
+            first_line=2, hidden=shell.user_ns_hidden, memory=args.memory, cpus=args.cpus,
+            timeout=args.timeout, queue=args.queue, env=_env(args.env))
+        if args.no_wait:
+            job.add_done_callback(self._inject_outputs)
+            return job  # displayed as the cell's result: the live widget
+        JobView(job)
+        wait_interactively(job)
+        shell.user_ns.update(job.result())
+        return None
+
+    def _inject_outputs(self, job: Job) -> None:
+        if job.status == "succeeded":
+            self.shell.user_ns.update(job.result())

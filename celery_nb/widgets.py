@@ -1,0 +1,183 @@
+"""How a job looks in the notebook: a live ipywidget, drawn from the job's events only.
+
+Outside a widget frontend (terminal IPython, nbconvert, GitHub) the same display has a
+readable ``text/plain`` form that is updated when the job ends.
+"""
+from __future__ import annotations
+
+import html
+import re
+import sys
+import time
+from typing import Any
+
+import ipywidgets as w
+from IPython import get_ipython
+from IPython.display import display
+
+from celery_nb.job import Job
+
+LOG_TAIL_LINES = 30
+_STATUS_COLOURS = {"queued": "#6c757d", "starting": "#0d6efd", "running": "#0d6efd",
+                   "succeeded": "#198754", "failed": "#dc3545", "cancelled": "#fd7e14"}
+_LINE = re.compile(r"[^\n]*\n|[^\n]+")
+_MIN_REDRAW_INTERVAL = 0.1  # s; log floods must not flood the frontend with comm messages
+
+
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (widgets possible), False in terminal IPython or plain Python."""
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def log_tail(job: Job, lines: int = LOG_TAIL_LINES) -> list[tuple[str, str]]:
+    """The last ``lines`` lines as (stream, text); a carriage return redraws its line (tqdm)."""
+    joined: list[tuple[str, str]] = []
+    for stream, text in job.log_chunks():
+        for piece in _LINE.findall(text):
+            if joined and joined[-1][0] == stream and not joined[-1][1].endswith("\n"):
+                piece = joined.pop()[1] + piece
+            joined.append((stream, piece))
+    tail = []
+    for stream, text in joined[-lines:]:
+        redraws = [part for part in text.rstrip("\n").split("\r") if part.strip()]
+        if redraws:
+            tail.append((stream, redraws[-1] + "\n"))
+    return tail
+
+
+class JobWidget(w.VBox):
+    """Status, progress bar, live log tail, elapsed time, Cancel button, timing breakdown."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.status = w.HTML()
+        self.title = w.HTML(layout=w.Layout(flex="1 1 auto"))
+        self.elapsed = w.HTML()
+        self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning",
+                                      tooltip="Stop the container and mark the job cancelled",
+                                      layout=w.Layout(width="auto"))
+        self.cancel_button.on_click(lambda _b: job.cancel())
+        self.bar = w.FloatProgress(value=0, min=0, max=1, layout=w.Layout(flex="1 1 auto", visibility="hidden"))
+        self.bar_label = w.HTML()
+        self.logs = w.HTML()
+        self.timings = w.HTML()
+        super().__init__([
+            w.HBox([self.status, self.title, self.elapsed, self.cancel_button],
+                   layout=w.Layout(align_items="center", justify_content="space-between")),
+            w.HBox([self.bar, self.bar_label], layout=w.Layout(align_items="center")),
+            self.logs,
+            self.timings,
+        ], layout=w.Layout(border="1px solid #ddd", padding="4px 8px", margin="2px 0"))
+        self._drawn_at = 0.0
+        self.redraw()
+        job.add_listener(self._on_change)
+        job.add_done_callback(lambda _job: self.redraw())
+
+    def _on_change(self, job: Job) -> None:
+        if time.monotonic() - self._drawn_at >= _MIN_REDRAW_INTERVAL:
+            self.redraw()
+
+    def redraw(self) -> None:
+        job = self.job
+        self._drawn_at = time.monotonic()
+        colour = _STATUS_COLOURS.get(job.status, "#6c757d")
+        self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
+                             f'border-radius:4px;padding:1px 8px;font-weight:bold">{job.status}</span>')
+        worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
+        self.title.value = (f'&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
+                            f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}')
+        self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
+        self.cancel_button.disabled = job.done()
+        if job.progress:
+            total = job.progress["total"] or 0
+            self.bar.layout.visibility = "visible"
+            self.bar.max = total if total else 1
+            self.bar.value = min(job.progress["n"], self.bar.max) if total else 0
+            self.bar.bar_style = "success" if job.status == "succeeded" else (
+                "danger" if job.status == "failed" else "")
+            self.bar_label.value = f'&nbsp;<span class="celery-nb-progress">{html.escape(job.progress_text())}</span>'
+        lines = log_tail(job)
+        self.logs.value = (
+            '<pre class="celery-nb-logs" style="max-height:16em;overflow:auto;margin:4px 0;'
+            'font-size:12px;line-height:1.3;background:#f8f9fa;padding:4px">'
+            + "".join(f'<span style="color:#b02a37">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
+                      for s, t in lines)
+            + "</pre>") if lines else ""
+        if job.done():
+            parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
+            error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
+                     if job.error is not None else "")
+            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:#6c757d">{parts}</span>'
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = text_summary(self.job)
+        return bundle
+
+
+def text_summary(job: Job) -> str:
+    tail = "".join(t for _s, t in log_tail(job, 10))
+    return job.summary() + (("\n" + tail.rstrip("\n")) if tail else "")
+
+
+def job_mimebundle(job: Job) -> dict[str, Any]:
+    if in_kernel():
+        return JobWidget(job)._repr_mimebundle_()
+    return {"text/plain": text_summary(job)}
+
+
+class TextProgress:
+    """The terminal view: status changes and log output printed as they arrive."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._status = None
+        self._printed_chunks = 0
+        job.add_listener(self.update)
+        job.add_done_callback(self.update)
+
+    def update(self, job: Job) -> None:
+        chunks = job.log_chunks()
+        for stream, text in chunks[self._printed_chunks:]:
+            (sys.stderr if stream == "stderr" else sys.stdout).write(text)
+        self._printed_chunks = len(chunks)
+        if job.status != self._status:
+            self._status = job.status
+            print(f"[celery_nb] {job.summary()}", file=sys.stderr, flush=True)
+
+
+class JobView:
+    """The job's display in a cell: a live widget in a kernel, printed text elsewhere."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        if in_kernel():
+            self.widget: JobWidget | None = JobWidget(job)
+            self._handle = display(self.widget, display_id=True)
+            # once final, refresh the text/plain that nbconvert and GitHub show
+            job.add_done_callback(lambda _job: self._handle.update(self.widget))
+        else:
+            self.widget = None
+            TextProgress(job)
+
+
+def wait_interactively(job: Job) -> None:
+    """Block until the job is final while widget events (the Cancel button) keep working.
+
+    A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
+    worker to confirm, and re-raises KeyboardInterrupt.
+    """
+    try:
+        if in_kernel():
+            from jupyter_ui_poll import ui_events
+
+            with ui_events() as ui_poll:
+                while not job.wait(0.05):
+                    ui_poll(10)
+        else:
+            job.wait()
+    except KeyboardInterrupt:
+        job.cancel()
+        job.wait(5)
+        raise

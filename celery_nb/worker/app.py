@@ -1,0 +1,44 @@
+"""The Celery app shared by kernels (to send jobs) and workers (to run them)."""
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from celery_nb.config import DEFAULT_QUEUE
+from celery_nb.jobstore import JobStore
+from celery_nb.worker.policy import WorkerPolicy
+from celery_nb.worker.tasks import run_job
+
+TASK_NAME = "celery_nb.run_job"
+EMBEDDED_BROKER = "memory://"
+
+
+def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | None = None) -> Celery:
+    """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker)."""
+    app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
+    app.conf.update(
+        # JSON only: the worker never unpickles what arrives from the broker
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,  # results travel in the job's event stream
+        task_default_queue=DEFAULT_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a long cell must not hold back jobs another worker could run
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=broker_url is not None,
+    )
+    if broker_url is None:
+        # the memory transport polls; its 1 s default would add up to a second per job
+        app.conf.broker_transport_options = {"polling_interval": 0.01}
+    policy = policy or WorkerPolicy.from_env()
+
+    @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store
+    def run(task: Task, request: dict[str, Any]) -> dict[str, Any]:
+        return run_job(request, store, policy, worker=task.request.hostname or "embedded")
+
+    return app

@@ -1,0 +1,40 @@
+"""``celery-nb worker``: a Celery worker that runs celery_nb jobs in containers.
+
+Thin over ``celery worker``: any option it does not know is passed to Celery.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from celery_nb.config import DEFAULT_QUEUE
+from celery_nb.jobstore import RedisJobStore
+from celery_nb.worker.app import make_app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="celery-nb",
+        description="Run celery_nb jobs in Docker containers. Unknown options go to `celery worker`.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="start a worker")
+    worker.add_argument("--broker", default=os.environ.get("CELERY_NB_BROKER_URL"),
+                        help="broker URL, e.g. redis://host:6379/0 (default: $CELERY_NB_BROKER_URL)")
+    worker.add_argument("-Q", "--queues", default=DEFAULT_QUEUE,
+                        help=f"comma-separated queues to consume (default: {DEFAULT_QUEUE})")
+    worker.add_argument("-c", "--concurrency", type=int, default=4,
+                        help="jobs (containers) run at once (default: 4)")
+    worker.add_argument("-l", "--loglevel", default="INFO")
+    args, celery_args = parser.parse_known_args(argv)
+    if not args.broker:
+        parser.error("no broker: pass --broker redis://HOST:6379/0 or set CELERY_NB_BROKER_URL")
+    app = make_app(args.broker, RedisJobStore(args.broker))
+    # Jobs wait on Docker, not on the CPU: threads are enough and start instantly.
+    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.concurrency}",
+                     f"--queues={args.queues}", f"--loglevel={args.loglevel}", *celery_args])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

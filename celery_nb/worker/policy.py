@@ -1,0 +1,76 @@
+"""What a worker allows. Configured on the worker (env variables), never by the client:
+a client may ask for limits, the worker's policy decides.
+
+| env variable                 | meaning                                   | default     |
+|------------------------------|-------------------------------------------|-------------|
+| CELERY_NB_ALLOWED_IMAGES     | comma-separated fnmatch patterns          | *           |
+| CELERY_NB_DEFAULT_MEMORY     | memory limit when the job names none      | 2g          |
+| CELERY_NB_MAX_MEMORY         | largest memory limit a job may ask for    | unlimited   |
+| CELERY_NB_MAX_CPUS           | most CPUs a job may ask for               | unlimited   |
+| CELERY_NB_MAX_TIMEOUT        | longest --timeout (s); also the default   | unlimited   |
+| CELERY_NB_PIDS_LIMIT         | processes per container                   | 512         |
+| CELERY_NB_PULL               | pull missing images: missing or never     | missing     |
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from celery_nb.config import format_memory, parse_memory
+from celery_nb.errors import PolicyError
+
+
+@dataclass(frozen=True)
+class ContainerLimits:
+    memory: int
+    nano_cpus: int | None
+    pids: int
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    allowed_images: tuple[str, ...] = ("*",)
+    default_memory: int = 2 * 1024**3
+    max_memory: int | None = None
+    max_cpus: float | None = None
+    max_timeout: float | None = None
+    pids_limit: int = 512
+    pull: str = "missing"
+
+    @classmethod
+    def from_env(cls) -> WorkerPolicy:
+        env = os.environ
+
+        def optional(name: str, parse: Any) -> Any:
+            return parse(env[name]) if env.get(name) else None
+
+        return cls(
+            allowed_images=tuple(p.strip() for p in env.get("CELERY_NB_ALLOWED_IMAGES", "*").split(",") if p.strip()),
+            default_memory=parse_memory(env.get("CELERY_NB_DEFAULT_MEMORY", "2g"), "CELERY_NB_DEFAULT_MEMORY"),
+            max_memory=optional("CELERY_NB_MAX_MEMORY", lambda v: parse_memory(v, "CELERY_NB_MAX_MEMORY")),
+            max_cpus=optional("CELERY_NB_MAX_CPUS", float),
+            max_timeout=optional("CELERY_NB_MAX_TIMEOUT", float),
+            pids_limit=int(env.get("CELERY_NB_PIDS_LIMIT", "512")),
+            pull=env.get("CELERY_NB_PULL", "missing"),
+        )
+
+    def limits_for(self, image: str, requested: dict[str, Any]) -> ContainerLimits:
+        """The limits a job runs with; PolicyError names the rule a request breaks."""
+        if not any(fnmatch.fnmatchcase(image, pattern) for pattern in self.allowed_images):
+            raise PolicyError(f"image {image!r} is not allowed on this worker (allowed: "
+                              f"{', '.join(self.allowed_images)}); ask the worker's operator or pick another image")
+        memory = requested.get("memory") or min(self.default_memory, self.max_memory or self.default_memory)
+        if self.max_memory is not None and memory > self.max_memory:
+            raise PolicyError(f"--memory {format_memory(memory)} exceeds this worker's maximum of "
+                              f"{format_memory(self.max_memory)}")
+        cpus = requested.get("cpus")
+        if cpus is not None and self.max_cpus is not None and cpus > self.max_cpus:
+            raise PolicyError(f"--cpus {cpus:g} exceeds this worker's maximum of {self.max_cpus:g}")
+        timeout = requested.get("timeout") or self.max_timeout
+        if timeout is not None and self.max_timeout is not None and timeout > self.max_timeout:
+            raise PolicyError(f"--timeout {timeout:g}s exceeds this worker's maximum of {self.max_timeout:g}s")
+        return ContainerLimits(memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None,
+                               pids=self.pids_limit, timeout=timeout)

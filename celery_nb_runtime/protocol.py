@@ -1,0 +1,144 @@
+"""Wire formats shared by the kernel, the worker and the container runtime.
+
+Stdlib only and Python 3.9 compatible: this module is copied into arbitrary images.
+
+Bundle: a JSON header plus binary sections, used for the job payload (kernel -> container)
+and the result (container -> kernel). Values are pickled with protocol 5; large buffers
+(numpy arrays, bytes) travel out-of-band as their own sections, so they are never copied
+into an intermediate pickle stream and can be loaded zero-copy from a memoryview.
+
+Frames: the container's real stdout carries only frames (the cell's own fd 1/2 go to pipes
+that the runtime wraps into log frames), so the worker can demultiplex logs, progress,
+errors and the result from one byte stream.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+PROTOCOL_VERSION = 1
+PICKLE_PROTOCOL = 5
+
+_BUNDLE_MAGIC = b"CNB\x01"
+_BUNDLE_HEAD = struct.Struct(">4sII")  # magic, header length, section count
+_SECTION_LEN = struct.Struct(">Q")
+
+FRAME_MAGIC = b"CNBF"
+_FRAME_HEAD = struct.Struct(">4sBQ")  # magic, kind, body length
+FRAME_STDOUT = 1
+FRAME_STDERR = 2
+FRAME_EVENT = 3  # JSON: progress, display, ...
+FRAME_RESULT = 4  # bundle
+FRAME_ERROR = 5  # JSON: {"kind", "message", "exc_type", "traceback"}
+FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR)
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid bundle or frame stream."""
+
+
+Buffer = Any  # bytes, bytearray, memoryview or pickle.PickleBuffer
+
+
+def pack_bundle(header: Dict[str, Any], sections: List[Buffer]) -> List[Buffer]:
+    """Return the pieces of a bundle; write them in order (or b"".join them)."""
+    head_json = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    pieces: List[Buffer] = [_BUNDLE_HEAD.pack(_BUNDLE_MAGIC, len(head_json), len(sections)), head_json]
+    pieces.extend(_SECTION_LEN.pack(memoryview(s).nbytes) for s in sections)
+    pieces.extend(sections)
+    return pieces
+
+
+def unpack_bundle(data: Buffer) -> Tuple[Dict[str, Any], List[memoryview]]:
+    """Split a bundle into its header and zero-copy section views."""
+    view = memoryview(data).cast("B")
+    if view.nbytes < _BUNDLE_HEAD.size:
+        raise ProtocolError("bundle is truncated (%d bytes)" % view.nbytes)
+    magic, head_len, count = _BUNDLE_HEAD.unpack_from(view, 0)
+    if magic != _BUNDLE_MAGIC:
+        raise ProtocolError("not a celery_nb bundle (magic %r)" % bytes(magic))
+    pos = _BUNDLE_HEAD.size
+    lengths_end = pos + head_len + count * _SECTION_LEN.size
+    if lengths_end > view.nbytes:
+        raise ProtocolError("bundle header is truncated")
+    try:
+        header = json.loads(bytes(view[pos:pos + head_len]).decode("utf-8"))
+    except ValueError as exc:
+        raise ProtocolError("bundle header is not JSON: %s" % exc) from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bundle header is not a JSON object")
+    pos += head_len
+    lengths = [_SECTION_LEN.unpack_from(view, pos + i * _SECTION_LEN.size)[0] for i in range(count)]
+    pos = lengths_end
+    sections = []
+    for length in lengths:
+        if pos + length > view.nbytes:
+            raise ProtocolError("bundle section is truncated")
+        sections.append(view[pos:pos + length])
+        pos += length
+    return header, sections
+
+
+class ValueWriter:
+    """Pickles named values into bundle sections, buffers out-of-band."""
+
+    def __init__(self, dumps: Callable[..., bytes]) -> None:
+        self._dumps = dumps
+        self.sections: List[Buffer] = []
+
+    def add(self, value: Any) -> List[int]:
+        """Pickle one value; return the indexes of its sections (pickle stream first)."""
+        buffers: List[pickle.PickleBuffer] = []
+        stream = self._dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+        first = len(self.sections)
+        self.sections.append(stream)
+        for buf in buffers:
+            self.sections.append(buf.raw())
+        return list(range(first, len(self.sections)))
+
+
+def load_value(sections: List[memoryview], indexes: List[int]) -> Any:
+    """Inverse of ValueWriter.add: out-of-band buffers are used in place, not copied."""
+    stream, *buffers = (sections[i] for i in indexes)
+    return pickle.loads(stream, buffers=buffers)
+
+
+def frame_header(kind: int, size: int) -> bytes:
+    return _FRAME_HEAD.pack(FRAME_MAGIC, kind, size)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed() arbitrary chunks, get complete (kind, body) frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._need: Optional[Tuple[int, int]] = None  # (kind, length) of the frame being read
+
+    def feed(self, chunk: bytes) -> Iterable[Tuple[int, bytes]]:
+        self._buf += chunk
+        frames = []
+        while True:
+            if self._need is None:
+                if len(self._buf) < _FRAME_HEAD.size:
+                    break
+                magic, kind, length = _FRAME_HEAD.unpack_from(self._buf, 0)
+                if magic != FRAME_MAGIC or kind not in FRAME_KINDS:
+                    raise ProtocolError(
+                        "unexpected bytes on the runtime's frame channel: %r" % bytes(self._buf[:40]))
+                del self._buf[:_FRAME_HEAD.size]
+                self._need = (kind, length)
+            kind, length = self._need
+            if len(self._buf) < length:
+                break
+            body = bytes(self._buf[:length])
+            del self._buf[:length]
+            self._need = None
+            frames.append((kind, body))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still buffered (non-zero at EOF means truncation)."""
+        return len(self._buf) + (_FRAME_HEAD.size if self._need else 0)

@@ -1,0 +1,120 @@
+"""Fixtures for the real stack: Docker daemon, Redis, `celery-nb worker` processes, test images.
+
+Under CI=true a missing Docker daemon, Redis server or test image is a test failure,
+never a silent skip.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+import redis
+
+from celery_nb import Client
+from celery_nb.worker.containers import LABEL_JOB
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only
+NUMPY_IMAGE = os.environ.get("CELERY_NB_TEST_NUMPY_IMAGE", "local/py311-numpy")  # + numpy, tqdm
+OTHER_PYTHON_IMAGE = os.environ.get("CELERY_NB_TEST_OTHER_PYTHON_IMAGE", "local/py-other")
+REDIS_URL = os.environ.get("CELERY_NB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_IMAGES = (IMAGE, NUMPY_IMAGE, OTHER_PYTHON_IMAGE)
+
+
+def _unavailable(what: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (CI=true: tests that need it must not be skipped; run scripts/setup.sh)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> docker.DockerClient:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        _unavailable(f"no Docker daemon: {exc}")
+    missing = [tag for tag in TEST_IMAGES if not client.images.list(name=tag)]
+    if missing:
+        _unavailable(f"test images missing: {', '.join(missing)} (built by scripts/setup.sh)")
+    return client
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL).flushdb()
+    except redis.RedisError as exc:
+        _unavailable(f"no Redis at {REDIS_URL}: {exc}")
+    return REDIS_URL
+
+
+def start_worker(broker_url: str, queue: str, name: str, env: dict[str, str] | None = None,
+                 concurrency: int = 4) -> subprocess.Popen:
+    """A real `celery-nb worker` process, returned once it answers a ping."""
+    log = open(ROOT / f".pytest_cache/worker-{name}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", broker_url, "-Q", queue,
+         "-c", str(concurrency), "-n", f"{name}@%h", "--without-mingle", "--without-gossip"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT)
+    probe = Client(broker_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker {name} exited with {proc.returncode}; see {log.name}")
+        replies = probe.app.control.ping(timeout=0.5)
+        if any(name in host for reply in replies for host in reply):
+            return proc
+    proc.kill()
+    raise RuntimeError(f"worker {name} did not answer a ping within 60 s; see {log.name}")
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[subprocess.Popen]:
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+    proc = start_worker(redis_url, "celery_nb", "main")
+    yield proc
+    stop_worker(proc)
+
+
+@pytest.fixture(scope="session")
+def redis_client(celery_worker: subprocess.Popen, redis_url: str) -> Client:
+    """A client whose jobs go through Redis to the separate worker process."""
+    return Client(redis_url)
+
+
+@pytest.fixture(scope="session")
+def embedded_client(docker_client: docker.DockerClient) -> Iterator[Client]:
+    """A client with the embedded (in-process, memory transport) worker."""
+    client = Client(None)
+    yield client
+    client.shutdown()
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def client(request: pytest.FixtureRequest) -> Client:
+    """Each test using this runs through both paths."""
+    return request.getfixturevalue(f"{request.param}_client")
+
+
+def assert_container_removed(docker_client: docker.DockerClient, job_id: str) -> None:
+    """The worker removes a job's container right after reporting the job's end."""
+    deadline = time.monotonic() + 5
+    while docker_client.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"}):
+        assert time.monotonic() < deadline, f"container of job {job_id} still exists after 5 s"
+        time.sleep(0.05)

@@ -1,0 +1,91 @@
+"""A real IPython kernel driven over the Jupyter protocol, as a frontend would."""
+from __future__ import annotations
+
+import os
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from jupyter_client import KernelManager
+
+
+@dataclass
+class Execution:
+    msg_id: str
+    messages: list[dict] = field(default_factory=list)
+    reply: dict | None = None
+
+    def stream_text(self) -> str:
+        return "".join(m["content"]["text"] for m in self.messages if m["msg_type"] == "stream")
+
+    def error(self) -> dict | None:
+        return next((m["content"] for m in self.messages if m["msg_type"] == "error"), None)
+
+    def comm_opens(self, model_name: str) -> list[dict]:
+        return [m["content"] for m in self.messages if m["msg_type"] == "comm_open"
+                and m["content"]["data"]["state"].get("_model_name") == model_name]
+
+    def comm_values(self, comm_id: str) -> list[Any]:
+        """Successive 'value' states a widget model was given (open + updates)."""
+        values = []
+        for m in self.messages:
+            content = m["content"]
+            if m["msg_type"] in ("comm_open", "comm_msg") and content.get("comm_id") == comm_id:
+                state = content["data"].get("state", {})
+                if "value" in state:
+                    values.append(state["value"])
+        return values
+
+    def html_values(self) -> list[str]:
+        """Every value any HTML widget was given, in order."""
+        ids = {c["comm_id"] for c in self.comm_opens("HTMLModel")}
+        return [m["content"]["data"]["state"]["value"] for m in self.messages
+                if m["msg_type"] in ("comm_open", "comm_msg") and m["content"].get("comm_id") in ids
+                and "value" in m["content"]["data"].get("state", {})]
+
+
+class Kernel:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.start_kernel(env={**os.environ, **env})
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    def start(self, code: str) -> Execution:
+        return Execution(self.client.execute(code))
+
+    def collect(self, execution: Execution, until: Callable[[dict], bool] | None = None,
+                timeout: float = 120) -> Execution:
+        """Read iopub until ``until(msg)`` holds, or until the execution is idle."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"kernel did not answer in {timeout} s; got {execution.messages[-5:]}")
+            try:
+                msg = self.client.get_iopub_msg(timeout=min(remaining, 1))
+            except queue.Empty:
+                continue
+            # widget updates from the job's follower thread may carry no parent header
+            if msg["parent_header"].get("msg_id") != execution.msg_id and not msg["msg_type"].startswith("comm_"):
+                continue
+            execution.messages.append(msg)
+            if until is not None and until(msg):
+                return execution
+            if until is None and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                execution.reply = self.client.get_shell_msg(timeout=10)
+                return execution
+
+    def run(self, code: str, timeout: float = 120) -> Execution:
+        return self.collect(self.start(code), timeout=timeout)
+
+    def click(self, comm_id: str) -> None:
+        """What a frontend sends when a person clicks an ipywidgets Button."""
+        self.client.shell_channel.send(self.client.session.msg(
+            "comm_msg", {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}))
+
+    def shutdown(self) -> None:
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)

@@ -1,0 +1,132 @@
+"""Cells and functions through the real stack: Redis + a separate `celery-nb worker` process,
+and the embedded worker; every job in a real container of a real image."""
+from __future__ import annotations
+
+import sys
+import time
+
+import docker
+import numpy as np
+import pytest
+
+from celery_nb import Client, InputError, RemoteError
+from tests.conftest import IMAGE, NUMPY_IMAGE, assert_container_removed
+
+CELL = """\
+import os, sys, time
+from celery_nb_runtime import progress
+for i in progress(range(5), desc="work"):
+    time.sleep(0.05)
+print("hello from", sys.version)
+os.system("echo from a subprocess")
+sys.stderr.write("a warning\\n")
+y = x * 2
+"""
+
+
+def test_cell_round_trip(client: Client, docker_client: docker.DockerClient) -> None:
+    job = client.submit_cell(CELL, {"x": 21, "unused": object()}, image=IMAGE)
+    outputs = job.result(timeout=60)
+    assert outputs == {"i": 4, "y": 42}
+    assert "hello from 3.11" in job.logs
+    assert "from a subprocess\n" in job.logs
+    assert ("stderr", "a warning\n") in job.log_chunks()
+    assert job.progress == {"n": 5, "total": 5, "desc": "work"}
+    assert job.status == "succeeded" and job.worker
+    assert set(job.timing_breakdown()) == {"queued", "start", "run", "transfer"}
+    assert_container_removed(docker_client, job.id)  # always removed
+
+
+def test_event_stream_is_ordered_and_replayable(client: Client) -> None:
+    job = client.submit_cell("for k in range(200):\n    print(k)\n", {}, image=IMAGE)
+    job.result(timeout=60)
+    assert job.logs == "".join(f"{k}\n" for k in range(200))  # lossless, in order
+    events, _ = client.store.read(job.id, "0", timeout=1)
+    statuses = [e["status"] for e in events if e["type"] in ("status", "done")]
+    assert statuses == ["queued", "starting", "running", "succeeded"]
+
+
+def test_logs_arrive_while_the_cell_runs(client: Client) -> None:
+    job = client.submit_cell("import time\nprint('early', flush=True)\ntime.sleep(3)\nlate = 1\n", {}, image=IMAGE)
+    deadline = time.monotonic() + 30
+    while "early" not in job.logs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "early" in job.logs and not job.done()
+    assert job.status == "running"
+    assert job.result(timeout=30) == {"late": 1}
+
+
+def test_tqdm_in_the_container_drives_progress(redis_client: Client) -> None:
+    job = redis_client.submit_cell(
+        "from tqdm import tqdm\nimport time\nfor _ in tqdm(range(30), desc='tq', mininterval=0):\n"
+        "    time.sleep(0.01)\n", {}, image=NUMPY_IMAGE)
+    job.result(timeout=60)
+    assert job.progress == {"n": 30, "total": 30, "desc": "tq"}
+
+
+def test_the_image_choice_is_real(redis_client: Client) -> None:
+    cell = "import numpy as np\ntotal = float(np.arange(10).sum())\n"
+    assert redis_client.submit_cell(cell, {}, image=NUMPY_IMAGE).result(timeout=60) == {"total": 45.0}
+    with pytest.raises(RemoteError) as info:
+        redis_client.submit_cell(cell, {}, image=IMAGE).result(timeout=60)
+    assert info.value.exc_type == "ModuleNotFoundError"
+    assert "No module named 'numpy'" in str(info.value)
+
+
+def test_numpy_results_come_back_to_the_kernel(redis_client: Client) -> None:
+    rows = np.random.default_rng(0).random((200, 50))
+    out = redis_client.submit_cell("import numpy as np\nu, s, vt = np.linalg.svd(np.array(rows), full_matrices=False)\n",
+                                   {"rows": rows.tolist()}, image=NUMPY_IMAGE).result(timeout=60)
+    assert isinstance(out["s"], np.ndarray)
+    assert np.allclose(out["s"], np.linalg.svd(rows, compute_uv=False))
+
+
+def test_input_the_image_cannot_load_names_the_variable(redis_client: Client) -> None:
+    # the kernel's numpy 2 pickles arrays as numpy._core, which Debian's numpy 1.24 lacks
+    job = redis_client.submit_cell("total = m.sum()\n", {"m": np.ones(3)}, image=NUMPY_IMAGE)
+    with pytest.raises(InputError, match="input variable 'm' could not be loaded in the container"):
+        job.result(timeout=60)
+
+
+def test_explicit_in_and_out(client: Client) -> None:
+    job = client.submit_cell("a = p + q\nb = 2\n", {"p": 1, "q": 2}, image=IMAGE, inputs=["p", "q"], outputs=["a"])
+    assert job.result(timeout=60) == {"a": 3}
+
+
+def test_env_and_limits_reach_the_container(redis_client: Client) -> None:
+    job = redis_client.submit_cell(
+        "import os\nval = os.environ['GREETING']\n"
+        "v1, v2 = '/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory.max'\n"
+        "mem = int(open(v1 if os.path.exists(v1) else v2).read())\n",
+        {}, image=IMAGE, env={"GREETING": "hi"}, memory="96m", outputs=["val", "mem"])
+    assert job.result(timeout=60) == {"val": "hi", "mem": 96 * 1024**2}
+
+
+def test_function_submit_and_remote_map(client: Client) -> None:
+    def scaled(a: int, factor: int = 1) -> dict:
+        import sys
+        return {"value": a * factor, "python": sys.version_info[:2]}
+
+    result = client.submit(scaled, 3, kwargs={"factor": 5}, image=IMAGE).result(timeout=60)
+    assert result == {"value": 15, "python": sys.version_info[:2]}
+
+    @client.remote(image=IMAGE)
+    def square(v: int) -> int:
+        return v * v
+
+    assert square(7) == 49
+    assert square.map(range(6)) == [0, 1, 4, 9, 16, 25]
+
+
+def test_cancel_stops_the_container_within_two_seconds(client: Client, docker_client: docker.DockerClient) -> None:
+    job = client.submit_cell("import time\nfor k in range(600):\n    print(k, flush=True)\n    time.sleep(0.1)\n",
+                             {}, image=IMAGE)
+    while "3\n" not in job.logs:
+        assert job.wait(0.05) is False
+    started = time.monotonic()
+    job.cancel()
+    assert job.wait(2), "not cancelled within 2 s"
+    assert time.monotonic() - started < 2
+    assert job.status == "cancelled"
+    time.sleep(0.5)
+    assert_container_removed(docker_client, job.id)

@@ -1,0 +1,121 @@
+"""%%celery_docker in a real IPython kernel, driven over the Jupyter protocol as a frontend would:
+the widget, the Cancel button, kernel interrupts, the namespace, help, and the terminal view."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import docker
+import pytest
+
+from tests.conftest import IMAGE, ROOT, assert_container_removed
+from tests.kernel import Execution, Kernel
+
+LONG_CELL = "%%celery_docker\nimport time\nfor k in range(600):\n    print('tick', k, flush=True)\n    time.sleep(0.1)\n"
+
+
+@pytest.fixture(scope="module", params=["embedded", "redis"])
+def kernel(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -> Iterator[Kernel]:
+    env = {"CELERY_NB_DEFAULT_IMAGE": IMAGE}
+    if request.param == "redis":
+        env["CELERY_NB_BROKER_URL"] = request.getfixturevalue("redis_url")
+        request.getfixturevalue("celery_worker")
+    k = Kernel(env)
+    assert k.run("%load_ext celery_nb").error() is None
+    k.mode = request.param
+    yield k
+    k.shutdown()
+
+
+def _job_id(execution: Execution) -> str:
+    for value in execution.html_values():
+        if "<code title=" in value:
+            return value.split('<code title="')[1].split('"')[0]
+    raise AssertionError("no job id shown in the widget")
+
+
+def test_cell_runs_and_brings_variables_back(kernel: Kernel) -> None:
+    kernel.run("x = 21")
+    ex = kernel.run("%%celery_docker\nimport sys, time\nfrom celery_nb_runtime import progress\n"
+                    "for i in progress(range(5), desc='work'): time.sleep(0.1)\n"
+                    "print('hello from', sys.version)\ny = x * 2\n")
+    assert ex.error() is None
+    order = ["queued", "starting", "running", "succeeded"]
+    shown = [next(s for s in order if f">{s}<" in v) for v in ex.html_values() if "celery-nb-status" in v]
+    assert shown == sorted(shown, key=order.index) and shown[-1] == "succeeded" and "running" in shown
+    progress = ex.comm_values(ex.comm_opens("FloatProgressModel")[0]["comm_id"])
+    assert progress[-1] == 5
+    assert any("hello from 3.11" in v for v in ex.html_values())
+    assert any(" on <b>" in v for v in ex.html_values())  # the worker host is shown
+    final_text = [m["content"]["data"]["text/plain"] for m in ex.messages if m["msg_type"] == "update_display_data"]
+    assert final_text and "succeeded" in final_text[-1]  # what nbconvert/GitHub show
+    assert kernel.run("print(y, i)").stream_text() == "42 4\n"
+
+
+def test_failed_cell_leaves_the_namespace_untouched(kernel: Kernel) -> None:
+    kernel.run("keep = 'before'")
+    ex = kernel.run("%%celery_docker\nkeep = 'after'\nraise ValueError('boom')\n")
+    error = ex.error()
+    assert error["ename"] == "RemoteError"
+    tb = "\n".join(error["traceback"])
+    assert "ValueError: boom" in tb and 'File "<cell>", line 3' in tb
+    assert kernel.run("print(keep)").stream_text() == "before\n"
+
+
+def test_syntax_error_is_raised_before_submitting(kernel: Kernel) -> None:
+    error = kernel.run("%%celery_docker\na = 1\nb = (\n").error()
+    assert error["ename"] == "SyntaxError"
+
+
+def test_cancel_button_stops_a_blocking_cell(kernel: Kernel, docker_client: docker.DockerClient) -> None:
+    ex = kernel.collect(kernel.start(LONG_CELL),
+                        until=lambda m: m["msg_type"] == "comm_msg" and "tick 3" in str(m["content"]))
+    button = ex.comm_opens("ButtonModel")[0]["comm_id"]
+    clicked = time.monotonic()
+    kernel.click(button)
+    kernel.collect(ex, timeout=10)
+    assert time.monotonic() - clicked < 2.5
+    assert ex.error()["ename"] == "JobCancelled"
+    assert "cancelled" in [v for v in ex.html_values() if "celery-nb-status" in v][-1]
+    assert_container_removed(docker_client, _job_id(ex))
+
+
+def test_kernel_interrupt_cancels_the_job(kernel: Kernel, docker_client: docker.DockerClient) -> None:
+    ex = kernel.collect(kernel.start(LONG_CELL),
+                        until=lambda m: m["msg_type"] == "comm_msg" and "tick 3" in str(m["content"]))
+    interrupted = time.monotonic()
+    kernel.manager.interrupt_kernel()
+    kernel.collect(ex, timeout=10)
+    assert time.monotonic() - interrupted < 2.5
+    assert ex.error()["ename"] == "KeyboardInterrupt"
+    assert "cancelled" in [v for v in ex.html_values() if "celery-nb-status" in v][-1]
+    assert_container_removed(docker_client, _job_id(ex))
+
+
+def test_no_wait_returns_a_job_and_outputs_land_later(kernel: Kernel) -> None:
+    ex = kernel.run("%%celery_docker --no-wait\nimport time\ntime.sleep(1)\nlater = 'landed'\n")
+    assert ex.error() is None
+    result = [m for m in ex.messages if m["msg_type"] == "execute_result"]
+    assert "application/vnd.jupyter.widget-view+json" in result[0]["content"]["data"]
+    assert kernel.run("print('later' in globals())").stream_text() == "False\n"
+    out = kernel.run("import time\nfor _ in range(200):\n    if 'later' in globals(): break\n    time.sleep(0.1)\n"
+                     "print(later)")
+    assert out.stream_text() == "landed\n"
+
+
+def test_magic_help(kernel: Kernel) -> None:
+    reply = kernel.run("%%celery_docker?\n").reply
+    help_text = str(reply["content"]["payload"])
+    for flag in ("--image", "--in", "--out", "--timeout", "--memory", "--cpus", "--queue", "--env", "--no-wait"):
+        assert flag in help_text
+
+
+def test_terminal_ipython_shows_readable_text(docker_client: docker.DockerClient) -> None:
+    cell = f"%%celery_docker --image {IMAGE}\nprint('inside', x)\ny = x + 1\n"
+    code = f"%load_ext celery_nb\nx = 20\nget_ipython().run_cell({cell!r})\nprint('y is', y)\n"
+    out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", code],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "inside 20" in out.stdout and "y is 21" in out.stdout, out.stdout + out.stderr
+    assert "succeeded" in out.stderr and "HBox" not in out.stdout + out.stderr
