@@ -42,7 +42,8 @@ class Job:
         self._log_chunks: list[tuple[str, str]] = []
         self._result_blob: bytes | None = None
         self._outputs: dict[str, Any] | None = None
-        self._done = threading.Event()
+        self._final = threading.Event()  # the final event has been read
+        self._done = threading.Event()  # ... and the done callbacks have run
         self._listeners: list[Callable[[Job], None]] = []
         self._done_callbacks: list[Callable[[Job], None]] = []
         self._lock = threading.Lock()
@@ -57,7 +58,7 @@ class Job:
     def _read_events(self) -> None:
         cursor = START
         store = self._client.store
-        while not self._done.is_set():
+        while not self._final.is_set():
             try:
                 events, cursor = store.read(self.id, cursor, _READ_TIMEOUT)
             except Exception as exc:  # the broker went away: keep trying, say so in the logs
@@ -67,10 +68,16 @@ class Job:
                 continue
             for event in events:
                 self._apply(event)
-                if self._done.is_set():
+                if self._final.is_set():
                     break
             self._notify(self._listeners)
-        self._notify(self._done_callbacks)
+        while True:  # done() turns true only once every done callback (e.g. output injection) has run
+            with self._lock:
+                callbacks, self._done_callbacks = self._done_callbacks, []
+                if not callbacks:
+                    self._done.set()
+                    return
+            self._notify(callbacks)
 
     def _apply(self, event: Event) -> None:
         kind = event.get("type")
@@ -94,7 +101,7 @@ class Job:
                     self.error = error_from_event(event["error"], self.id, self.image)
                 self._result_blob = event.get("blob")
                 self.status = event["status"]
-                self._done.set()
+                self._final.set()
 
     def _notify(self, callbacks: list[Callable[[Job], None]]) -> None:
         for callback in list(callbacks):
@@ -110,14 +117,20 @@ class Job:
     def add_done_callback(self, callback: Callable[[Job], None]) -> None:
         """Call ``callback(job)`` once the job is final (at once if it already is)."""
         with self._lock:
-            if not self._done.is_set() or self._follower is None or self._follower.is_alive():
+            if not self._done.is_set():
                 self._done_callbacks.append(callback)
                 return
         callback(self)
 
     # -- future-like API --------------------------------------------------------------
     def done(self) -> bool:
+        """True once the job is final and its done callbacks (e.g. output injection) have run."""
         return self._done.is_set()
+
+    @property
+    def finished(self) -> bool:
+        """True once the job's final event has been read (done callbacks may still be running)."""
+        return self._final.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is final or ``timeout`` passes; True when final."""
@@ -125,7 +138,7 @@ class Job:
 
     def cancel(self) -> None:
         """Ask the worker to stop the job (kills its container); returns at once."""
-        if not self.done():
+        if not self.finished:
             self._client.cancel(self.id)
 
     def result(self, timeout: float | None = None) -> Any:
@@ -134,7 +147,7 @@ class Job:
         Raises the job's error (RemoteError, JobTimeoutError, ...), JobCancelled, or
         TimeoutError if it is still running after ``timeout`` seconds.
         """
-        if not self._done.wait(timeout):
+        if not self._final.wait(timeout):
             raise TimeoutError(f"job {self.id} is still {self.status} after {timeout:g} s")
         if self.status == "cancelled":
             raise JobCancelled(f"job {self.id} ({self.label}) was cancelled; nothing came back")
@@ -189,7 +202,7 @@ class Job:
         line = f"celery_nb job {self.id[:12]} [{self.image}] {self.label}: {self.status}{where} after {self.elapsed:.1f} s"
         if self.progress:
             line += f" | {self.progress_text()}"
-        if self.done():
+        if self.finished:
             line += " | " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timing_breakdown().items())
         return line
 

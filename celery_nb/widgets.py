@@ -88,7 +88,7 @@ class JobWidget(w.VBox):
         self.title.value = (f'&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
                             f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}')
         self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
-        self.cancel_button.disabled = job.done()
+        self.cancel_button.disabled = job.finished
         if job.progress:
             total = job.progress["total"] or 0
             self.bar.layout.visibility = "visible"
@@ -104,7 +104,7 @@ class JobWidget(w.VBox):
             + "".join(f'<span style="color:#b02a37">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
                       for s, t in lines)
             + "</pre>") if lines else ""
-        if job.done():
+        if job.finished:
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
             error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
                      if job.error is not None else "")
