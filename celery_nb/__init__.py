@@ -15,14 +15,14 @@ from typing import Any
 
 from celery_nb.client import Client, RemoteFunction, default_client, remote, submit
 from celery_nb.config import CeleryNB, use_settings
-from celery_nb.errors import (CeleryNBError, ContainerError, DockerUnavailableError, ImageNotFoundError,
+from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError, ImageNotFoundError,
                               InputError, JobCancelled, JobTimeoutError, OutOfMemoryError, OutputError,
                               PolicyError, PythonVersionError, RemoteError)
 from celery_nb.job import Job
 from celery_nb_runtime import progress
 
 __all__ = [
-    "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "ImageNotFoundError", "InputError",
+    "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "ImageNotFoundError", "InputError",
     "Job", "JobCancelled", "JobTimeoutError", "OutOfMemoryError", "OutputError", "PolicyError",
     "PythonVersionError", "RemoteError", "RemoteFunction", "default_client", "progress", "remote", "submit",
 ]

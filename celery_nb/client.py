@@ -13,14 +13,19 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+import kombu.exceptions
+import redis
 from celery.worker import WorkController
 
 from celery_nb import analysis, payload
 from celery_nb.config import parse_memory, settings
-from celery_nb.errors import InputError
+from celery_nb.errors import BrokerUnavailableError, InputError
 from celery_nb.job import Job
 from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, make_app
+
+
+EMBEDDED_WORKER = f"embedded@{socket.gethostname()}"
 
 
 def _limits(memory: str | int | None, cpus: float | None, timeout: float | None) -> dict[str, Any]:
@@ -37,7 +42,7 @@ class Client:
     def __init__(self, broker_url: str | None = None, *, embedded_workers: int = 4) -> None:
         self.broker_url = broker_url
         self.store: JobStore = RedisJobStore(broker_url) if broker_url else MemoryJobStore()
-        self.app = make_app(broker_url, self.store)
+        self.app = make_app(broker_url, self.store, worker_name=None if broker_url else EMBEDDED_WORKER)
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
         if broker_url is None:
@@ -55,7 +60,7 @@ class Client:
         ready = threading.Event()
         self._embedded = WorkController(
             app=self.app, pool_cls="threads", concurrency=concurrency,
-            hostname=f"embedded@{socket.gethostname()}", queues=[settings().default_queue],
+            hostname=EMBEDDED_WORKER, queues=[settings().default_queue],
             without_heartbeat=True, without_mingle=True, without_gossip=True,
             send_events=False, loglevel="WARNING", ready_callback=lambda _consumer: ready.set())
         threading.Thread(target=self._embedded.start, name="celery_nb-embedded-worker", daemon=True).start()
@@ -110,9 +115,14 @@ class Client:
         job = Job(self, uuid.uuid4().hex, kind, image, queue, label)
         request = {"job_id": job.id, "kind": kind, "image": image, "limits": limits,
                    "env": dict(env or {}), "payload": base64.b64encode(data).decode("ascii")}
-        self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
-                                   "kind": kind, "label": label, "t": job.submitted_at})
-        self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue)
+        try:
+            self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
+                                       "kind": kind, "label": label, "t": job.submitted_at})
+            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue)
+        except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach the broker at {self.broker_url}: {exc}. Start Redis there, or unset "
+                f"CELERY_NB_BROKER_URL to run jobs on the embedded worker in this kernel.") from None
         self.jobs.append(job)
         job._follow()
         return job

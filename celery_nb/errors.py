@@ -16,6 +16,10 @@ class OutputError(CeleryNBError):
     """An output was not assigned, cannot be pickled, or cannot be loaded in the kernel."""
 
 
+class BrokerUnavailableError(CeleryNBError):
+    """The kernel cannot reach the Celery broker; nothing was submitted."""
+
+
 class PolicyError(CeleryNBError):
     """The worker's policy refused the request (image, limits)."""
 

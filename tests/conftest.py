@@ -115,6 +115,6 @@ def client(request: pytest.FixtureRequest) -> Client:
 def assert_container_removed(docker_client: docker.DockerClient, job_id: str) -> None:
     """The worker removes a job's container right after reporting the job's end."""
     deadline = time.monotonic() + 5
-    while docker_client.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"}):
+    while docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_JOB}={job_id}"}):
         assert time.monotonic() < deadline, f"container of job {job_id} still exists after 5 s"
         time.sleep(0.05)

@@ -14,8 +14,12 @@ TASK_NAME = "celery_nb.run_job"
 EMBEDDED_BROKER = "memory://"
 
 
-def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | None = None) -> Celery:
-    """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker)."""
+def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | None = None,
+             worker_name: str | None = None) -> Celery:
+    """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker).
+
+    ``worker_name`` is what jobs report as their worker (default: the Celery node name).
+    """
     app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
     app.conf.update(
         # JSON only: the worker never unpickles what arrives from the broker
@@ -39,6 +43,6 @@ def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | Non
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store
     def run(task: Task, request: dict[str, Any]) -> dict[str, Any]:
-        return run_job(request, store, policy, worker=task.request.hostname or "embedded")
+        return run_job(request, store, policy, worker=worker_name or task.request.hostname)
 
     return app
