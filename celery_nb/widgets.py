@@ -58,14 +58,15 @@ class JobWidget(w.VBox):
                                       tooltip="Stop the container and mark the job cancelled",
                                       layout=w.Layout(width="auto"))
         self.cancel_button.on_click(lambda _b: job.cancel())
-        self.bar = w.FloatProgress(value=0, min=0, max=1, layout=w.Layout(flex="1 1 auto", visibility="hidden"))
+        self.bar = w.FloatProgress(value=0, min=0, max=1, layout=w.Layout(flex="1 1 auto"))
         self.bar_label = w.HTML()
+        self.bar_row = w.HBox([self.bar, self.bar_label], layout=w.Layout(align_items="center", display="none"))
         self.logs = w.HTML()
         self.timings = w.HTML()
         super().__init__([
             w.HBox([self.status, self.title, self.elapsed, self.cancel_button],
                    layout=w.Layout(align_items="center", justify_content="space-between")),
-            w.HBox([self.bar, self.bar_label], layout=w.Layout(align_items="center")),
+            self.bar_row,
             self.logs,
             self.timings,
         ], layout=w.Layout(border="1px solid #ddd", padding="4px 8px", margin="2px 0"))
@@ -88,22 +89,25 @@ class JobWidget(w.VBox):
         self.title.value = (f'&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
                             f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}')
         self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
-        self.cancel_button.disabled = job.finished
+        if job.finished:
+            self.cancel_button.layout.display = "none"
         if job.progress:
             total = job.progress["total"] or 0
-            self.bar.layout.visibility = "visible"
+            self.bar_row.layout.display = "flex"
             self.bar.max = total if total else 1
             self.bar.value = min(job.progress["n"], self.bar.max) if total else 0
             self.bar.bar_style = "success" if job.status == "succeeded" else (
                 "danger" if job.status == "failed" else "")
             self.bar_label.value = f'&nbsp;<span class="celery-nb-progress">{html.escape(job.progress_text())}</span>'
         lines = log_tail(job)
+        # column-reverse keeps the box scrolled to its newest line
         self.logs.value = (
-            '<pre class="celery-nb-logs" style="max-height:16em;overflow:auto;margin:4px 0;'
-            'font-size:12px;line-height:1.3;background:#f8f9fa;padding:4px">'
+            '<div style="max-height:16em;overflow:auto;display:flex;flex-direction:column-reverse;'
+            'background:#f8f9fa;margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;'
+            'font-size:12px;line-height:1.3">'
             + "".join(f'<span style="color:#b02a37">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
                       for s, t in lines)
-            + "</pre>") if lines else ""
+            + "</pre></div>") if lines else ""
         if job.finished:
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
             error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
