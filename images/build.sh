@@ -1,34 +1,62 @@
 #!/usr/bin/env bash
-# Build the local images the tests and the example notebook use. There is no image
-# registry on the test machines, so base images come from debootstrap; each tag is built
-# only if missing.
-#   local/py311        Debian bookworm minbase + python3 (nothing else: "any image with python3")
-#   local/py311-numpy  + Debian's python3-numpy and python3-tqdm
-#   local/py-other     Debian bullseye minbase + python3: Python 3.9, the oldest celery_nb supports
-#                      in images, and another minor version than the kernel's (trixie's 3.13 if the
-#                      mirror no longer serves bullseye)
+# Build the local images the tests and the example notebook use. No image registry is
+# reachable on the test machines, so the base images come from debootstrap. A tag that
+# already exists is kept as it is, so reruns take a second.
+#   local/py311        Debian bookworm minbase + python3, nothing else ("any image with python3 works")
+#   local/py311-numpy  local/py311 + Debian's python3-numpy and python3-tqdm (numpy.Dockerfile)
+#   local/py-other     Debian bullseye minbase + python3 (3.9): another minor version than 3.11 and
+#                      the oldest Python the runtime supports; trixie (3.13) if bullseye fails
+# Environment:
+#   DEBIAN_MIRROR    mirror for debootstrap (default: the Debian mirror apt uses on this machine)
+#   PY_OTHER_SUITES  suites tried in order for local/py-other (default: "bullseye trixie")
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# The Debian mirror apt already uses on this machine (never hard-coded here).
+# Print the "URI SUITE" pairs of apt's sources, one-line ("deb [opts] URI SUITE ...") and
+# deb822 ("URIs:" / "Suites:" stanzas separated by blank lines) formats alike.
+apt_sources() {
+  local files=() f
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] && files+=("$f")
+  done
+  [ ${#files[@]} -gt 0 ] || return 0
+  awk '
+    function flush(  u, s, nu, ns, i, j) {
+      nu = split(uris, u); ns = split(suites, s)
+      for (i = 1; i <= nu; i++) for (j = 1; j <= ns; j++) print u[i], s[j]
+      uris = suites = ""
+    }
+    FNR == 1 { flush() }
+    /^[ \t]*$/ { flush(); next }
+    /^[ \t]*deb[ \t]/ { sub(/\[[^]]*\]/, ""); print $2, $3; next }
+    /^URIs:/ { sub(/^URIs:/, ""); uris = $0 }
+    /^Suites:/ { sub(/^Suites:/, ""); suites = $0 }
+    END { flush() }
+  ' "${files[@]}"
+}
+
+# The Debian mirror (never hard-coded here): the source serving bookworm whose path ends in
+# /debian, which skips debian-security and third-party repositories.
 debian_mirror() {
   local uri
-  uri=$(grep -hE '^\s*(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
-        | grep -oE 'https?://[^ ]+' | grep -E '/debian/?$' | head -n1)
-  [ -n "$uri" ] || { echo "no Debian mirror found in /etc/apt/sources*" >&2; exit 1; }
+  uri=$(apt_sources | awk '$1 ~ /\/debian\/?$/ && $2 == "bookworm" { print $1; exit }')
+  [ -n "$uri" ] || { echo "no Debian bookworm mirror in /etc/apt/sources*; set DEBIAN_MIRROR" >&2; return 1; }
   echo "$uri"
 }
 
-have() { [ -n "$(docker images -q "$1")" ]; }
+have() { docker image inspect "$1" > /dev/null 2>&1; }
 
-debootstrap_image() {  # TAG SUITE...: the first suite that builds
+# debootstrap_image TAG SUITE...: minbase + python3 from the first SUITE that builds.
+debootstrap_image() {
   local tag=$1 suite root
   shift
-  have "$tag" && return
   for suite in "$@"; do
     echo "building $tag (debootstrap $suite)"
     root=$(mktemp -d)
-    if debootstrap --variant=minbase --include=python3 "$suite" "$root" "$(debian_mirror)" > "$root.log" 2>&1; then
+    if debootstrap --variant=minbase --include=python3 "$suite" "$root" "$MIRROR" > "$root.log" 2>&1; then
+      # apt's package lists and caches are ~90 MB; apt-get update brings them back when needed.
+      find "$root/var/lib/apt/lists" "$root/var/cache/apt" -type f -delete
+      chmod 1777 "$root/tmp"
       tar -C "$root" -c . | docker import - "$tag" > /dev/null
       rm -rf "$root" "$root.log"
       return
@@ -36,11 +64,29 @@ debootstrap_image() {  # TAG SUITE...: the first suite that builds
     tail -5 "$root.log" >&2
     rm -rf "$root" "$root.log"
   done
-  echo "could not build $tag" >&2
-  exit 1
+  echo "could not build $tag from any of: $*" >&2
+  return 1
 }
 
-debootstrap_image local/py311 bookworm
-debootstrap_image local/py-other bullseye trixie
-have local/py311-numpy || docker build -q -t local/py311-numpy --build-arg BASE_IMAGE=local/py311 -f numpy.Dockerfile . > /dev/null
+if ! { have local/py311 && have local/py311-numpy && have local/py-other; }; then
+  MIRROR=${DEBIAN_MIRROR:-$(debian_mirror)}
+
+  # The two debootstraps are mostly download and unpack waits: run local/py-other alongside.
+  other_pid=
+  if ! have local/py-other; then
+    # shellcheck disable=SC2086  # PY_OTHER_SUITES is a word list
+    debootstrap_image local/py-other ${PY_OTHER_SUITES:-bullseye trixie} &
+    other_pid=$!
+  fi
+  if ! have local/py311; then
+    debootstrap_image local/py311 bookworm
+  fi
+  if ! have local/py311-numpy; then
+    echo "building local/py311-numpy (docker build)"
+    # Output only on failure (newer docker clients also warn that the legacy builder is deprecated).
+    out=$(docker build -q -t local/py311-numpy --build-arg BASE_IMAGE=local/py311 -f numpy.Dockerfile . 2>&1) \
+      || { echo "$out" >&2; exit 1; }
+  fi
+  [ -z "$other_pid" ] || wait "$other_pid"
+fi
 echo "images ready: local/py311 local/py311-numpy local/py-other"
