@@ -6,7 +6,9 @@ that still runs every job in a real container.
 """
 from __future__ import annotations
 
+import atexit
 import base64
+import os
 import socket
 import threading
 import uuid
@@ -25,7 +27,8 @@ from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, make_app
 
 
-EMBEDDED_WORKER = f"embedded@{socket.gethostname()}"
+# unique per kernel: leftovers of one kernel are not another's
+EMBEDDED_WORKER = f"embedded-{os.getpid()}@{socket.gethostname()}"
 
 
 def _limits(memory: str | int | None, cpus: float | None, timeout: float | None) -> dict[str, Any]:
@@ -64,13 +67,16 @@ class Client:
             without_heartbeat=True, without_mingle=True, without_gossip=True,
             send_events=False, loglevel="WARNING", ready_callback=lambda _consumer: ready.set())
         threading.Thread(target=self._embedded.start, name="celery_nb-embedded-worker", daemon=True).start()
+        atexit.register(self.shutdown)
         if not ready.wait(30):
             raise RuntimeError("the embedded celery_nb worker did not start within 30 s")
 
     def shutdown(self) -> None:
+        """Stop the embedded worker and remove its idle containers."""
         if self._embedded is not None:
             self._embedded.stop(in_sighandler=False, exitcode=0)
             self._embedded = None
+            self.app.celery_nb_pool.shutdown()
 
     # -- submitting ---------------------------------------------------------------------
     def submit_cell(self, source: str, namespace: Mapping[str, Any], *, image: str | None = None,

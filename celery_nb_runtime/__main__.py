@@ -1,5 +1,5 @@
 import sys
 
-from celery_nb_runtime.runner import main
+from celery_nb_runtime.runner import serve
 
-sys.exit(main(sys.argv))
+sys.exit(serve())

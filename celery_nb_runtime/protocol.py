@@ -9,7 +9,7 @@ into an intermediate pickle stream and can be loaded zero-copy from a memoryview
 
 Frames: the container's real stdout carries only frames (the cell's own fd 1/2 go to pipes
 that the runtime wraps into log frames), so the worker can demultiplex logs, progress,
-errors and the result from one byte stream.
+errors and the result from one byte stream. Requests reach the container's stdin as frames too.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ FRAME_STDERR = 2
 FRAME_EVENT = 3  # JSON: progress, display, ...
 FRAME_RESULT = 4  # bundle
 FRAME_ERROR = 5  # JSON: {"kind", "message", "exc_type", "traceback"}
-FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR)
+FRAME_END = 6  # JSON: how the job's process ended {"exit", "signal", "oom_kills"}; the server is ready again
+FRAME_REQUEST = 7  # worker -> container on stdin: bundle {"env"} + [job payload]
+FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST)
 
 
 class ProtocolError(ValueError):
@@ -105,8 +107,19 @@ def load_value(sections: List[memoryview], indexes: List[int]) -> Any:
     return pickle.loads(stream, buffers=buffers)
 
 
+FRAME_HEADER_SIZE = _FRAME_HEAD.size
+
+
 def frame_header(kind: int, size: int) -> bytes:
     return _FRAME_HEAD.pack(FRAME_MAGIC, kind, size)
+
+
+def frame_size(header: bytes) -> int:
+    """Body length from a frame header (validated)."""
+    magic, kind, size = _FRAME_HEAD.unpack(header)
+    if magic != FRAME_MAGIC or kind not in FRAME_KINDS:
+        raise ProtocolError("not a frame header: %r" % header)
+    return size
 
 
 class FrameDecoder:

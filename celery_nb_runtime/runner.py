@@ -1,7 +1,12 @@
-"""Runs one job inside the container: ``python3 -u -m celery_nb_runtime PAYLOAD_FILE``.
+"""The container's main process: a fork server that runs one job per forked child.
 
-fd 1 is kept for frames only; the job's fd 1 and 2 (and so any subprocess it starts) are
-pipes whose bytes are relayed as log frames. The last frame is the result or the error.
+The worker writes REQUEST frames to the container's stdin. For each, the server forks: the
+child runs the job, so modules the server imported are warm while the job's globals, threads
+and subprocesses die with it; the server then writes an END frame saying how the child ended
+and waits for the next request. A container used once (cold) simply gets one request.
+
+fd 1 carries frames only; a job's fd 1 and 2 (and so any subprocess it starts) are pipes
+whose bytes are relayed as log frames. A job's last frame is its RESULT or ERROR.
 """
 from __future__ import annotations
 
@@ -9,9 +14,13 @@ import builtins
 import importlib.abc
 import json
 import linecache
+import gc
 import os
+import select
+import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Dict, List, Optional
 
@@ -54,48 +63,15 @@ class FrameWriter:
                     written = os.write(self._fd, view)
                     view = view[written:]
 
+    def write_raw(self, data: Any) -> None:
+        """Bytes that are already (part of) a frame."""
+        view = memoryview(data).cast("B")
+        with self._lock:
+            while view.nbytes:
+                view = view[os.write(self._fd, view):]
+
     def event(self, obj: Dict[str, Any]) -> None:
         self.write(protocol.FRAME_EVENT, json.dumps(obj, separators=(",", ":")).encode())
-
-
-class OutputCapture:
-    """Points fd 1 and 2 at pipes and relays what arrives as STDOUT/STDERR frames."""
-
-    def __init__(self, frames: FrameWriter) -> None:
-        self._frames = frames
-        self._threads: List[threading.Thread] = []
-
-    def start(self) -> None:
-        for fd, kind in ((1, protocol.FRAME_STDOUT), (2, protocol.FRAME_STDERR)):
-            read_end, write_end = os.pipe()
-            os.dup2(write_end, fd)
-            os.close(write_end)
-            thread = threading.Thread(target=self._relay, args=(read_end, kind), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _relay(self, read_end: int, kind: int) -> None:
-        while True:
-            chunk = os.read(read_end, _READ_CHUNK)
-            if not chunk:
-                break
-            self._frames.write(kind, chunk)
-        os.close(read_end)
-
-    def stop(self, grace: float = 1.0) -> None:
-        """Flush and close our ends; wait briefly so all output precedes the final frame.
-
-        A background subprocess that inherited the pipes may keep them open: we do not
-        wait for it beyond ``grace``.
-        """
-        sys.stdout.flush()
-        sys.stderr.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        for thread in self._threads:
-            thread.join(grace)
 
 
 class _TqdmMirror(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -223,23 +199,197 @@ def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
     return protocol.pack_bundle({"outputs": index}, writer.sections)
 
 
-def main(argv: List[str]) -> int:
-    frames = FrameWriter(os.dup(1))
-    capture = OutputCapture(frames)
-    capture.start()
+def _run_child(request: memoryview, frames: FrameWriter) -> None:
+    """The job, in the forked child, whose fd 1/2 are already the log pipes."""
+    os.setsid()  # its own process group, so the server can kill whatever the job left running
+    outer, (payload,) = protocol.unpack_bundle(request)
+    os.environ.update(outer["env"])
     celery_nb_runtime._emit_event = frames.event
     sys.meta_path.insert(0, _TqdmMirror())
     try:
-        with open(argv[1], "rb") as f:
-            data = f.read()
-        os.unlink(argv[1])
-        header, sections = protocol.unpack_bundle(data)
+        header, sections = protocol.unpack_bundle(payload)
         run = _run_cell if header["kind"] == "cell" else _run_call
         result = _encode_result(run(header, sections))
+        kind: int = protocol.FRAME_RESULT
     except JobFailed as failure:
-        capture.stop()
-        frames.write(protocol.FRAME_ERROR, json.dumps(failure.as_json()).encode())
-        return 0
-    capture.stop()
-    frames.write(protocol.FRAME_RESULT, *result)
+        kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]
+    sys.stdout.flush()
+    sys.stderr.flush()  # the job's output is in the pipes before its last frame
+    frames.write(kind, *result)
+
+
+class _ChildRelay:
+    """The server's side of one job: relays the child's output pipes as log frames and its
+    frame pipe verbatim, never splitting a frame, so all output precedes the last frame."""
+
+    def __init__(self, frames: FrameWriter, stdout_r: int, stderr_r: int, frames_r: int) -> None:
+        self._frames = frames
+        self._logs = {stdout_r: protocol.FRAME_STDOUT, stderr_r: protocol.FRAME_STDERR}
+        self._frames_r = frames_r
+        self._frame_left = 0  # bytes of the child's current frame still to relay
+        self._head = b""  # a partial frame header from the child
+        for fd in self._logs:
+            os.set_blocking(fd, False)
+
+    def _drain_logs(self) -> None:
+        for fd, kind in list(self._logs.items()):
+            while True:
+                try:
+                    chunk = os.read(fd, _READ_CHUNK)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    os.close(fd)
+                    del self._logs[fd]
+                    break
+                self._frames.write(kind, chunk)
+
+    def _relay_frames(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view.nbytes:
+            if self._frame_left == 0:
+                if not self._head:
+                    self._drain_logs()  # what the child printed before this frame goes first
+                need = protocol.FRAME_HEADER_SIZE - len(self._head)
+                self._head += bytes(view[:need])
+                view = view[need:]
+                if len(self._head) < protocol.FRAME_HEADER_SIZE:
+                    return
+                self._frame_left = protocol.frame_size(self._head)
+                self._frames.write_raw(self._head)
+                self._head = b""
+                continue
+            part = view[:self._frame_left]
+            self._frames.write_raw(part)
+            self._frame_left -= part.nbytes
+            view = view[part.nbytes:]
+
+    def run(self, pid: int) -> int:
+        """Relay until the child has exited and its pipes are closed; return its wait status."""
+        status = None
+        open_fds = [*self._logs, self._frames_r]
+        deadline = None
+        while open_fds:
+            ready, _, _ = select.select(open_fds, [], [], 0.05)
+            between_frames = self._frame_left == 0 and not self._head
+            if self._frames_r in ready:
+                chunk = os.read(self._frames_r, _READ_CHUNK)
+                if chunk:
+                    self._relay_frames(chunk)
+                else:
+                    os.close(self._frames_r)
+                    open_fds.remove(self._frames_r)
+            elif ready and between_frames:
+                self._drain_logs()
+            open_fds = [fd for fd in open_fds if fd == self._frames_r or fd in self._logs]
+            if status is None:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)  # background processes the job started
+                    except OSError:
+                        pass
+                    deadline = time.monotonic() + 1.0
+                else:
+                    status = None
+            if deadline is not None and time.monotonic() > deadline:
+                break  # something outside the job's process group holds a pipe open
+        for fd in open_fds:
+            os.close(fd)
+        if status is None:
+            status = os.waitpid(pid, 0)[1]
+        return status
+
+
+def _oom_kills() -> int:
+    """How often the kernel's OOM killer struck in this container's memory cgroup (v1 or v2)."""
+    for path in ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except OSError:
+            continue
     return 0
+
+
+def _read_exactly(fd: int, size: int) -> Optional[bytes]:
+    parts, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _next_request(fd: int) -> Optional[bytes]:
+    """Read exactly one REQUEST frame (never more: the next belongs to the next child)."""
+    header = _read_exactly(fd, protocol.FRAME_HEADER_SIZE)
+    if header is None:
+        return None
+    return _read_exactly(fd, protocol.frame_size(header))
+
+
+def _warm_up() -> None:
+    """Touch what every job touches, so the copy-on-write faults after fork are paid before
+    the request arrives rather than while the kernel waits."""
+    header, sections = protocol.unpack_bundle(b"".join(protocol.pack_bundle({"warm": 1}, [b"x"])))
+    exec(compile("warm = 1", CELL_FILENAME, "exec"), {})
+    _encode_result({"warm": header, "sections": bytes(sections[0])})
+
+
+_EXIT_NO_MORE_REQUESTS = 99
+
+
+def serve(requests_fd: int = 0) -> int:
+    """Keep one forked child on standby: it warms up, takes the next request from stdin, runs
+    it and exits; this process relays its output, reports how it ended, and forks the next."""
+    frames = FrameWriter(os.dup(1))
+    import cloudpickle  # noqa: F401  (imported once here, warm in every job)
+
+    gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
+    while True:
+        oom_before = _oom_kills()
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        frames_r, frames_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                for fd in (stdout_r, stderr_r, frames_r):
+                    os.close(fd)
+                os.dup2(stdout_w, 1)
+                os.dup2(stderr_w, 2)
+                os.close(stdout_w)
+                os.close(stderr_w)
+                _warm_up()
+                request = _next_request(requests_fd)
+                if request is None:
+                    code = _EXIT_NO_MORE_REQUESTS
+                else:
+                    _run_child(memoryview(request), FrameWriter(frames_w))
+            except BaseException:  # a bug here must still end the job, not the server
+                traceback.print_exc()
+                code = 70
+            finally:
+                os._exit(code)
+        for fd in (stdout_w, stderr_w, frames_w):
+            os.close(fd)
+        status = _ChildRelay(frames, stdout_r, stderr_r, frames_r).run(pid)
+        while True:  # we are PID 1: reap whatever was reparented to us
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _EXIT_NO_MORE_REQUESTS:
+            return 0
+        frames.write(protocol.FRAME_END, json.dumps({
+            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "oom_kills": _oom_kills() - oom_before,
+        }).encode())

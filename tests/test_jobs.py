@@ -24,7 +24,7 @@ y = x * 2
 """
 
 
-def test_cell_round_trip(client: Client, docker_client: docker.DockerClient) -> None:
+def test_cell_round_trip(client: Client) -> None:
     job = client.submit_cell(CELL, {"x": 21, "unused": object()}, image=IMAGE)
     outputs = job.result(timeout=60)
     assert outputs == {"i": 4, "y": 42}
@@ -34,7 +34,6 @@ def test_cell_round_trip(client: Client, docker_client: docker.DockerClient) -> 
     assert job.progress == {"n": 5, "total": 5, "desc": "work"}
     assert job.status == "succeeded" and job.worker
     assert set(job.timing_breakdown()) == {"queued", "start", "run", "transfer"}
-    assert_container_removed(docker_client, job.id)  # always removed
 
 
 def test_event_stream_is_ordered_and_replayable(client: Client) -> None:

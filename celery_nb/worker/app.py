@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import celeryd_after_setup, worker_shutdown
 
 from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.jobstore import JobStore
+from celery_nb.worker.containers import ContainerPool, PoolSettings, connect
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb.worker.tasks import run_job
 
@@ -19,6 +21,7 @@ def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | Non
     """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker).
 
     ``worker_name`` is what jobs report as their worker (default: the Celery node name).
+    ``app.celery_nb_pool`` is the worker's warm container pool.
     """
     app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
     app.conf.update(
@@ -40,9 +43,22 @@ def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | Non
         # the memory transport polls; its 1 s default would add up to a second per job
         app.conf.broker_transport_options = {"polling_interval": 0.01}
     policy = policy or WorkerPolicy.from_env()
+    pool = ContainerPool(worker_name or "", PoolSettings.from_env())
+    app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store
     def run(task: Task, request: dict[str, Any]) -> dict[str, Any]:
-        return run_job(request, store, policy, worker=worker_name or task.request.hostname)
+        return run_job(request, store, policy, pool, worker=worker_name or task.request.hostname)
+
+    @celeryd_after_setup.connect(weak=False)
+    def _name_pool(sender: str, instance: Any, **_kwargs: Any) -> None:
+        if instance.app is app and not worker_name:
+            pool.worker = sender
+            pool.remove_leftovers(connect)  # from an earlier run of a worker with this name
+
+    @worker_shutdown.connect(weak=False)
+    def _empty_pool(sender: Any, **_kwargs: Any) -> None:
+        if getattr(sender, "app", app) is app:
+            pool.shutdown()
 
     return app

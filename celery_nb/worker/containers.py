@@ -1,43 +1,95 @@
-"""Docker: one container per job, created with the worker's limits and safety settings,
-fed the runtime and the payload with put_archive, streamed, and always removed.
+"""Docker: containers that run the celery_nb runtime, and the warm pool that reuses them.
+
+A container's command is the runtime's fork server, shipped in its argv (no put_archive, no
+files written into the image). Jobs go in as REQUEST frames on stdin and come back as frames
+on stdout, over one attach socket that lives as long as the container. Containers are
+labelled with the job and the worker, created with the worker's limits and safety settings,
+and always removed.
 """
 from __future__ import annotations
 
+import base64
 import functools
-import io
+import json
 import os
-import tarfile
+import socket
+import struct
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import cloudpickle
 import docker
 import docker.errors
-from docker.types import LogConfig
 
 import celery_nb_runtime
 from celery_nb.errors import ContainerError, DockerUnavailableError, ImageNotFoundError
 from celery_nb.worker.policy import ContainerLimits
+from celery_nb_runtime import protocol
 
-RUNTIME_DIR = "/opt/celery_nb"
-PAYLOAD_PATH = f"{RUNTIME_DIR}/payload.bin"
 LABEL_JOB = "celery_nb.job_id"
 LABEL_TASK = "celery_nb.task_id"
 LABEL_WORKER = "celery_nb.worker"
+LABEL_POOL_KEY = "celery_nb.pool_key"
+
+# Runs in the container: import the runtime (and cloudpickle) from the sources in argv[1].
+_BOOTSTRAP = """\
+import base64, importlib.abc, importlib.util, json, sys, zlib
+sources = json.loads(zlib.decompress(base64.b64decode(sys.argv.pop(1))))
+class SourceImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        stem = name.replace(".", "/")
+        for filename in (stem + "/__init__.py", stem + ".py"):
+            if filename in sources:
+                spec = importlib.util.spec_from_loader(
+                    name, self, origin="/celery_nb/" + filename, is_package=filename.endswith("__init__.py"))
+                spec.has_location = True
+                return spec
+    def exec_module(self, module):
+        source = sources[module.__spec__.origin[len("/celery_nb/"):]]
+        exec(compile(source, module.__spec__.origin, "exec"), module.__dict__)
+sys.meta_path.insert(0, SourceImporter())
+from celery_nb_runtime.runner import serve
+sys.exit(serve())
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def runtime_command() -> tuple[str, ...]:
+    """python3 -c BOOTSTRAP <compressed sources of celery_nb_runtime and cloudpickle>."""
+    sources = {}
+    for package in (celery_nb_runtime, cloudpickle):
+        folder = os.path.dirname(package.__file__)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    sources[f"{package.__name__}/{name}"] = f.read()
+    packed = base64.b64encode(zlib.compress(json.dumps(sources).encode(), 9)).decode("ascii")
+    return ("python3", "-u", "-c", _BOOTSTRAP, packed)
+
+
+_docker_client: docker.DockerClient | None = None
+_docker_lock = threading.Lock()
 
 
 def connect() -> docker.DockerClient:
-    """The worker host's Docker daemon (DOCKER_HOST or the local socket)."""
-    where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise DockerUnavailableError(
-            f"the worker cannot reach the Docker daemon at {where}: {exc}. Start Docker on the worker "
-            f"host (or mount its socket into the worker) and run the cell again.") from None
-    return client
+    """The worker host's Docker daemon (DOCKER_HOST or the local socket), shared by threads."""
+    global _docker_client
+    with _docker_lock:
+        if _docker_client is not None:
+            return _docker_client
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        try:
+            client = docker.from_env()
+            client.ping()
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(
+                f"the worker cannot reach the Docker daemon at {where}: {exc}. Start Docker on the worker "
+                f"host (or mount its socket into the worker) and run the cell again.") from None
+        _docker_client = client
+        return client
 
 
 def ensure_image(client: docker.DockerClient, image: str, pull: str) -> None:
@@ -60,34 +112,8 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-@functools.lru_cache(maxsize=1)
-def _runtime_files() -> tuple[tuple[str, bytes], ...]:
-    """(path in container, content) of the runtime package and cloudpickle, read once."""
-    files = []
-    for package in (celery_nb_runtime, cloudpickle):
-        src = os.path.dirname(package.__file__)
-        for name in sorted(os.listdir(src)):
-            if name.endswith(".py"):
-                with open(os.path.join(src, name), "rb") as f:
-                    files.append((f"{RUNTIME_DIR}/{package.__name__}/{name}", f.read()))
-    return tuple(files)
-
-
-def runtime_archive(payload: bytes) -> bytes:
-    """A tar (for put_archive at /) holding the runtime, cloudpickle and the payload."""
-    buf = io.BytesIO()
-    now = time.time()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        dirs = {"opt", RUNTIME_DIR.lstrip("/")} | {os.path.dirname(p).lstrip("/") for p, _ in _runtime_files()}
-        for d in sorted(dirs):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, now
-            tar.addfile(info)
-        for path, data in (*_runtime_files(), (PAYLOAD_PATH, payload)):
-            info = tarfile.TarInfo(path.lstrip("/"))
-            info.size, info.mode, info.mtime = len(data), 0o644, now
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+class ContainerExited(Exception):
+    """The container's output ended (it exited or was killed)."""
 
 
 @dataclass
@@ -96,69 +122,204 @@ class ExitStatus:
     oom_killed: bool
 
 
-class JobContainer:
-    """One job's container: create -> stream() (attach, start) -> wait() -> remove()."""
+_DOCKER_STREAM_HEAD = struct.Struct(">BxxxL")  # docker's multiplexed attach stream: stream id, size
 
-    def __init__(self, client: docker.DockerClient, image: str, limits: ContainerLimits,
-                 env: dict[str, str], labels: dict[str, str]) -> None:
-        self._client = client
-        self.image = image
-        self.limits = limits
-        self._env = env
-        self._labels = labels
-        self._container = None
 
-    def create(self, payload: bytes) -> None:
-        env = {**self._env, "PYTHONPATH": RUNTIME_DIR, "PYTHONDONTWRITEBYTECODE": "1"}
+@dataclass
+class RuntimeContainer:
+    """A running container of the runtime's fork server, and the socket to talk to it."""
+
+    container: docker.models.containers.Container
+    sock: socket.socket
+    image: str
+    limits: ContainerLimits
+    pool_key: str
+    jobs_run: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
+    _attached: object = None
+    _raw: bytearray = field(default_factory=bytearray)
+    _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
+
+    def send(self, request: bytes) -> None:
+        self.sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)))
+        self.sock.sendall(request)
+
+    def read_frames(self, timeout: float) -> list[tuple[int, bytes]]:
+        """Frames that arrive within ``timeout`` s ([] if none); ContainerExited at EOF."""
+        self.sock.settimeout(timeout)
         try:
-            self._container = self._client.containers.create(
-                self.image,
-                command=["python3", "-u", "-m", "celery_nb_runtime", PAYLOAD_PATH],
-                environment=env,
-                labels=self._labels,
-                mem_limit=self.limits.memory,
-                memswap_limit=self.limits.memory,  # no swap: exceeding the limit is an OOM kill
-                nano_cpus=self.limits.nano_cpus,
-                pids_limit=self.limits.pids,
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                privileged=False,
-                log_config=LogConfig(type="none"),  # output is streamed by attach, not stored twice
-                detach=True,
-            )
-            self._container.put_archive("/", runtime_archive(payload))
-        except docker.errors.APIError as exc:
-            raise ContainerError(f"could not create a container of image {self.image!r}: "
-                                 f"{exc.explanation or exc}") from None
-
-    def stream(self) -> Iterator[tuple[bytes | None, bytes | None]]:
-        """Attach (before start, so nothing is missed), start, and yield (stdout, stderr) chunks."""
-        chunks = self._client.api.attach(self._container.id, stdout=True, stderr=True,
-                                         stream=True, logs=False, demux=True)
-        try:
-            self._container.start()
-        except docker.errors.APIError as exc:
-            explanation = str(exc.explanation or exc)
-            if "executable file not found" in explanation or "no such file" in explanation.lower():
-                raise ContainerError(f"image {self.image!r} has no python3 on its PATH; celery_nb needs an "
-                                     f"image with Python 3.9 or newer") from None
-            raise ContainerError(f"could not start the container of image {self.image!r}: {explanation}") from None
-        return chunks
+            chunk = self.sock.recv(1 << 20)
+        except TimeoutError:
+            return []
+        if not chunk:
+            raise ContainerExited()
+        self._raw += chunk
+        frames = []
+        while len(self._raw) >= _DOCKER_STREAM_HEAD.size:
+            stream, size = _DOCKER_STREAM_HEAD.unpack_from(self._raw)
+            if len(self._raw) < _DOCKER_STREAM_HEAD.size + size:
+                break
+            data = bytes(self._raw[_DOCKER_STREAM_HEAD.size:_DOCKER_STREAM_HEAD.size + size])
+            del self._raw[:_DOCKER_STREAM_HEAD.size + size]
+            if stream == 2:
+                self.stderr_tail = (self.stderr_tail + data)[-8192:]
+            else:
+                frames.extend(self._frames.feed(data))
+        return frames
 
     def kill(self) -> None:
         try:
-            self._container.kill()
+            self.container.kill()
         except docker.errors.APIError:
             pass  # already exited
 
-    def wait(self) -> ExitStatus:
-        code = self._container.wait()["StatusCode"]
-        self._container.reload()
-        return ExitStatus(code=code, oom_killed=bool(self._container.attrs["State"].get("OOMKilled")))
+    def exit_status(self) -> ExitStatus:
+        code = self.container.wait()["StatusCode"]
+        self.container.reload()
+        return ExitStatus(code=code, oom_killed=bool(self.container.attrs["State"].get("OOMKilled")))
 
     def remove(self) -> None:
-        if self._container is not None:
+        try:
+            self.sock.close()
+            self.container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def start_container(client: docker.DockerClient, image: str, limits: ContainerLimits,
+                    labels: dict[str, str], pool_key: str) -> RuntimeContainer:
+    try:
+        container = client.containers.create(
+            image,
+            command=list(runtime_command()),
+            labels={**labels, LABEL_POOL_KEY: pool_key},
+            environment={"PYTHONDONTWRITEBYTECODE": "1"},
+            stdin_open=True,  # requests arrive on stdin
+            mem_limit=limits.memory,
+            memswap_limit=limits.memory,  # no swap: exceeding the limit is an OOM kill
+            nano_cpus=limits.nano_cpus,
+            pids_limit=limits.pids,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            privileged=False,
+            log_config=docker.types.LogConfig(type="none"),  # output is streamed by attach, not stored
+            detach=True,
+        )
+    except docker.errors.APIError as exc:
+        raise ContainerError(f"could not create a container of image {image!r}: {exc.explanation or exc}") from None
+    # attach before start so nothing the container writes is missed
+    attached = client.api.attach_socket(container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+    runtime = RuntimeContainer(container, getattr(attached, "_sock", attached), image, limits, pool_key)
+    runtime._attached = attached  # keeps the HTTP response (and with it the socket) alive
+    try:
+        container.start()
+    except docker.errors.APIError as exc:
+        runtime.remove()
+        explanation = str(exc.explanation or exc)
+        if "executable file not found" in explanation or "no such file" in explanation.lower():
+            raise ContainerError(f"image {image!r} has no python3 on its PATH; celery_nb needs an image with "
+                                 f"Python 3.9 or newer") from None
+        raise ContainerError(f"could not start the container of image {image!r}: {explanation}") from None
+    return runtime
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Warm pool of the worker (env variables on the worker)."""
+
+    size: int = 2  # CELERY_NB_POOL_SIZE: idle containers kept per (image, limits); 0 turns the pool off
+    idle_timeout: float = 300.0  # CELERY_NB_POOL_IDLE_TIMEOUT: seconds before an idle container is removed
+    max_jobs: int = 100  # CELERY_NB_POOL_MAX_JOBS: jobs a container runs before it is replaced
+
+    @classmethod
+    def from_env(cls) -> PoolSettings:
+        env = os.environ
+        return cls(size=int(env.get("CELERY_NB_POOL_SIZE", cls.size)),
+                   idle_timeout=float(env.get("CELERY_NB_POOL_IDLE_TIMEOUT", cls.idle_timeout)),
+                   max_jobs=int(env.get("CELERY_NB_POOL_MAX_JOBS", cls.max_jobs)))
+
+
+def pool_key(image: str, limits: ContainerLimits) -> str:
+    return f"{image}|{limits.memory}|{limits.nano_cpus}|{limits.pids}"
+
+
+class ContainerPool:
+    """Idle runtime containers per (image, limits), reused by later jobs of the same key.
+
+    Each job still runs in a fresh process forked by the container's server, so globals
+    do not leak between jobs; files written in the container do persist (use --fresh).
+    """
+
+    def __init__(self, worker: str, settings: PoolSettings) -> None:
+        self.worker = worker
+        self.settings = settings
+        self._idle: dict[str, list[RuntimeContainer]] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    def checkout(self, key: str) -> RuntimeContainer | None:
+        """An idle container for ``key``, most recently used first, or None."""
+        with self._lock:
+            idle = self._idle.get(key, [])
+            return idle.pop() if idle else None
+
+    def checkin(self, runtime: RuntimeContainer) -> None:
+        """Keep a healthy container for later jobs, or remove it if the pool has no room."""
+        runtime.jobs_run += 1
+        runtime.last_used = time.monotonic()
+        with self._lock:
+            idle = self._idle.setdefault(runtime.pool_key, [])
+            keep = (not self._stopped.is_set() and runtime.jobs_run < self.settings.max_jobs
+                    and len(idle) < self.settings.size)
+            if keep:
+                idle.append(runtime)
+                self._start_reaper()
+        if not keep:
+            runtime.remove()
+
+    def reap(self) -> int:
+        """Remove containers idle for longer than the idle timeout; returns how many."""
+        cutoff = time.monotonic() - self.settings.idle_timeout
+        with self._lock:
+            stale = [r for idle in self._idle.values() for r in idle if r.last_used < cutoff]
+            for idle in self._idle.values():
+                idle[:] = [r for r in idle if r.last_used >= cutoff]
+        for runtime in stale:
+            runtime.remove()
+        return len(stale)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            interval = max(0.5, min(30.0, self.settings.idle_timeout / 4))
+            self._reaper = threading.Thread(target=self._reap_periodically, args=(interval,),
+                                            name="celery_nb-pool-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_periodically(self, interval: float) -> None:
+        while not self._stopped.wait(interval):
+            self.reap()
+
+    def shutdown(self) -> None:
+        """Remove every idle container (the worker is stopping)."""
+        self._stopped.set()
+        with self._lock:
+            idle = [r for runtimes in self._idle.values() for r in runtimes]
+            self._idle.clear()
+        for runtime in idle:
+            runtime.remove()
+
+    def remove_leftovers(self, client_factory: Callable[[], docker.DockerClient]) -> int:
+        """Remove containers a previous run of this worker (same name) left behind."""
+        try:
+            client = client_factory()
+        except DockerUnavailableError:
+            return 0
+        leftovers = client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_WORKER}={self.worker}"})
+        for container in leftovers:
             try:
-                self._container.remove(force=True)
+                container.remove(force=True)
             except docker.errors.NotFound:
                 pass
+        return len(leftovers)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import codecs
 import json
-import threading
 import time
 from typing import Any
 
@@ -20,22 +19,26 @@ from celery_nb.worker.policy import WorkerPolicy
 from celery_nb_runtime import protocol
 
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
+_END_GRACE = 5.0  # s a job's process may take to exit after its result, before its container is dropped
 _RELAYED_EVENT_TYPES = {"progress"}
 
 
 class JobRun:
     """Runs one job request and writes its events; returns the final status."""
 
-    def __init__(self, store: JobStore, policy: WorkerPolicy, request: dict[str, Any], worker: str) -> None:
+    def __init__(self, store: JobStore, policy: WorkerPolicy, pool: containers.ContainerPool,
+                 request: dict[str, Any], worker: str) -> None:
         self.store = store
         self.policy = policy
+        self.pool = pool
         self.request = request
         self.job_id: str = request["job_id"]
         self.worker = worker
         self.timings: dict[str, float] = {"received": time.time()}
         self._result: bytes | None = None
         self._error: dict[str, Any] | None = None
-        self._stderr_tail = bytearray()  # runtime-level failures (no python3, crash before frames)
+        self._decoders = {protocol.FRAME_STDOUT: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
+                          protocol.FRAME_STDERR: ("stderr", codecs.getincrementaldecoder("utf-8")("replace"))}
 
     def emit(self, event: dict[str, Any], blob: bytes | None = None) -> None:
         self.store.append(self.job_id, {**event, "t": time.time()}, blob)
@@ -44,20 +47,28 @@ class JobRun:
         self.emit({"type": "status", "status": "starting", "worker": self.worker})
         if self.store.cancel_requested(self.job_id):
             return self._finish("cancelled")
-        container = None
+        runtime, reusable = None, False
+        fresh = bool(self.request.get("fresh"))
         try:
-            limits = self.policy.limits_for(self.request["image"], self.request.get("limits", {}))
-            client = containers.connect()
-            containers.ensure_image(client, self.request["image"], self.policy.pull)
-            container = containers.JobContainer(
-                client, self.request["image"], limits, self.request.get("env", {}),
-                labels={containers.LABEL_JOB: self.job_id, containers.LABEL_TASK: self.job_id,
-                        containers.LABEL_WORKER: self.worker})
-            container.create(base64.b64decode(self.request["payload"]))
-            chunks = container.stream()
+            image = self.request["image"]
+            limits = self.policy.limits_for(image, self.request.get("limits", {}))
+            key = containers.pool_key(image, limits)
+            runtime = None if fresh else self.pool.checkout(key)
+            container = "warm" if runtime is not None else "cold"
+            if runtime is None:
+                client = containers.connect()
+                containers.ensure_image(client, image, self.policy.pull)
+                runtime = containers.start_container(
+                    client, image, limits, pool_key=key,
+                    labels={containers.LABEL_JOB: self.job_id, containers.LABEL_TASK: self.job_id,
+                            containers.LABEL_WORKER: self.worker})
+            outer = protocol.pack_bundle({"env": self.request.get("env", {})},
+                                         [base64.b64decode(self.request["payload"])])
+            runtime.send(b"".join(outer))
             self.timings["started"] = time.time()
-            self.emit({"type": "status", "status": "running", "worker": self.worker})
-            return self._supervise(container, chunks)
+            self.emit({"type": "status", "status": "running", "worker": self.worker, "container": container})
+            status, reusable = self._supervise(runtime, limits.timeout)
+            return status
         except CeleryNBError as exc:
             self._error = {"kind": error_kind(exc), "message": str(exc)}
             return self._finish("failed")
@@ -66,83 +77,93 @@ class JobRun:
                 f"the worker {self.worker} failed while running the job: {type(exc).__name__}: {exc}")}
             return self._finish("failed")
         finally:
-            if container is not None:
-                container.remove()
+            if runtime is not None:
+                if reusable and not fresh:
+                    self.pool.checkin(runtime)
+                else:
+                    runtime.remove()
 
-    def _supervise(self, container: containers.JobContainer, chunks: Any) -> str:
-        reader = threading.Thread(target=self._relay, args=(chunks,), daemon=True)
-        reader.start()
-        deadline = (time.monotonic() + container.limits.timeout) if container.limits.timeout else None
-        stopped_by = None
-        while reader.is_alive():
-            reader.join(CANCEL_POLL_INTERVAL)
-            if not reader.is_alive():
+    def _supervise(self, runtime: containers.RuntimeContainer, timeout: float | None) -> tuple[str, bool]:
+        """Relay frames until the job ends; returns (status, container reusable).
+
+        The job is reported done as soon as its result or error frame arrives; the END frame
+        (the job's process has exited) only decides whether the container can be reused.
+        """
+        deadline = time.monotonic() + timeout if timeout else None  # this job's, not the container's first
+        status: str | None = None
+        end: dict[str, Any] | None = None
+        while end is None:
+            try:
+                frames = runtime.read_frames(CANCEL_POLL_INTERVAL)
+            except containers.ContainerExited:
                 break
-            if self.store.cancel_requested(self.job_id):
-                stopped_by = "cancel"
-            elif deadline is not None and time.monotonic() > deadline:
-                stopped_by = "timeout"
-            if stopped_by:
-                container.kill()
-                reader.join(5)
+            for kind, body in frames:
+                if kind == protocol.FRAME_END:
+                    end = json.loads(body)
+                    break
+                self._relay(kind, body)
+                if status is None and (self._result is not None or self._error is not None):
+                    self.timings["exited"] = time.time()
+                    status = self._finish("succeeded" if self._result is not None else "failed")
+                    deadline = time.monotonic() + _END_GRACE
+            if end is not None:
                 break
-        exit_status = container.wait()
+            if status is None and self.store.cancel_requested(self.job_id):
+                runtime.kill()
+                return self._finish("cancelled"), False
+            if deadline is not None and time.monotonic() > deadline:
+                runtime.kill()
+                if status is not None:  # reported, but its process would not exit
+                    return status, False
+                self._error = {"kind": "timeout", "message": (
+                    f"the job exceeded its timeout of {timeout:g} s and its container was killed; "
+                    f"raise --timeout if it needs longer")}
+                return self._finish("failed"), False
+        if status is not None:
+            return status, end is not None
         self.timings["exited"] = time.time()
-        if stopped_by == "cancel":
-            return self._finish("cancelled")
-        if stopped_by == "timeout":
-            self._error = {"kind": "timeout", "message": (
-                f"the job exceeded its timeout of {container.limits.timeout:g} s and its container was "
-                f"killed; raise --timeout if it needs longer")}
-        elif self._result is not None:
-            return self._finish("succeeded")
-        elif self._error is None:
-            self._error = self._explain_exit(container, exit_status)
-        return self._finish("failed")
+        if end is None:  # the container itself died: OOM of the server, no python3, ...
+            self._error = self._explain_exit(runtime, runtime.exit_status())
+            return self._finish("failed"), False
+        self._error = self._explain_end(runtime, end)
+        # after an OOM kill the container is dropped too: no container outlives a timeout, OOM or cancel
+        return self._finish("failed"), self._error["kind"] != "oom"
 
-    def _explain_exit(self, container: containers.JobContainer, status: containers.ExitStatus) -> dict[str, Any]:
+    def _explain_end(self, runtime: containers.RuntimeContainer, end: dict[str, Any]) -> dict[str, Any]:
+        """The job's process ended without a result or an error report."""
+        if end.get("oom_kills") or end.get("signal") == 9:
+            return _out_of_memory(runtime, "the job's process was killed")
+        how = f"signal {end['signal']}" if end.get("signal") else f"exit code {end.get('exit')}"
+        return {"kind": "container", "message": f"the job's process in image {runtime.image!r} ended with {how} "
+                                                f"without a result (see its output above)"}
+
+    def _explain_exit(self, runtime: containers.RuntimeContainer, status: containers.ExitStatus) -> dict[str, Any]:
         if status.oom_killed or status.code == 137:
-            return {"kind": "oom", "message": (
-                f"the job ran out of memory: its container exceeded the --memory limit of "
-                f"{format_memory(container.limits.memory)} and was killed (exit code {status.code}); "
-                f"raise --memory or process the data in smaller pieces")}
-        stderr = self._stderr_tail.decode("utf-8", "replace").strip()
-        if status.code == 127 or "No such file or directory" in stderr and "python3" in stderr:
+            return _out_of_memory(runtime, f"its container was killed (exit code {status.code})")
+        stderr = runtime.stderr_tail.decode("utf-8", "replace").strip()
+        if status.code == 127:
             return {"kind": "container", "message": (
-                f"image {container.image!r} has no python3 on its PATH; celery_nb needs an image with "
+                f"image {runtime.image!r} has no python3 on its PATH; celery_nb needs an image with "
                 f"Python 3.9 or newer")}
         return {"kind": "container", "message": (
-            f"the container of image {container.image!r} exited with code {status.code} without a "
+            f"the container of image {runtime.image!r} exited with code {status.code} without a "
             f"result" + (f"; its last output:\n{stderr[-2000:]}" if stderr else ""))}
 
-    def _relay(self, chunks: Any) -> None:
-        """Decode the runtime's frames into events (runs on its own thread)."""
-        decoder = protocol.FrameDecoder()
-        text = {protocol.FRAME_STDOUT: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
-                protocol.FRAME_STDERR: ("stderr", codecs.getincrementaldecoder("utf-8")("replace"))}
-        try:
-            for out, err in chunks:
-                if err:
-                    self._stderr_tail = (self._stderr_tail + err)[-8192:]
-                    self.emit({"type": "log", "stream": "stderr", "text": err.decode("utf-8", "replace")})
-                if not out:
-                    continue
-                for kind, body in decoder.feed(out):
-                    if kind in text:
-                        stream, dec = text[kind]
-                        chunk = dec.decode(body)
-                        if chunk:
-                            self.emit({"type": "log", "stream": stream, "text": chunk})
-                    elif kind == protocol.FRAME_EVENT:
-                        event = json.loads(body)
-                        if event.get("type") in _RELAYED_EVENT_TYPES:
-                            self.emit(event)
-                    elif kind == protocol.FRAME_RESULT:
-                        self._result = body
-                    elif kind == protocol.FRAME_ERROR:
-                        self._error = json.loads(body)
-        except protocol.ProtocolError as exc:
-            self._error = {"kind": "container", "message": f"the container's runtime channel broke: {exc}"}
+    def _relay(self, kind: int, body: bytes) -> None:
+        """One frame of the runtime as an event (or the kept result/error)."""
+        if kind in self._decoders:
+            stream, decoder = self._decoders[kind]
+            text = decoder.decode(body)
+            if text:
+                self.emit({"type": "log", "stream": stream, "text": text})
+        elif kind == protocol.FRAME_EVENT:
+            event = json.loads(body)
+            if event.get("type") in _RELAYED_EVENT_TYPES:
+                self.emit(event)
+        elif kind == protocol.FRAME_RESULT:
+            self._result = body
+        elif kind == protocol.FRAME_ERROR:
+            self._error = json.loads(body)
 
     def _finish(self, status: str) -> str:
         self.timings["finished"] = time.time()
@@ -151,7 +172,14 @@ class JobRun:
         return status
 
 
-def run_job(request: dict[str, Any], store: JobStore, policy: WorkerPolicy, worker: str) -> dict[str, Any]:
+def _out_of_memory(runtime: containers.RuntimeContainer, what: str) -> dict[str, Any]:
+    return {"kind": "oom", "message": (
+        f"the job ran out of memory: {what} for exceeding the --memory limit of "
+        f"{format_memory(runtime.limits.memory)}; raise --memory or process the data in smaller pieces")}
+
+
+def run_job(request: dict[str, Any], store: JobStore, policy: WorkerPolicy, pool: containers.ContainerPool,
+            worker: str) -> dict[str, Any]:
     """Celery task body (registered by celery_nb.worker.app.make_app)."""
-    status = JobRun(store, policy, request, worker).run()
+    status = JobRun(store, policy, pool, request, worker).run()
     return {"job_id": request["job_id"], "status": status, "image": request["image"]}
