@@ -83,7 +83,7 @@ class Client:
                     inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
                     first_line: int = 1, hidden: Collection[str] = (), memory: str | int | None = None,
                     cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-                    env: Mapping[str, str] | None = None) -> Job:
+                    env: Mapping[str, str] | None = None, fresh: bool = False) -> Job:
         """Run cell ``source`` in a container; inputs come from ``namespace``.
 
         ``inputs``/``outputs`` override the automatic detection. Raises SyntaxError and
@@ -101,26 +101,29 @@ class Client:
                                     outputs if outputs is not None else names.assigns,
                                     outputs_explicit=outputs is not None)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
-        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout), label)
+        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout), label, fresh)
 
     def submit(self, fn: Callable[..., Any], *args: Any, image: str | None = None,
                kwargs: Mapping[str, Any] | None = None, memory: str | int | None = None,
                cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-               env: Mapping[str, str] | None = None) -> Job:
-        """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor version)."""
+               env: Mapping[str, str] | None = None, fresh: bool = False) -> Job:
+        """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor version).
+
+        ``fresh=True``: a brand-new container rather than a warm one from the worker's pool.
+        """
         data = payload.call_payload(fn, args, kwargs or {})
         label = f"{getattr(fn, '__qualname__', 'function')}()"
-        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout), label)
+        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout), label, fresh)
 
     def _send(self, kind: str, data: bytes, image: str | None, queue: str | None,
-              env: Mapping[str, str] | None, limits: dict[str, Any], label: str) -> Job:
+              env: Mapping[str, str] | None, limits: dict[str, Any], label: str, fresh: bool) -> Job:
         config = settings()
         image = image or config.default_image
         # the embedded worker consumes only the default queue: every job runs here
         queue = config.default_queue if self.embedded or not queue else queue
         job = Job(self, uuid.uuid4().hex, kind, image, queue, label)
         request = {"job_id": job.id, "kind": kind, "image": image, "limits": limits,
-                   "env": dict(env or {}), "payload": base64.b64encode(data).decode("ascii")}
+                   "env": dict(env or {}), "fresh": fresh, "payload": base64.b64encode(data).decode("ascii")}
         try:
             self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
                                        "kind": kind, "label": label, "t": job.submitted_at})
@@ -184,17 +187,18 @@ def default_client() -> Client:
 
 def submit(fn: Callable[..., Any], *args: Any, image: str | None = None, kwargs: Mapping[str, Any] | None = None,
            memory: str | int | None = None, cpus: float | None = None, timeout: float | None = None,
-           queue: str | None = None, env: Mapping[str, str] | None = None) -> Job:
+           queue: str | None = None, env: Mapping[str, str] | None = None, fresh: bool = False) -> Job:
     """Run ``fn(*args, **kwargs)`` in a container of ``image``; returns a Job at once."""
     return default_client().submit(fn, *args, image=image, kwargs=kwargs, memory=memory, cpus=cpus,
-                                   timeout=timeout, queue=queue, env=env)
+                                   timeout=timeout, queue=queue, env=env, fresh=fresh)
 
 
 def remote(fn: Callable[..., Any] | None = None, *, image: str | None = None, memory: str | int | None = None,
            cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-           env: Mapping[str, str] | None = None) -> Any:
+           env: Mapping[str, str] | None = None, fresh: bool = False) -> Any:
     """Decorator: ``@remote(image="python:3.11-slim")`` makes calls run in containers."""
-    options = {"image": image, "memory": memory, "cpus": cpus, "timeout": timeout, "queue": queue, "env": env}
+    options = {"image": image, "memory": memory, "cpus": cpus, "timeout": timeout, "queue": queue, "env": env,
+               "fresh": fresh}
     return _remote_decorator(fn, options, None)
 
 

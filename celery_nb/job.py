@@ -33,6 +33,7 @@ class Job:
         self.label = label  # what was submitted, for display: first cell line or function name
         self.status = "queued"
         self.worker: str | None = None
+        self.container: str | None = None  # "warm" (reused from the worker's pool) or "cold"
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         self.timings: dict[str, float] = {}
         self.error: CeleryNBError | None = None
@@ -87,6 +88,7 @@ class Job:
                 self.worker = event.get("worker", self.worker)
                 if self.status == "running":
                     self.timings["started"] = event["t"]
+                    self.container = event.get("container")
             elif kind == "log":
                 self._log_chunks.append((event["stream"], event["text"]))
             elif kind == "progress":

@@ -270,7 +270,7 @@ class _ChildRelay:
         open_fds = [*self._logs, self._frames_r]
         deadline = None
         while open_fds:
-            ready, _, _ = select.select(open_fds, [], [], 0.05)
+            ready, _, _ = select.select(open_fds, [], [], 0.01)
             between_frames = self._frame_left == 0 and not self._head
             if self._frames_r in ready:
                 chunk = os.read(self._frames_r, _READ_CHUNK)

@@ -56,12 +56,12 @@ def redis_url() -> str:
 
 
 def start_worker(broker_url: str, queue: str, name: str, env: dict[str, str] | None = None,
-                 concurrency: int = 4) -> subprocess.Popen:
+                 concurrency: int = 4, node_name: str | None = None) -> subprocess.Popen:
     """A real `celery-nb worker` process, returned once it answers a ping."""
     log = open(ROOT / f".pytest_cache/worker-{name}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", broker_url, "-Q", queue,
-         "-c", str(concurrency), "-n", f"{name}@%h", "--without-mingle", "--without-gossip"],
+         "-c", str(concurrency), "-n", node_name or f"{name}@%h", "--without-mingle", "--without-gossip"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT)
     probe = Client(broker_url)
     deadline = time.monotonic() + 60

@@ -1,0 +1,93 @@
+"""The warm container pool through the real stack: reuse, isolation between warm jobs,
+--fresh, max jobs per container, reaping of idle containers, cleanup at shutdown and start."""
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import docker
+import pytest
+
+from celery_nb import Client
+from celery_nb.worker.containers import LABEL_WORKER
+from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_worker
+
+WHOAMI = "import socket\nhost = socket.gethostname()\n"
+
+
+def _worker_containers(docker_client: docker.DockerClient, worker: str) -> list:
+    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_WORKER}={worker}"})
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_warm_container_is_reused(client: Client) -> None:
+    memory = "80m"  # a pool key of its own
+    first = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
+    host = first.result(timeout=60)["host"]
+    second = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
+    assert second.result(timeout=60)["host"] == host
+    assert second.container == "warm"
+
+
+def test_warm_jobs_do_not_share_globals_env_or_processes(client: Client) -> None:
+    memory = "88m"
+    client.submit_cell("import os, json, subprocess\nleak = 1\nos.environ['LEAK'] = '1'\njson.leak = 1\n"
+                       "subprocess.Popen(['sleep', '300'])\n", {}, image=IMAGE, memory=memory).result(timeout=60)
+    time.sleep(0.5)  # the job is reported done at its result; its container returns to the pool once
+    # the server has killed what the job left running
+    job = client.submit_cell(
+        "import os, json\nseen = ['leak' in globals(), 'LEAK' in os.environ, hasattr(json, 'leak')]\n"
+        "sleeping = [p for p in os.listdir('/proc') if p.isdigit() and b'sleep' in open(f'/proc/{p}/cmdline', 'rb').read()]\n",
+        {}, image=IMAGE, memory=memory)
+    assert job.result(timeout=60) == {"seen": [False, False, False], "sleeping": []}
+    assert job.container == "warm"
+
+
+def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client: docker.DockerClient) -> None:
+    memory = "96m"
+    host = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory).result(timeout=60)["host"]
+    job = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory, fresh=True)
+    assert job.result(timeout=60)["host"] != host
+    assert job.container == "cold"
+    assert_container_removed(docker_client, job.id)
+
+
+@pytest.fixture
+def pool_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[tuple[subprocess.Popen, str]]:
+    name = "pool"
+    leftover = docker_client.containers.create(IMAGE, ["sleep", "300"], labels={LABEL_WORKER: f"{name}@vm-test"})
+    proc = start_worker(redis_url, "poolq", name, env={"CELERY_NB_POOL_IDLE_TIMEOUT": "2", "CELERY_NB_POOL_MAX_JOBS": "2"},
+                        node_name=f"{name}@vm-test")
+    try:
+        yield proc, f"{name}@vm-test", leftover.id
+    finally:
+        stop_worker(proc)
+
+
+def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, docker_client: docker.DockerClient) -> None:
+    proc, worker, leftover_id = pool_worker
+    # a container left by an earlier run of a worker with this name is removed at start
+    _wait_until(lambda: leftover_id not in {c.id for c in _worker_containers(docker_client, worker)}, 10,
+                "leftover container not removed at worker start")
+    jobs = []
+    for _ in range(3):  # one after the other, so they share one container until max jobs (2)
+        jobs.append(redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq"))
+        jobs[-1].result(timeout=60)
+        time.sleep(0.2)  # back in the pool once the job's process has exited
+    hosts = [job.result()["host"] for job in jobs]
+    assert hosts[0] == hosts[1] != hosts[2]
+    assert [job.container for job in jobs] == ["cold", "warm", "cold"]
+    assert len(_worker_containers(docker_client, worker)) == 1  # the replaced one is gone
+    # idle for longer than CELERY_NB_POOL_IDLE_TIMEOUT=2: reaped
+    _wait_until(lambda: not _worker_containers(docker_client, worker), 10, "idle container not reaped")
+    redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq").result(timeout=60)
+    assert len(_worker_containers(docker_client, worker)) == 1
+    stop_worker(proc)  # a worker that stops removes its idle containers
+    assert not _worker_containers(docker_client, worker)
