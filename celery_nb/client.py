@@ -11,8 +11,9 @@ import base64
 import os
 import socket
 import threading
+import math
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import kombu.exceptions
@@ -25,6 +26,7 @@ from celery_nb.errors import BrokerUnavailableError, InputError
 from celery_nb.job import Job
 from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, make_app
+from celery_nb_runtime import map_chunk
 
 
 # unique per kernel: leftovers of one kernel are not another's
@@ -147,6 +149,9 @@ class Client:
             self.app.control.revoke(job_id)
 
 
+_DEFAULT_MAP_JOBS = 32
+
+
 class RemoteFunction:
     """A function that runs in a container: call it, ``.submit()`` it, or ``.map()`` it."""
 
@@ -165,10 +170,24 @@ class RemoteFunction:
         """Run remotely and wait for the return value."""
         return self.submit(*args, **kwargs).result()
 
-    def map(self, items: Iterable[Any]) -> list[Any]:
-        """``[fn(item) for item in items]``, the calls running in parallel; results in order."""
-        jobs = [self.submit(item) for item in items]
-        return [job.result() for job in jobs]
+    def map_jobs(self, items: Iterable[Any], chunksize: int | None = None) -> list[Job]:
+        """Submit ``fn`` over ``items`` as jobs of ``chunksize`` items each (default: about 32
+        jobs in all), so many small items cost a few jobs, not one each. Each job's progress
+        counts its items; its result is the list of its items' results."""
+        items = list(items)
+        size = chunksize or max(1, math.ceil(len(items) / _DEFAULT_MAP_JOBS))
+        client = self.client or default_client()
+        return [client.submit(map_chunk, self.fn, items[i:i + size], **self.options)
+                for i in range(0, len(items), size)]
+
+    def imap(self, items: Iterable[Any], chunksize: int | None = None) -> Iterator[Any]:
+        """``fn(item)`` for each item, in order, as soon as its chunk has finished."""
+        for job in self.map_jobs(items, chunksize):
+            yield from job.result()
+
+    def map(self, items: Iterable[Any], chunksize: int | None = None) -> list[Any]:
+        """``[fn(item) for item in items]``, run in parallel chunks; see ``imap``."""
+        return list(self.imap(items, chunksize))
 
 
 _default_client: Client | None = None

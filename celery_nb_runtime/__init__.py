@@ -60,4 +60,9 @@ def progress(iterable: Iterable[T], total: Optional[float] = None, desc: Optiona
         reporter.update(n, force=True)
 
 
-__all__ = ["progress"]
+def map_chunk(fn: Callable[[Any], Any], items: list) -> list:
+    """Run ``fn`` over one chunk of a map, counting items on the progress bar."""
+    return [fn(item) for item in progress(items)]
+
+
+__all__ = ["map_chunk", "progress"]

@@ -129,3 +129,19 @@ def test_cancel_stops_the_container_within_two_seconds(client: Client, docker_cl
     assert job.status == "cancelled"
     time.sleep(0.5)
     assert_container_removed(docker_client, job.id)
+
+
+def test_map_batches_items_streams_results_in_order_and_counts_items(client: Client) -> None:
+    @client.remote(image=IMAGE)
+    def slow_square(v: int) -> int:
+        import time
+        time.sleep(0.01 if v < 50 else 0)  # early chunks finish last
+        return v * v
+
+    jobs = slow_square.map_jobs(range(200), chunksize=50)
+    assert len(jobs) == 4
+    for job in jobs:
+        job.result(timeout=60)
+    assert [job.progress["n"] for job in jobs] == [50, 50, 50, 50]  # items, not chunks
+    assert list(slow_square.imap(range(200), chunksize=50)) == [v * v for v in range(200)]
+    assert slow_square.map(range(1000)) == [v * v for v in range(1000)]

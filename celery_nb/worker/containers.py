@@ -228,7 +228,7 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
 class PoolSettings:
     """Warm pool of the worker (env variables on the worker)."""
 
-    size: int = 2  # CELERY_NB_POOL_SIZE: idle containers kept per (image, limits); 0 turns the pool off
+    size: int = 4  # CELERY_NB_POOL_SIZE: idle containers kept per (image, limits); 0 turns the pool off
     idle_timeout: float = 300.0  # CELERY_NB_POOL_IDLE_TIMEOUT: seconds before an idle container is removed
     max_jobs: int = 100  # CELERY_NB_POOL_MAX_JOBS: jobs a container runs before it is replaced
 
