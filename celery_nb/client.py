@@ -21,9 +21,10 @@ import redis
 from celery.worker import WorkController
 
 from celery_nb import analysis, payload
+from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, RedisBlobStore
 from celery_nb.config import parse_memory, settings
 from celery_nb.errors import BrokerUnavailableError, InputError
-from celery_nb.job import Job
+from celery_nb.job import Job, JobFollower
 from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, make_app
 from celery_nb_runtime import map_chunk
@@ -47,7 +48,9 @@ class Client:
     def __init__(self, broker_url: str | None = None, *, embedded_workers: int = 4) -> None:
         self.broker_url = broker_url
         self.store: JobStore = RedisJobStore(broker_url) if broker_url else MemoryJobStore()
-        self.app = make_app(broker_url, self.store, worker_name=None if broker_url else EMBEDDED_WORKER)
+        self.blobs: BlobStore = RedisBlobStore(broker_url) if broker_url else MemoryBlobStore()
+        self.app = make_app(broker_url, self.store, self.blobs, worker_name=None if broker_url else EMBEDDED_WORKER)
+        self._follower = JobFollower(self.store)
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
         if broker_url is None:
@@ -125,8 +128,12 @@ class Client:
         queue = config.default_queue if self.embedded or not queue else queue
         job = Job(self, uuid.uuid4().hex, kind, image, queue, label)
         request = {"job_id": job.id, "kind": kind, "image": image, "limits": limits,
-                   "env": dict(env or {}), "fresh": fresh, "payload": base64.b64encode(data).decode("ascii")}
+                   "env": dict(env or {}), "fresh": fresh}
         try:
+            if len(data) > BLOB_THRESHOLD:  # big inputs stay out of the Celery message
+                request["payload_ref"] = self.blobs.put([data])
+            else:
+                request["payload"] = base64.b64encode(data).decode("ascii")
             self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
                                        "kind": kind, "label": label, "t": job.submitted_at})
             self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue)
@@ -135,7 +142,7 @@ class Client:
                 f"cannot reach the broker at {self.broker_url}: {exc}. Start Redis there, or unset "
                 f"CELERY_NB_BROKER_URL to run jobs on the embedded worker in this kernel.") from None
         self.jobs.append(job)
-        job._follow()
+        self._follower.follow(job)
         return job
 
     def remote(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:

@@ -1,7 +1,8 @@
 """``Job``: a future-like handle on one submitted cell or function call.
 
-State is built only from the job's event stream, read by a background thread, so the
-widget, ``Job.logs`` and a later re-read all see the same ordered history.
+State is built only from the job's event stream, so the widget, ``Job.logs`` and a later
+re-read all see the same ordered history. One JobFollower thread per client reads the
+streams of all its unfinished jobs with a single blocking read.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from celery_nb import payload
 from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
-from celery_nb.jobstore import START, Event
+from celery_nb.jobstore import START, Event, JobStore
 
 if TYPE_CHECKING:
     from celery_nb.client import Client
@@ -42,44 +43,15 @@ class Job:
         self._client = client
         self._log_chunks: list[tuple[str, str]] = []
         self._result_blob: bytes | None = None
+        self._result_ref: dict[str, Any] | None = None  # a big result, in the client's blob store
         self._outputs: dict[str, Any] | None = None
         self._final = threading.Event()  # the final event has been read
         self._done = threading.Event()  # ... and the done callbacks have run
         self._listeners: list[Callable[[Job], None]] = []
         self._done_callbacks: list[Callable[[Job], None]] = []
         self._lock = threading.Lock()
-        self._follower: threading.Thread | None = None
 
-    # -- following the event stream -------------------------------------------------
-    def _follow(self) -> None:
-        self._follower = threading.Thread(target=self._read_events, name=f"celery_nb-job-{self.id[:8]}",
-                                          daemon=True)
-        self._follower.start()
-
-    def _read_events(self) -> None:
-        cursor = START
-        store = self._client.store
-        while not self._final.is_set():
-            try:
-                events, cursor = store.read(self.id, cursor, _READ_TIMEOUT)
-            except Exception as exc:  # the broker went away: keep trying, say so in the logs
-                self._apply({"type": "log", "stream": "stderr",
-                             "text": f"[celery_nb] lost the job store ({exc}); retrying\n"})
-                time.sleep(1)
-                continue
-            for event in events:
-                self._apply(event)
-                if self._final.is_set():
-                    break
-            self._notify(self._listeners)
-        while True:  # done() turns true only once every done callback (e.g. output injection) has run
-            with self._lock:
-                callbacks, self._done_callbacks = self._done_callbacks, []
-                if not callbacks:
-                    self._done.set()
-                    return
-            self._notify(callbacks)
-
+    # -- state from events (called by the client's JobFollower) ------------------------
     def _apply(self, event: Event) -> None:
         kind = event.get("type")
         with self._lock:
@@ -102,8 +74,19 @@ class Job:
                 if event["status"] == "failed":
                     self.error = error_from_event(event["error"], self.id, self.image)
                 self._result_blob = event.get("blob")
+                self._result_ref = event.get("result_ref")
                 self.status = event["status"]
                 self._final.set()
+
+    def _complete(self) -> None:
+        """Run the done callbacks (also those added meanwhile), then mark the job done."""
+        while True:
+            with self._lock:
+                callbacks, self._done_callbacks = self._done_callbacks, []
+                if not callbacks:
+                    self._done.set()
+                    return
+            self._notify(callbacks)
 
     def _notify(self, callbacks: list[Callable[[Job], None]]) -> None:
         for callback in list(callbacks):
@@ -158,7 +141,12 @@ class Job:
         with self._lock:
             if self._outputs is None:
                 decode_started = time.time()
-                self._outputs = payload.load_result(self._result_blob)
+                if self._result_ref is not None:
+                    self._outputs = payload.load_result(self._client.blobs.get(self._result_ref))
+                    self._client.blobs.delete(self._result_ref)
+                    self._result_ref = None
+                else:
+                    self._outputs = payload.load_result(self._result_blob)
                 # from the worker's end of the job to usable values in the kernel
                 self.timings["transfer"] += time.time() - decode_started
                 self._result_blob = None
@@ -218,3 +206,56 @@ class Job:
 
     def _repr_html_(self) -> str:
         return f"<code>{html.escape(self.summary())}</code>"
+
+
+class JobFollower:
+    """Reads the event streams of a client's unfinished jobs and applies them to the Jobs."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self._waker = store.waker()
+        self._jobs: dict[str, tuple[Job, str]] = {}  # job id -> (job, cursor)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def follow(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = (job, START)
+            reading = self._thread is not None
+            if not reading:
+                self._thread = threading.Thread(target=self._run, name="celery_nb-job-follower", daemon=True)
+                self._thread.start()
+        if reading:
+            self._waker.ring()  # the running read does not know this job yet
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._thread = None  # follow() starts a new one
+                    return
+                cursors = {job_id: cursor for job_id, (_job, cursor) in self._jobs.items()}
+            try:
+                found = self._store.read_many(cursors, _READ_TIMEOUT, self._waker)
+            except Exception as exc:  # the broker went away: keep trying, say so in the logs
+                for job, _cursor in list(self._jobs.values()):
+                    job._apply({"type": "log", "stream": "stderr",
+                                "text": f"[celery_nb] lost the job store ({exc}); retrying\n"})
+                time.sleep(1)
+                continue
+            with self._lock:
+                for job_id, (events, cursor) in found.items():
+                    job = self._jobs[job_id][0]
+                    self._jobs[job_id] = (job, cursor)
+                    for event in events:
+                        job._apply(event)
+                        if job.finished:
+                            break
+                active = [job for job, _cursor in self._jobs.values()]
+                finished = [job for job in active if job.finished]
+                for job in finished:
+                    del self._jobs[job.id]
+            for job in active:
+                job._notify(job._listeners)
+            for job in finished:
+                job._complete()

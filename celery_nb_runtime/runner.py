@@ -28,6 +28,7 @@ import celery_nb_runtime
 from celery_nb_runtime import protocol
 
 CELL_FILENAME = "<cell>"
+SPOOL_THRESHOLD = 1 << 20
 _READ_CHUNK = 65536
 
 
@@ -215,7 +216,31 @@ def _run_child(request: memoryview, frames: FrameWriter) -> None:
         kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]
     sys.stdout.flush()
     sys.stderr.flush()  # the job's output is in the pipes before its last frame
-    frames.write(kind, *result)
+    spool = outer.get("spool")
+    size = sum(memoryview(piece).nbytes for piece in result)
+    if kind == protocol.FRAME_RESULT and spool and size >= SPOOL_THRESHOLD and _memory_headroom() > 2 * size:
+        # the worker reads this file directly, at memory speed, instead of through Docker's stream
+        path = os.path.join(spool, "celery_nb-%d.bundle" % os.getpid())
+        with open(path, "wb") as f:
+            for piece in result:
+                f.write(piece)
+        frames.write(protocol.FRAME_RESULT_FILE, json.dumps({"path": path, "size": size}).encode())
+    else:
+        frames.write(kind, *result)
+
+
+def _memory_headroom() -> int:
+    """Bytes the container may still use before its memory limit (0 if unknown): a spooled
+    result lives in memory (tmpfs) next to the values it was pickled from."""
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+                                   ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current")):
+        try:
+            with open(limit_path) as limit, open(usage_path) as usage:
+                return int(limit.read()) - int(usage.read())
+        except (OSError, ValueError):
+            continue
+    return 0
 
 
 class _ChildRelay:

@@ -7,16 +7,17 @@ from celery import Celery, Task
 from celery.signals import celeryd_after_setup, worker_shutdown
 
 from celery_nb.config import DEFAULT_QUEUE
+from celery_nb.blobs import BlobStore
 from celery_nb.jobstore import JobStore
 from celery_nb.worker.containers import ContainerPool, PoolSettings, connect
 from celery_nb.worker.policy import WorkerPolicy
-from celery_nb.worker.tasks import run_job
+from celery_nb.worker.tasks import WorkerServices, run_job
 
 TASK_NAME = "celery_nb.run_job"
 EMBEDDED_BROKER = "memory://"
 
 
-def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | None = None,
+def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: WorkerPolicy | None = None,
              worker_name: str | None = None) -> Celery:
     """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker).
 
@@ -34,21 +35,20 @@ def make_app(broker_url: str | None, store: JobStore, policy: WorkerPolicy | Non
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a long cell must not hold back jobs another worker could run
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # task events (for Flower) cost round trips on every job: on with `celery-nb worker -E`
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=broker_url is not None,
     )
     if broker_url is None:
         # the memory transport polls; its 1 s default would add up to a second per job
         app.conf.broker_transport_options = {"polling_interval": 0.01}
-    policy = policy or WorkerPolicy.from_env()
     pool = ContainerPool(worker_name or "", PoolSettings.from_env())
+    services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool)
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store
     def run(task: Task, request: dict[str, Any]) -> dict[str, Any]:
-        return run_job(request, store, policy, pool, worker=worker_name or task.request.hostname)
+        return run_job(request, services, worker=worker_name or task.request.hostname)
 
     @celeryd_after_setup.connect(weak=False)
     def _name_pool(sender: str, instance: Any, **_kwargs: Any) -> None:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from celery_nb.config import DEFAULT_QUEUE
+from celery_nb.blobs import RedisBlobStore
 from celery_nb.jobstore import RedisJobStore
 from celery_nb.worker.app import make_app
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args, celery_args = parser.parse_known_args(argv)
     if not args.broker:
         parser.error("no broker: pass --broker redis://HOST:6379/0 or set CELERY_NB_BROKER_URL")
-    app = make_app(args.broker, RedisJobStore(args.broker))
+    app = make_app(args.broker, RedisJobStore(args.broker), RedisBlobStore(args.broker))
     # Jobs wait on Docker, not on the CPU: threads are enough and start instantly.
     app.worker_main(["worker", "--pool=threads", f"--concurrency={args.concurrency}",
                      f"--queues={args.queues}", f"--loglevel={args.loglevel}", *celery_args])

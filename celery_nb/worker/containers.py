@@ -33,6 +33,7 @@ LABEL_JOB = "celery_nb.job_id"
 LABEL_TASK = "celery_nb.task_id"
 LABEL_WORKER = "celery_nb.worker"
 LABEL_POOL_KEY = "celery_nb.pool_key"
+SPOOL_DIR = "/dev/shm"
 
 # Runs in the container: import the runtime (and cloudpickle) from the sources in argv[1].
 _BOOTSTRAP = """\
@@ -134,6 +135,7 @@ class RuntimeContainer:
     image: str
     limits: ContainerLimits
     pool_key: str
+    spool_root: str | None = None  # the container's root seen from here, if this process can read it
     jobs_run: int = 0
     last_used: float = field(default_factory=time.monotonic)
     stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
@@ -167,6 +169,14 @@ class RuntimeContainer:
             else:
                 frames.extend(self._frames.feed(data))
         return frames
+
+    def read_spooled(self, path: str) -> bytearray:
+        """Read and delete a result the job spooled to a file in the container."""
+        with open(f"{self.spool_root}{path}", "rb") as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(data)
+        os.unlink(f"{self.spool_root}{path}")
+        return data
 
     def kill(self) -> None:
         try:
@@ -204,6 +214,7 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
             security_opt=["no-new-privileges"],
             privileged=False,
             log_config=docker.types.LogConfig(type="none"),  # output is streamed by attach, not stored
+            shm_size=limits.memory,  # big results are spooled to /dev/shm (counted in the memory limit)
             detach=True,
         )
     except docker.errors.APIError as exc:
@@ -221,6 +232,11 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
             raise ContainerError(f"image {image!r} has no python3 on its PATH; celery_nb needs an image with "
                                  f"Python 3.9 or newer") from None
         raise ContainerError(f"could not start the container of image {image!r}: {explanation}") from None
+    container.reload()
+    root = f"/proc/{container.attrs['State']['Pid']}/root"
+    # a worker on the container's host, as root, reads spooled results directly
+    if os.access(f"{root}{SPOOL_DIR}", os.R_OK | os.W_OK):
+        runtime.spool_root = root
     return runtime
 
 

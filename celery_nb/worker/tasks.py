@@ -11,6 +11,9 @@ import json
 import time
 from typing import Any
 
+from dataclasses import dataclass
+
+from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
 from celery_nb.config import format_memory
 from celery_nb.errors import CeleryNBError, error_kind
 from celery_nb.jobstore import JobStore
@@ -23,19 +26,31 @@ _END_GRACE = 5.0  # s a job's process may take to exit after its result, before 
 _RELAYED_EVENT_TYPES = {"progress"}
 
 
+@dataclass(frozen=True)
+class WorkerServices:
+    """What every job of a worker uses."""
+
+    store: JobStore
+    blobs: BlobStore
+    policy: WorkerPolicy
+    pool: containers.ContainerPool
+
+
 class JobRun:
     """Runs one job request and writes its events; returns the final status."""
 
-    def __init__(self, store: JobStore, policy: WorkerPolicy, pool: containers.ContainerPool,
-                 request: dict[str, Any], worker: str) -> None:
-        self.store = store
-        self.policy = policy
-        self.pool = pool
+    def __init__(self, services: WorkerServices, request: dict[str, Any], worker: str) -> None:
+        self.store = services.store
+        self.blobs = services.blobs
+        self.policy = services.policy
+        self.pool = services.pool
         self.request = request
         self.job_id: str = request["job_id"]
         self.worker = worker
         self.timings: dict[str, float] = {"received": time.time()}
-        self._result: bytes | None = None
+        self._starting: dict[str, Any] | None = {"type": "status", "status": "starting", "worker": worker,
+                                                 "t": self.timings["received"]}
+        self._result: Any = None  # the result bundle (bytes-like)
         self._error: dict[str, Any] | None = None
         self._decoders = {protocol.FRAME_STDOUT: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
                           protocol.FRAME_STDERR: ("stderr", codecs.getincrementaldecoder("utf-8")("replace"))}
@@ -43,8 +58,15 @@ class JobRun:
     def emit(self, event: dict[str, Any], blob: bytes | None = None) -> None:
         self.store.append(self.job_id, {**event, "t": time.time()}, blob)
 
+    def _report_starting(self, *more: dict[str, Any]) -> None:
+        """The "starting" event (once), with any events that follow it, in one round trip:
+        a warm start is too quick to be worth a round trip of its own."""
+        events = [self._starting, *more] if self._starting else list(more)
+        self._starting = None
+        if events:
+            self.store.append_many(self.job_id, events)
+
     def run(self) -> str:
-        self.emit({"type": "status", "status": "starting", "worker": self.worker})
         if self.store.cancel_requested(self.job_id):
             return self._finish("cancelled")
         runtime, reusable = None, False
@@ -56,17 +78,20 @@ class JobRun:
             runtime = None if fresh else self.pool.checkout(key)
             container = "warm" if runtime is not None else "cold"
             if runtime is None:
+                self._report_starting()  # a container start takes a while: say so now
                 client = containers.connect()
                 containers.ensure_image(client, image, self.policy.pull)
                 runtime = containers.start_container(
                     client, image, limits, pool_key=key,
                     labels={containers.LABEL_JOB: self.job_id, containers.LABEL_TASK: self.job_id,
                             containers.LABEL_WORKER: self.worker})
-            outer = protocol.pack_bundle({"env": self.request.get("env", {})},
-                                         [base64.b64decode(self.request["payload"])])
+            outer = protocol.pack_bundle(
+                {"env": self.request.get("env", {}), "spool": containers.SPOOL_DIR if runtime.spool_root else None},
+                [self._payload()])
             runtime.send(b"".join(outer))
             self.timings["started"] = time.time()
-            self.emit({"type": "status", "status": "running", "worker": self.worker, "container": container})
+            self._report_starting({"type": "status", "status": "running", "worker": self.worker,
+                                   "container": container, "t": self.timings["started"]})
             status, reusable = self._supervise(runtime, limits.timeout)
             return status
         except CeleryNBError as exc:
@@ -77,6 +102,8 @@ class JobRun:
                 f"the worker {self.worker} failed while running the job: {type(exc).__name__}: {exc}")}
             return self._finish("failed")
         finally:
+            if "payload_ref" in self.request:
+                self.blobs.delete(self.request["payload_ref"])
             if runtime is not None:
                 if reusable and not fresh:
                     self.pool.checkin(runtime)
@@ -101,7 +128,7 @@ class JobRun:
                 if kind == protocol.FRAME_END:
                     end = json.loads(body)
                     break
-                self._relay(kind, body)
+                self._relay(runtime, kind, body)
                 if status is None and (self._result is not None or self._error is not None):
                     self.timings["exited"] = time.time()
                     status = self._finish("succeeded" if self._result is not None else "failed")
@@ -149,7 +176,12 @@ class JobRun:
             f"the container of image {runtime.image!r} exited with code {status.code} without a "
             f"result" + (f"; its last output:\n{stderr[-2000:]}" if stderr else ""))}
 
-    def _relay(self, kind: int, body: bytes) -> None:
+    def _payload(self) -> Any:
+        if "payload_ref" in self.request:
+            return self.blobs.get(self.request["payload_ref"])
+        return base64.b64decode(self.request["payload"])
+
+    def _relay(self, runtime: containers.RuntimeContainer, kind: int, body: bytes) -> None:
         """One frame of the runtime as an event (or the kept result/error)."""
         if kind in self._decoders:
             stream, decoder = self._decoders[kind]
@@ -162,13 +194,20 @@ class JobRun:
                 self.emit(event)
         elif kind == protocol.FRAME_RESULT:
             self._result = body
+        elif kind == protocol.FRAME_RESULT_FILE:
+            self._result = runtime.read_spooled(json.loads(body)["path"])
         elif kind == protocol.FRAME_ERROR:
             self._error = json.loads(body)
 
     def _finish(self, status: str) -> str:
+        self._report_starting()
         self.timings["finished"] = time.time()
-        self.emit({"type": "done", "status": status, "error": self._error, "worker": self.worker,
-                   "timings": self.timings}, blob=self._result if status == "succeeded" else None)
+        done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings}
+        result = self._result if status == "succeeded" else None
+        if result is not None and memoryview(result).nbytes > BLOB_THRESHOLD:
+            done["result_ref"] = self.blobs.put([result])  # collected (and deleted) by the kernel
+            result = None
+        self.emit(done, blob=result)
         return status
 
 
@@ -178,8 +217,7 @@ def _out_of_memory(runtime: containers.RuntimeContainer, what: str) -> dict[str,
         f"{format_memory(runtime.limits.memory)}; raise --memory or process the data in smaller pieces")}
 
 
-def run_job(request: dict[str, Any], store: JobStore, policy: WorkerPolicy, pool: containers.ContainerPool,
-            worker: str) -> dict[str, Any]:
+def run_job(request: dict[str, Any], services: WorkerServices, worker: str) -> dict[str, Any]:
     """Celery task body (registered by celery_nb.worker.app.make_app)."""
-    status = JobRun(store, policy, pool, request, worker).run()
+    status = JobRun(services, request, worker).run()
     return {"job_id": request["job_id"], "status": status, "image": request["image"]}

@@ -1,0 +1,145 @@
+"""celery_nb against raw Celery and `docker run`, measured in one run on the same Redis.
+
+    python benchmarks/run.py            # prints the table
+
+Needs Docker, a Redis at BENCH_REDIS_URL (default redis://127.0.0.1:6379/14, flushed), the
+images BENCH_IMAGE (python3; default local/py311) and BENCH_NUMPY_IMAGE (with numpy; default
+local/py311-numpy), both with the kernel's Python minor version for the function benchmarks.
+Starts its own `celery-nb worker` and a plain Celery worker (threads, 4 each).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.raw_celery import BROKER_URL, echo, ones  # noqa: E402
+from celery_nb import Client  # noqa: E402
+
+IMAGE = os.environ.get("BENCH_IMAGE", "local/py311")
+NUMPY_IMAGE = os.environ.get("BENCH_NUMPY_IMAGE", "local/py311-numpy")
+BIG = 100 * 2**20
+BIG_CELL = f"import numpy as np\nresult = np.ones({BIG // 8})\n"
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def start(args: list[str], env: dict[str, str], ready: Callable[[], bool], log: str) -> subprocess.Popen:
+    proc = subprocess.Popen(args, env={**os.environ, **env}, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{args[:4]} did not start; see {log}")
+        time.sleep(0.2)
+    return proc
+
+
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory(kind: str) -> None:
+    """In a fresh process: the peak resident memory added by collecting one big result, as a
+    multiple of the payload (ru_maxrss would not do: Linux keeps it across exec)."""
+    if kind == "celery_nb":
+        client = Client(BROKER_URL)
+        client.submit_cell("a = 1", {}, image=NUMPY_IMAGE, memory="1g").result(60)
+        collect = lambda: client.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g").result(120)  # noqa: E731
+    else:
+        echo.delay(1).get(timeout=60)
+        collect = lambda: ones.delay(BIG).get(timeout=120)  # noqa: E731
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    before = _memory_kib("VmRSS")
+    result = collect()
+    print((_memory_kib("VmHWM") - before) * 1024 / BIG)
+    del result
+
+
+def main() -> None:
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    client = Client(BROKER_URL)
+    os.makedirs(ROOT / "build", exist_ok=True)
+    workers = [
+        start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
+               "-n", "bench@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
+              str(ROOT / "build/bench-celery_nb-worker.log")),
+        start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
+               "-n", "raw@%h", "-l", "WARNING"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
+              lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
+    ]
+    try:
+        rows = run_all(client)
+    finally:
+        for proc in workers:
+            proc.terminate()
+            proc.wait(30)
+    print(f"\ncelery_nb benchmarks (image {IMAGE}, numpy image {NUMPY_IMAGE}, Redis {BROKER_URL})\n")
+    print(f"{'measure':<46}{'value':>14}{'baseline':>14}{'ratio':>9}  target")
+    for name, value, baseline, unit, target, ok in rows:
+        ratio = value / baseline if baseline else float("nan")
+        print(f"{name:<46}{value:>11.4g} {unit:<2}{baseline:>11.4g} {unit:<2}{ratio:>9.2f}  {target} "
+              f"{'met' if ok(ratio) else 'NOT met'}")
+
+
+def run_all(client: Client) -> list[tuple]:
+    echo.delay(1).get(timeout=60)
+    raw_rt = median_seconds(lambda: echo.delay(1).get(timeout=60), 200)
+    started = time.perf_counter()
+    results = [echo.delay(i) for i in range(2000)]
+    for r in results:
+        r.get(timeout=120)
+    raw_tps = 2000 / (time.perf_counter() - started)
+
+    trivial = lambda **kw: client.submit_cell("a = 1", {}, image=IMAGE, **kw).result(60)  # noqa: E731
+    trivial()
+    warm = median_seconds(trivial, 100)
+    cold = median_seconds(lambda: trivial(fresh=True), 10)
+    docker_client = docker.from_env()
+    docker_run = median_seconds(lambda: docker_client.containers.run(IMAGE, ["python3", "-c", "a = 1"], remove=True), 10)
+
+    square = client.remote(lambda v: v * v, image=IMAGE)
+    square.map(range(100))
+    map_rate = 10_000 / median_seconds(lambda: square.map(range(10_000)), 3)
+
+    big = lambda: client.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g").result(120)  # noqa: E731
+    big()
+    big_nb = median_seconds(big, 3)
+    ones.delay(BIG).get(timeout=120)
+    big_raw = median_seconds(lambda: ones.delay(BIG).get(timeout=120), 3)
+    peaks = {kind: float(subprocess.run([sys.executable, __file__, "--peak-memory", kind], capture_output=True,
+                                        text=True, check=True, cwd=ROOT).stdout) for kind in ("celery_nb", "raw")}
+    return [
+        ("warm trivial cell round trip vs raw Celery", warm * 1e3, raw_rt * 1e3, "ms", "<= 2x", lambda r: r <= 2),
+        ("cold cell (--fresh) vs docker run", cold * 1e3, docker_run * 1e3, "ms", "<= 1.2x", lambda r: r <= 1.2),
+        ("map 10,000 items: items/s vs raw Celery tasks/s", map_rate, raw_tps, "/s", ">= 5x", lambda r: r >= 5),
+        ("100 MiB numpy result vs Celery pickle result", big_nb * 1e3, big_raw * 1e3, "ms", "<= 0.5x",
+         lambda r: r <= 0.5),
+        ("kernel peak memory / payload (raw Celery's)", peaks["celery_nb"], peaks["raw"], "x", "<= 2.5x payload",
+         lambda _r: peaks["celery_nb"] <= 2.5),
+    ]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--peak-memory"]:
+        peak_memory(sys.argv[2])
+    else:
+        main()

@@ -1,0 +1,178 @@
+"""Big payloads and results by reference, outside the Celery message and the event stream.
+
+Redis (the broker's server) by default: a blob is stored in chunks with an expiry, written
+and read with pipelining, and read into one preallocated buffer, so a 100 MiB result costs
+the kernel one 100 MiB buffer that the unpickled arrays then use in place. The embedded
+default keeps blobs in memory. Blobs are deleted once their result has been collected.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from typing import Any, Protocol
+
+import redis
+
+BLOB_THRESHOLD = 1 << 20  # payloads and results above this travel as blobs
+CHUNK_SIZE = 8 << 20
+DEFAULT_TTL = 24 * 3600
+
+
+class BlobStore(Protocol):
+    def put(self, pieces: list[Any]) -> dict[str, Any]:
+        """Store the concatenation of ``pieces`` (bytes-like); returns a JSON-able reference."""
+
+    def get(self, ref: dict[str, Any]) -> memoryview: ...
+
+    def delete(self, ref: dict[str, Any]) -> None: ...
+
+
+class MissingBlobError(KeyError):
+    """The blob expired or was deleted."""
+
+
+def _chunks(pieces: list[Any], size: int) -> list[memoryview]:
+    """Split the concatenation of ``pieces`` into views of at most ``size`` bytes (no copies
+    except where a chunk spans two pieces)."""
+    out: list[memoryview] = []
+    pending: list[memoryview] = []
+    pending_size = 0
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        while view.nbytes:
+            take = min(size - pending_size, view.nbytes)
+            pending.append(view[:take])
+            pending_size += take
+            view = view[take:]
+            if pending_size == size:
+                out.append(pending[0] if len(pending) == 1 else memoryview(b"".join(pending)))
+                pending, pending_size = [], 0
+    if pending:
+        out.append(pending[0] if len(pending) == 1 else memoryview(b"".join(pending)))
+    return out
+
+
+class RedisBlobStore:
+    def __init__(self, url: str, ttl: int = DEFAULT_TTL, chunk_size: int = CHUNK_SIZE) -> None:
+        self._redis = redis.Redis.from_url(url)
+        self._ttl = ttl
+        self._chunk_size = chunk_size
+
+    def put(self, pieces: list[Any]) -> dict[str, Any]:
+        key = f"celery_nb:blob:{uuid.uuid4().hex}"
+        chunks = _chunks(pieces, self._chunk_size)
+        pipe = self._redis.pipeline(transaction=False)
+        for i, chunk in enumerate(chunks):
+            pipe.set(f"{key}:{i}", chunk, ex=self._ttl)
+        pipe.execute()
+        return {"key": key, "size": sum(c.nbytes for c in chunks), "chunks": len(chunks)}
+
+    def get(self, ref: dict[str, Any]) -> memoryview:
+        """All chunks, pipelined, received straight into one buffer (no intermediate copies)."""
+        buffer = memoryview(bytearray(ref["size"]))
+        with _RespConnection(self._redis.connection_pool.connection_kwargs) as conn:
+            conn.send(*(("GET", f"{ref['key']}:{i}") for i in range(ref["chunks"])))
+            pos = 0
+            for _ in range(ref["chunks"]):
+                size = conn.read_bulk_header()
+                if size < 0:
+                    raise MissingBlobError(f"blob {ref['key']} has expired or was deleted")
+                conn.read_into(buffer[pos:pos + size])
+                conn.read_line()  # the CRLF after the value
+                pos += size
+        return buffer
+
+    def delete(self, ref: dict[str, Any]) -> None:
+        self._redis.delete(*(f"{ref['key']}:{i}" for i in range(ref["chunks"])))
+
+
+class _RespConnection:
+    """A bare Redis connection whose bulk replies are received into the caller's buffer;
+    redis-py would build a bytes object per reply and copy it again."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("path"):
+            self._sock = socket.socket(socket.AF_UNIX)
+            self._sock.connect(kwargs["path"])
+        else:
+            self._sock = socket.create_connection((kwargs.get("host", "localhost"), kwargs.get("port", 6379)))
+        self._pending = bytearray()
+        setup = []
+        if kwargs.get("password"):
+            setup.append(("AUTH", *([kwargs["username"]] if kwargs.get("username") else []), kwargs["password"]))
+        if kwargs.get("db"):
+            setup.append(("SELECT", str(kwargs["db"])))
+        if setup:
+            self.send(*setup)
+            for _ in setup:
+                reply = self.read_line()
+                if not reply.startswith(b"+"):
+                    raise redis.ConnectionError(f"Redis refused {setup[0][0]}: {reply.decode(errors='replace')}")
+
+    def __enter__(self) -> _RespConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def send(self, *commands: tuple[str, ...]) -> None:
+        out = bytearray()
+        for command in commands:
+            out += b"*%d\r\n" % len(command)
+            for arg in command:
+                data = arg.encode()
+                out += b"$%d\r\n%s\r\n" % (len(data), data)
+        self._sock.sendall(out)
+
+    def read_line(self) -> bytes:
+        while b"\r\n" not in self._pending:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise redis.ConnectionError("Redis closed the connection")
+            self._pending += chunk
+        line, _, rest = bytes(self._pending).partition(b"\r\n")
+        self._pending = bytearray(rest)
+        return line
+
+    def read_bulk_header(self) -> int:
+        line = self.read_line()
+        if not line.startswith(b"$"):
+            raise redis.ResponseError(line.decode(errors="replace"))
+        return int(line[1:])
+
+    def read_into(self, view: memoryview) -> None:
+        take = min(len(self._pending), view.nbytes)
+        view[:take] = self._pending[:take]
+        del self._pending[:take]
+        view = view[take:]
+        while view.nbytes:
+            received = self._sock.recv_into(view)
+            if not received:
+                raise redis.ConnectionError("Redis closed the connection")
+            view = view[received:]
+
+
+class MemoryBlobStore:
+    """For the embedded worker: the bytes are handed over in the same process, not copied."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def put(self, pieces: list[Any]) -> dict[str, Any]:
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._blobs[key] = data
+        return {"key": key, "size": memoryview(data).nbytes, "chunks": 1}
+
+    def get(self, ref: dict[str, Any]) -> memoryview:
+        with self._lock:
+            if ref["key"] not in self._blobs:
+                raise MissingBlobError(f"blob {ref['key']} was deleted")
+            return memoryview(self._blobs[ref["key"]])
+
+    def delete(self, ref: dict[str, Any]) -> None:
+        with self._lock:
+            self._blobs.pop(ref["key"], None)
