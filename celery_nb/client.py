@@ -134,15 +134,16 @@ class Client:
                 request["payload_ref"] = self.blobs.put([data])
             else:
                 request["payload"] = base64.b64encode(data).decode("ascii")
+            wake = self._follower.follow(job)
             self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
-                                       "kind": kind, "label": label, "t": job.submitted_at})
+                                       "kind": kind, "label": label, "t": job.submitted_at}, wake=wake)
             self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue)
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+            self._follower.forget(job)
             raise BrokerUnavailableError(
                 f"cannot reach the broker at {self.broker_url}: {exc}. Start Redis there, or unset "
                 f"CELERY_NB_BROKER_URL to run jobs on the embedded worker in this kernel.") from None
         self.jobs.append(job)
-        self._follower.follow(job)
         return job
 
     def remote(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:

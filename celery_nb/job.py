@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from celery_nb import payload
 from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
-from celery_nb.jobstore import START, Event, JobStore
+from celery_nb.jobstore import START, Event, JobStore, Waker
 
 if TYPE_CHECKING:
     from celery_nb.client import Client
@@ -218,22 +218,23 @@ class JobFollower:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def follow(self, job: Job) -> None:
+    def follow(self, job: Job) -> Waker:
+        """Start reading ``job``'s events. Ring the returned bell (e.g. with the job's first
+        event, in the same round trip) so that a read already waiting includes the job."""
         with self._lock:
             self._jobs[job.id] = (job, START)
-            reading = self._thread is not None
-            if not reading:
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery_nb-job-follower", daemon=True)
                 self._thread.start()
-        if reading:
-            self._waker.ring()  # the running read does not know this job yet
+        return self._waker
+
+    def forget(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
 
     def _run(self) -> None:
-        while True:
+        while True:  # also while no job runs: a bell ends the wait, and the thread stays warm
             with self._lock:
-                if not self._jobs:
-                    self._thread = None  # follow() starts a new one
-                    return
                 cursors = {job_id: cursor for job_id, (_job, cursor) in self._jobs.items()}
             try:
                 found = self._store.read_many(cursors, _READ_TIMEOUT, self._waker)

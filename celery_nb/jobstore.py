@@ -21,8 +21,9 @@ DEFAULT_TTL = 24 * 3600  # seconds a finished job's events stay readable
 
 
 class JobStore(Protocol):
-    def append(self, job_id: str, event: Event, blob: bytes | None = None) -> None:
-        """Append an event (``blob``: binary attachment, read back as event["blob"])."""
+    def append(self, job_id: str, event: Event, blob: bytes | None = None, wake: Waker | None = None) -> None:
+        """Append an event (``blob``: binary attachment, read back as event["blob"]); ring
+        ``wake`` in the same round trip."""
 
     def append_many(self, job_id: str, events: list[Event]) -> None:
         """Append several events at once (one round trip)."""
@@ -55,9 +56,9 @@ class MemoryJobStore:
         self._changed = threading.Condition()
         self._rings = 0
 
-    def append(self, job_id: str, event: Event, blob: bytes | None = None) -> None:
+    def append(self, job_id: str, event: Event, blob: bytes | None = None, wake: Waker | None = None) -> None:
         event = {**event, "blob": blob} if blob is not None else dict(event)
-        with self._changed:
+        with self._changed:  # every append wakes read_many here
             self._events.setdefault(job_id, []).append(event)
             self._changed.notify_all()
 
@@ -113,9 +114,12 @@ class _RedisWaker:
 
     def ring(self) -> None:
         pipe = self._redis.pipeline(transaction=False)
+        self.ring_in(pipe)
+        pipe.execute()
+
+    def ring_in(self, pipe: Any) -> None:
         pipe.xadd(self.key, {"w": 1}, maxlen=10, approximate=True)
         pipe.expire(self.key, 3600)
-        pipe.execute()
 
 
 class RedisJobStore:
@@ -133,21 +137,23 @@ class RedisJobStore:
     def _cancel_key(job_id: str) -> str:
         return f"celery_nb:cancel:{job_id}"
 
-    def append(self, job_id: str, event: Event, blob: bytes | None = None) -> None:
+    def append(self, job_id: str, event: Event, blob: bytes | None = None, wake: Waker | None = None) -> None:
         fields: dict[str, Any] = {"e": json.dumps(event)}
         if blob is not None:
             fields["b"] = blob
-        self._xadd(job_id, [fields])
+        self._xadd(job_id, [fields], wake)
 
     def append_many(self, job_id: str, events: list[Event]) -> None:
         self._xadd(job_id, [{"e": json.dumps(event)} for event in events])
 
-    def _xadd(self, job_id: str, entries: list[dict[str, Any]]) -> None:
+    def _xadd(self, job_id: str, entries: list[dict[str, Any]], wake: Waker | None = None) -> None:
         key = self._events_key(job_id)
         pipe = self._redis.pipeline(transaction=False)
         for fields in entries:
             pipe.xadd(key, fields)
         pipe.expire(key, self._ttl)
+        if isinstance(wake, _RedisWaker):
+            wake.ring_in(pipe)
         pipe.execute()
 
     def read(self, job_id: str, cursor: str, timeout: float) -> tuple[list[Event], str]:
