@@ -151,10 +151,9 @@ class Client:
         return _remote_decorator(fn, options, self)
 
     def cancel(self, job_id: str) -> None:
+        # A flag, not Celery's revoke: a revoked message is dropped without a word, while the
+        # task itself reports "cancelled" when it starts (queued job) or kills its container.
         self.store.request_cancel(job_id)
-        if not self.embedded:
-            # drop the message if no worker has taken it yet (a running job sees the flag)
-            self.app.control.revoke(job_id)
 
 
 _DEFAULT_MAP_JOBS = 32

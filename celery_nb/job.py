@@ -246,6 +246,8 @@ class JobFollower:
                 continue
             with self._lock:
                 for job_id, (events, cursor) in found.items():
+                    if job_id not in self._jobs:  # forgotten meanwhile
+                        continue
                     job = self._jobs[job_id][0]
                     self._jobs[job_id] = (job, cursor)
                     for event in events:

@@ -145,3 +145,15 @@ def test_map_batches_items_streams_results_in_order_and_counts_items(client: Cli
     assert [job.progress["n"] for job in jobs] == [50, 50, 50, 50]  # items, not chunks
     assert list(slow_square.imap(range(200), chunksize=50)) == [v * v for v in range(200)]
     assert slow_square.map(range(1000)) == [v * v for v in range(1000)]
+
+
+def test_cancelling_a_queued_job_reports_it_cancelled_and_never_runs_it(redis_client: Client) -> None:
+    busy = [redis_client.submit_cell("import time\ntime.sleep(2)\n", {}, image=IMAGE) for _ in range(4)]
+    queued = redis_client.submit_cell("print('ran')\n", {}, image=IMAGE)  # the worker runs 4 at a time
+    time.sleep(0.3)
+    assert queued.status == "queued"
+    queued.cancel()
+    assert queued.wait(30) and queued.status == "cancelled"
+    assert "ran" not in queued.logs
+    for job in busy:
+        job.result(timeout=30)
