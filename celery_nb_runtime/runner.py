@@ -270,24 +270,33 @@ class _ChildRelay:
                 self._frames.write(kind, chunk)
 
     def _relay_frames(self, chunk: bytes) -> None:
+        """Forward the child's frame bytes, whole frames in one write where possible; log
+        output is drained in between frames only."""
         view = memoryview(chunk)
-        while view.nbytes:
+        start = pos = 0  # bytes before ``start`` are written
+        while pos < view.nbytes:
             if self._frame_left == 0:
-                if not self._head:
+                if not self._head:  # a frame boundary
+                    if pos > start:
+                        self._frames.write_raw(view[start:pos])
+                        start = pos
                     self._drain_logs()  # what the child printed before this frame goes first
-                need = protocol.FRAME_HEADER_SIZE - len(self._head)
-                self._head += bytes(view[:need])
-                view = view[need:]
+                piece = view[pos:pos + protocol.FRAME_HEADER_SIZE - len(self._head)]
+                self._head += bytes(piece)
+                pos += piece.nbytes
                 if len(self._head) < protocol.FRAME_HEADER_SIZE:
-                    return
+                    return  # the rest of the header comes with the next chunk
                 self._frame_left = protocol.frame_size(self._head)
-                self._frames.write_raw(self._head)
+                if pos - start != protocol.FRAME_HEADER_SIZE:  # the header began in an earlier chunk
+                    self._frames.write_raw(self._head)
+                    start = pos
                 self._head = b""
                 continue
-            part = view[:self._frame_left]
-            self._frames.write_raw(part)
-            self._frame_left -= part.nbytes
-            view = view[part.nbytes:]
+            take = min(self._frame_left, view.nbytes - pos)
+            self._frame_left -= take
+            pos += take
+        if pos > start:
+            self._frames.write_raw(view[start:pos])
 
     def run(self, pid: int) -> int:
         """Relay until the child has exited and its pipes are closed; return its wait status."""

@@ -144,8 +144,11 @@ class RuntimeContainer:
     _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
 
     def send(self, request: bytes) -> None:
-        self.sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)))
-        self.sock.sendall(request)
+        if len(request) < 65536:  # one write: one wake-up of the container's reader
+            self.sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)) + request)
+        else:
+            self.sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)))
+            self.sock.sendall(request)
 
     def read_frames(self, timeout: float) -> list[tuple[int, bytes]]:
         """Frames that arrive within ``timeout`` s ([] if none); ContainerExited at EOF."""
