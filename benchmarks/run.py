@@ -113,6 +113,11 @@ def run_all(client: Client) -> list[tuple]:
     trivial()
     warm = median_seconds(trivial, 100)
     cold = median_seconds(lambda: trivial(fresh=True), 10)
+    embedded = Client(None)
+    embedded_trivial = lambda: embedded.submit_cell("a = 1", {}, image=IMAGE).result(60)  # noqa: E731
+    embedded_trivial()
+    warm_embedded = median_seconds(embedded_trivial, 50)
+    embedded.shutdown()
     docker_client = docker.from_env()
     docker_run = median_seconds(lambda: docker_client.containers.run(IMAGE, ["python3", "-c", "a = 1"], remove=True), 10)
 
@@ -129,6 +134,8 @@ def run_all(client: Client) -> list[tuple]:
                                         text=True, check=True, cwd=ROOT).stdout) for kind in ("celery_nb", "raw")}
     return [
         ("warm trivial cell round trip vs raw Celery", warm * 1e3, raw_rt * 1e3, "ms", "<= 2x", lambda r: r <= 2),
+        ("warm trivial cell, embedded worker (no target)", warm_embedded * 1e3, raw_rt * 1e3, "ms", "-",
+         lambda _r: True),
         ("cold cell (--fresh) vs docker run", cold * 1e3, docker_run * 1e3, "ms", "<= 1.2x", lambda r: r <= 1.2),
         ("map 10,000 items: items/s vs raw Celery tasks/s", map_rate, raw_tps, "/s", ">= 5x", lambda r: r >= 5),
         ("100 MiB numpy result vs Celery pickle result", big_nb * 1e3, big_raw * 1e3, "ms", "<= 0.5x",

@@ -58,8 +58,10 @@ class MemoryJobStore:
 
     def append(self, job_id: str, event: Event, blob: bytes | None = None, wake: Waker | None = None) -> None:
         event = {**event, "blob": blob} if blob is not None else dict(event)
-        with self._changed:  # every append wakes read_many here
+        with self._changed:
             self._events.setdefault(job_id, []).append(event)
+            if wake is not None:
+                self._rings += 1
             self._changed.notify_all()
 
     def append_many(self, job_id: str, events: list[Event]) -> None:
