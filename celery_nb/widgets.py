@@ -86,6 +86,8 @@ class JobWidget(w.VBox):
         self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
                              f'border-radius:4px;padding:1px 8px;font-weight:bold">{job.status}</span>')
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
+        if job.container:
+            worker += f" ({job.container} container)"
         self.title.value = (f'&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
                             f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}')
         self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
