@@ -91,3 +91,15 @@ def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, dock
     assert len(_worker_containers(docker_client, worker)) == 1
     stop_worker(proc)  # a worker that stops removes its idle containers
     assert not _worker_containers(docker_client, worker)
+
+
+def test_a_warm_container_that_died_while_idle_is_replaced(redis_client: Client,
+                                                           docker_client: docker.DockerClient) -> None:
+    memory = "104m"
+    first = redis_client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
+    host = first.result(timeout=60)["host"]
+    time.sleep(0.3)  # back in the pool
+    docker_client.containers.get(host).kill()  # the hostname is the container's short id
+    job = redis_client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
+    assert job.result(timeout=60)["host"] != host
+    assert job.container == "cold"

@@ -173,6 +173,16 @@ class RuntimeContainer:
                 frames.extend(self._frames.feed(data))
         return frames
 
+    def alive(self) -> bool:
+        """False once the container has ended (its stream is closed); a cheap local check."""
+        self.sock.settimeout(0)
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True  # open, nothing to read: a server waiting for its next job
+        except OSError:
+            return False
+
     def read_spooled(self, path: str) -> bytearray:
         """Read and delete a result the job spooled to a file in the container."""
         with open(f"{self.spool_root}{path}", "rb") as f:
@@ -279,10 +289,14 @@ class ContainerPool:
         self._reaper: threading.Thread | None = None
 
     def checkout(self, key: str) -> RuntimeContainer | None:
-        """An idle container for ``key``, most recently used first, or None."""
-        with self._lock:
-            idle = self._idle.get(key, [])
-            return idle.pop() if idle else None
+        """A live idle container for ``key``, most recently used first, or None."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(key, [])
+                runtime = idle.pop() if idle else None
+            if runtime is None or runtime.alive():
+                return runtime
+            runtime.remove()  # it died while idle (killed, OOM, daemon restart)
 
     def checkin(self, runtime: RuntimeContainer) -> None:
         """Keep a healthy container for later jobs, or remove it if the pool has no room."""

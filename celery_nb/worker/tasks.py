@@ -76,8 +76,11 @@ class JobRun:
             limits = self.policy.limits_for(image, self.request.get("limits", {}))
             key = containers.pool_key(image, limits)
             runtime = None if fresh else self.pool.checkout(key)
-            container = "warm" if runtime is not None else "cold"
-            if runtime is None:
+            container = "warm"
+            if runtime is not None:
+                runtime.send(self._request_for(runtime))
+            else:
+                container = "cold"
                 self._report_starting()  # a container start takes a while: say so now
                 client = containers.connect()
                 containers.ensure_image(client, image, self.policy.pull)
@@ -85,10 +88,7 @@ class JobRun:
                     client, image, limits, pool_key=key,
                     labels={containers.LABEL_JOB: self.job_id, containers.LABEL_TASK: self.job_id,
                             containers.LABEL_WORKER: self.worker})
-            outer = protocol.pack_bundle(
-                {"env": self.request.get("env", {}), "spool": containers.SPOOL_DIR if runtime.spool_root else None},
-                [self._payload()])
-            runtime.send(b"".join(outer))
+                runtime.send(self._request_for(runtime))
             self.timings["started"] = time.time()
             self._report_starting({"type": "status", "status": "running", "worker": self.worker,
                                    "container": container, "t": self.timings["started"]})
@@ -176,10 +176,12 @@ class JobRun:
             f"the container of image {runtime.image!r} exited with code {status.code} without a "
             f"result" + (f"; its last output:\n{stderr[-2000:]}" if stderr else ""))}
 
-    def _payload(self) -> Any:
-        if "payload_ref" in self.request:
-            return self.blobs.get(self.request["payload_ref"])
-        return base64.b64decode(self.request["payload"])
+    def _request_for(self, runtime: containers.RuntimeContainer) -> bytes:
+        """The REQUEST frame body: env, where to spool a big result, and the job's payload."""
+        payload = (self.blobs.get(self.request["payload_ref"]) if "payload_ref" in self.request
+                   else base64.b64decode(self.request["payload"]))
+        spool = containers.SPOOL_DIR if runtime.spool_root else None
+        return b"".join(protocol.pack_bundle({"env": self.request.get("env", {}), "spool": spool}, [payload]))
 
     def _relay(self, runtime: containers.RuntimeContainer, kind: int, body: bytes) -> None:
         """One frame of the runtime as an event (or the kept result/error)."""
