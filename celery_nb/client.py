@@ -18,6 +18,7 @@ from typing import Any
 
 import kombu.exceptions
 import redis
+from celery._state import _set_task_join_will_block
 from celery.worker import WorkController
 
 from celery_nb import analysis, payload
@@ -75,6 +76,9 @@ class Client:
         atexit.register(self.shutdown)
         if not ready.wait(30):
             raise RuntimeError("the embedded celery_nb worker did not start within 30 s")
+        # the worker marked this process as one whose tasks must not wait on results; the kernel
+        # is no such process (celery.contrib.testing.worker does the same)
+        _set_task_join_will_block(False)
 
     def shutdown(self) -> None:
         """Stop the embedded worker and remove its idle containers."""

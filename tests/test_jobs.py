@@ -173,3 +173,9 @@ def test_big_inputs_and_results_travel_as_blobs_that_expire_and_are_deleted(redi
     assert done["result_ref"]["size"] > len(blob) * 2 and "blob" not in done  # by reference
     assert job.result(timeout=60)["doubled"] == blob * 2
     assert server.keys("celery_nb:blob:*") == []  # input deleted by the worker, result by the kernel
+
+
+def test_the_embedded_worker_leaves_other_celery_apps_usable(embedded_client: Client) -> None:
+    from celery.result import assert_will_not_block
+
+    assert_will_not_block()  # a kernel that also uses Celery itself can still wait on results
