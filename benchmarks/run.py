@@ -96,8 +96,8 @@ def main() -> None:
     print(f"{'measure':<46}{'value':>14}{'baseline':>14}{'ratio':>9}  target")
     for name, value, baseline, unit, target, ok in rows:
         ratio = value / baseline if baseline else float("nan")
-        print(f"{name:<46}{value:>11.4g} {unit:<2}{baseline:>11.4g} {unit:<2}{ratio:>9.2f}  {target} "
-              f"{'met' if ok(ratio) else 'NOT met'}")
+        verdict = "" if target == "-" else ("met" if ok(ratio) else "NOT met")
+        print(f"{name:<46}{value:>11.4g} {unit:<2}{baseline:>11.4g} {unit:<2}{ratio:>9.2f}  {target} {verdict}")
 
 
 def run_all(client: Client) -> list[tuple]:
