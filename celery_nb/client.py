@@ -155,9 +155,11 @@ class Client:
         return _remote_decorator(fn, options, self)
 
     def cancel(self, job_id: str) -> None:
-        # A flag, not Celery's revoke: a revoked message is dropped without a word, while the
-        # task itself reports "cancelled" when it starts (queued job) or kills its container.
+        # The flag stops a running job (its worker checks it while the container runs); the
+        # revoke drops a queued one, and the worker reports it cancelled (report_revoked).
         self.store.request_cancel(job_id)
+        if not self.embedded:
+            self.app.control.revoke(job_id)
 
 
 _DEFAULT_MAP_JOBS = 32

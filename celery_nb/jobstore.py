@@ -42,6 +42,9 @@ class JobStore(Protocol):
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
+    local: bool
+    """True when the store lives in this process (its calls cost no round trip)."""
+
 
 class Waker(Protocol):
     def ring(self) -> None: ...
@@ -49,6 +52,8 @@ class Waker(Protocol):
 
 class MemoryJobStore:
     """In-process store for the embedded worker."""
+
+    local = True
 
     def __init__(self) -> None:
         self._events: dict[str, list[Event]] = {}
@@ -126,6 +131,8 @@ class _RedisWaker:
 
 class RedisJobStore:
     """Redis streams (``celery_nb:events:<job>``) and flags, expiring after ``ttl`` seconds."""
+
+    local = False
 
     def __init__(self, url: str, ttl: int = DEFAULT_TTL) -> None:
         self._redis = redis.Redis.from_url(url)

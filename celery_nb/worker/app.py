@@ -4,14 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import celeryd_after_setup, worker_shutdown
+from celery.signals import celeryd_after_setup, task_revoked, worker_shutdown
 
 from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.blobs import BlobStore
 from celery_nb.jobstore import JobStore
 from celery_nb.worker.containers import ContainerPool, PoolSettings, connect
 from celery_nb.worker.policy import WorkerPolicy
-from celery_nb.worker.tasks import WorkerServices, run_job
+from celery_nb.worker.tasks import WorkerServices, report_revoked, run_job
 
 TASK_NAME = "celery_nb.run_job"
 EMBEDDED_BROKER = "memory://"
@@ -49,6 +49,11 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store
     def run(task: Task, request: dict[str, Any]) -> dict[str, Any]:
         return run_job(request, services, worker=worker_name or task.request.hostname)
+
+    @task_revoked.connect(weak=False)
+    def _report_revoked(sender: Any, request: Any, **_kwargs: Any) -> None:
+        if getattr(sender, "name", None) == TASK_NAME and sender.app is app:
+            report_revoked(store, request.id, worker_name or request.hostname)
 
     @celeryd_after_setup.connect(weak=False)
     def _name_pool(sender: str, instance: Any, **_kwargs: Any) -> None:

@@ -67,7 +67,9 @@ class JobRun:
             self.store.append_many(self.job_id, events)
 
     def run(self) -> str:
-        if self.store.cancel_requested(self.job_id):
+        # A job cancelled while queued was revoked (see report_revoked); the flag also covers a
+        # worker that missed the broadcast, but costs a round trip to Redis: checked in-process only
+        if self.store.local and self.store.cancel_requested(self.job_id):
             return self._finish("cancelled")
         runtime, reusable = None, False
         fresh = bool(self.request.get("fresh"))
@@ -217,6 +219,13 @@ def _out_of_memory(runtime: containers.RuntimeContainer, what: str) -> dict[str,
     return {"kind": "oom", "message": (
         f"the job ran out of memory: {what} for exceeding the --memory limit of "
         f"{format_memory(runtime.limits.memory)}; raise --memory or process the data in smaller pieces")}
+
+
+def report_revoked(store: JobStore, job_id: str, worker: str) -> None:
+    """A job cancelled while queued: Celery dropped its message; its kernel still hears of it."""
+    now = time.time()
+    store.append(job_id, {"type": "done", "status": "cancelled", "error": None, "worker": worker,
+                          "timings": {"received": now, "finished": now}, "t": now})
 
 
 def run_job(request: dict[str, Any], services: WorkerServices, worker: str) -> dict[str, Any]:
