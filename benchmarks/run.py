@@ -83,7 +83,7 @@ def main() -> None:
                "-n", "bench@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
               str(ROOT / "build/bench-celery_nb-worker.log")),
         start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
-               "-n", "raw@%h", "-l", "WARNING"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
+               "-n", "raw@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
               lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
     ]
     try:

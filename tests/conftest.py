@@ -61,7 +61,7 @@ def start_worker(broker_url: str, queue: str, name: str, env: dict[str, str] | N
     log = open(ROOT / f".pytest_cache/worker-{name}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", broker_url, "-Q", queue,
-         "-c", str(concurrency), "-n", node_name or f"{name}@%h", "--without-mingle", "--without-gossip"],
+         "-c", str(concurrency), "-n", node_name or f"{name}@%h"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT)
     probe = Client(broker_url)
     deadline = time.monotonic() + 60
