@@ -28,6 +28,7 @@ from celery_nb.errors import BrokerUnavailableError, InputError
 from celery_nb.job import Job, JobFollower
 from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, make_app
+from celery_nb.worker.containers import connect
 from celery_nb_runtime import map_chunk
 
 
@@ -72,6 +73,7 @@ class Client:
             hostname=EMBEDDED_WORKER, queues=[settings().default_queue],
             without_heartbeat=True, without_mingle=True, without_gossip=True,
             send_events=False, loglevel="WARNING", ready_callback=lambda _consumer: ready.set())
+        self.app.celery_nb_pool.remove_leftovers(connect)  # of kernels that were killed
         threading.Thread(target=self._embedded.start, name="celery_nb-embedded-worker", daemon=True).start()
         atexit.register(self.shutdown)
         if not ready.wait(30):

@@ -10,7 +10,7 @@ import docker
 import pytest
 
 from celery_nb import Client
-from celery_nb.worker.containers import LABEL_WORKER
+from celery_nb.worker.containers import LABEL_OWNER, LABEL_WORKER
 from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_worker
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"
@@ -62,7 +62,8 @@ def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client
 @pytest.fixture
 def pool_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[tuple[subprocess.Popen, str]]:
     name = "pool"
-    leftover = docker_client.containers.create(IMAGE, ["sleep", "300"], labels={LABEL_WORKER: f"{name}@vm-test"})
+    leftover = docker_client.containers.create(  # as a worker of this name, killed on another host, left it
+        IMAGE, ["sleep", "300"], labels={LABEL_WORKER: f"{name}@vm-test", LABEL_OWNER: "elsewhere:1"})
     proc = start_worker(redis_url, "poolq", name, env={"CELERY_NB_POOL_IDLE_TIMEOUT": "2", "CELERY_NB_POOL_MAX_JOBS": "2"},
                         node_name=f"{name}@vm-test")
     try:
@@ -103,3 +104,21 @@ def test_a_warm_container_that_died_while_idle_is_replaced(redis_client: Client,
     job = redis_client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
     assert job.result(timeout=60)["host"] != host
     assert job.container == "cold"
+
+
+def test_containers_of_a_killed_kernel_are_removed_by_the_next_one(docker_client: docker.DockerClient) -> None:
+    import signal
+    import sys
+
+    kernel = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time\nfrom celery_nb import Client\nc = Client(None)\n"
+                               f"print(c.submit_cell('a = 1', {{}}, image={IMAGE!r}).result(60), flush=True)\n"
+                               "time.sleep(300)\n"], stdout=subprocess.PIPE, text=True)
+    assert kernel.stdout.readline().strip() == "{'a': 1}"
+    owner = f"{__import__('socket').gethostname()}:{kernel.pid}"
+    idle = docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_OWNER}={owner}"})
+    assert len(idle) == 1  # its warm container
+    kernel.send_signal(signal.SIGKILL)  # no chance to clean up
+    kernel.wait()
+    Client(None).shutdown()  # the next kernel's embedded worker starts
+    assert not docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_OWNER}={owner}"})

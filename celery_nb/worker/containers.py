@@ -33,6 +33,8 @@ LABEL_JOB = "celery_nb.job_id"
 LABEL_TASK = "celery_nb.task_id"
 LABEL_WORKER = "celery_nb.worker"
 LABEL_POOL_KEY = "celery_nb.pool_key"
+LABEL_OWNER = "celery_nb.owner"  # host:pid of the process that created the container
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
 SPOOL_DIR = "/dev/shm"
 
 # Runs in the container: import the runtime (and cloudpickle) from the sources in argv[1].
@@ -216,7 +218,7 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
         container = client.containers.create(
             image,
             command=list(runtime_command()),
-            labels={**labels, LABEL_POOL_KEY: pool_key},
+            labels={**labels, LABEL_POOL_KEY: pool_key, LABEL_OWNER: OWNER},
             environment={"PYTHONDONTWRITEBYTECODE": "1"},
             stdin_open=True,  # requests arrive on stdin
             mem_limit=limits.memory,
@@ -344,15 +346,30 @@ class ContainerPool:
             runtime.remove()
 
     def remove_leftovers(self, client_factory: Callable[[], docker.DockerClient]) -> int:
-        """Remove containers a previous run of this worker (same name) left behind."""
+        """Remove containers left behind by an earlier run of this worker (same name) or by a
+        process on this host that has died (a kernel's embedded worker that was killed)."""
         try:
             client = client_factory()
         except DockerUnavailableError:
             return 0
-        leftovers = client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_WORKER}={self.worker}"})
-        for container in leftovers:
+        leftovers = {c.id: c for c in client.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={self.worker}"})}
+        for container in client.containers.list(all=True, filters={"label": LABEL_OWNER}):
+            host, _, pid = container.labels[LABEL_OWNER].rpartition(":")
+            if host == socket.gethostname() and not _alive(int(pid)):
+                leftovers[container.id] = container
+        for container in leftovers.values():
             try:
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
         return len(leftovers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
