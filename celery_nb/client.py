@@ -36,12 +36,14 @@ from celery_nb_runtime import map_chunk
 EMBEDDED_WORKER = f"embedded-{os.getpid()}@{socket.gethostname()}"
 
 
-def _limits(memory: str | int | None, cpus: float | None, timeout: float | None) -> dict[str, Any]:
+def _limits(memory: str | int | None, cpus: float | None, timeout: float | None,
+            network: str | None) -> dict[str, Any]:
     if cpus is not None and cpus <= 0:
         raise ValueError(f"--cpus must be positive, got {cpus}")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {timeout}")
-    return {"memory": parse_memory(memory) if memory is not None else None, "cpus": cpus, "timeout": timeout}
+    return {"memory": parse_memory(memory) if memory is not None else None, "cpus": cpus, "timeout": timeout,
+            "network": network}
 
 
 class Client:
@@ -94,7 +96,7 @@ class Client:
                     inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
                     first_line: int = 1, hidden: Collection[str] = (), memory: str | int | None = None,
                     cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-                    env: Mapping[str, str] | None = None, fresh: bool = False) -> Job:
+                    env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None) -> Job:
         """Run cell ``source`` in a container; inputs come from ``namespace``.
 
         ``inputs``/``outputs`` override the automatic detection. Raises SyntaxError and
@@ -112,19 +114,20 @@ class Client:
                                     outputs if outputs is not None else names.assigns,
                                     outputs_explicit=outputs is not None)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
-        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout), label, fresh)
+        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout, network), label, fresh)
 
     def submit(self, fn: Callable[..., Any], *args: Any, image: str | None = None,
                kwargs: Mapping[str, Any] | None = None, memory: str | int | None = None,
                cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-               env: Mapping[str, str] | None = None, fresh: bool = False) -> Job:
+               env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None) -> Job:
         """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor version).
 
         ``fresh=True``: a brand-new container rather than a warm one from the worker's pool.
+        ``network="none"``: no network in the container (the worker's policy says what is allowed).
         """
         data = payload.call_payload(fn, args, kwargs or {})
         label = f"{getattr(fn, '__qualname__', 'function')}()"
-        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout), label, fresh)
+        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout, network), label, fresh)
 
     def _send(self, kind: str, data: bytes, image: str | None, queue: str | None,
               env: Mapping[str, str] | None, limits: dict[str, Any], label: str, fresh: bool) -> Job:
@@ -221,18 +224,19 @@ def default_client() -> Client:
 
 def submit(fn: Callable[..., Any], *args: Any, image: str | None = None, kwargs: Mapping[str, Any] | None = None,
            memory: str | int | None = None, cpus: float | None = None, timeout: float | None = None,
-           queue: str | None = None, env: Mapping[str, str] | None = None, fresh: bool = False) -> Job:
+           queue: str | None = None, env: Mapping[str, str] | None = None, fresh: bool = False,
+           network: str | None = None) -> Job:
     """Run ``fn(*args, **kwargs)`` in a container of ``image``; returns a Job at once."""
     return default_client().submit(fn, *args, image=image, kwargs=kwargs, memory=memory, cpus=cpus,
-                                   timeout=timeout, queue=queue, env=env, fresh=fresh)
+                                   timeout=timeout, queue=queue, env=env, fresh=fresh, network=network)
 
 
 def remote(fn: Callable[..., Any] | None = None, *, image: str | None = None, memory: str | int | None = None,
            cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-           env: Mapping[str, str] | None = None, fresh: bool = False) -> Any:
+           env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None) -> Any:
     """Decorator: ``@remote(image="python:3.11-slim")`` makes calls run in containers."""
     options = {"image": image, "memory": memory, "cpus": cpus, "timeout": timeout, "queue": queue, "env": env,
-               "fresh": fresh}
+               "fresh": fresh, "network": network}
     return _remote_decorator(fn, options, None)
 
 

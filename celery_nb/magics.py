@@ -46,6 +46,8 @@ class CeleryDockerMagics(Magics):
     @argument("--cpus", type=float, help="CPU limit, e.g. 1.5")
     @argument("--queue", "-q", help="Celery queue, to pick a group of workers (default: CeleryNB.default_queue)")
     @argument("--env", "-e", action="append", metavar="K=V", help="environment variable in the container; repeatable")
+    @argument("--network", choices=["bridge", "none"],
+              help="the container's network: none cuts it off (the worker's policy may require none)")
     @argument("--fresh", action="store_true",
               help="run in a brand-new container instead of a warm one from the worker's pool")
     @argument("--no-wait", action="store_true",
@@ -71,7 +73,8 @@ class CeleryDockerMagics(Magics):
         job = default_client().submit_cell(
             cell, shell.user_ns, image=args.image, inputs=_names(args.inputs), outputs=_names(args.outputs),
             first_line=2, hidden=shell.user_ns_hidden, memory=args.memory, cpus=args.cpus,
-            timeout=args.timeout, queue=args.queue, env=_env(args.env), fresh=args.fresh)
+            timeout=args.timeout, queue=args.queue, env=_env(args.env), fresh=args.fresh,
+            network=args.network)
         if args.no_wait:
             job.add_done_callback(self._inject_outputs)
             return job  # displayed as the cell's result: the live widget

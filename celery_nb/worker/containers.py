@@ -230,6 +230,10 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
             privileged=False,
             log_config=docker.types.LogConfig(type="none"),  # output is streamed by attach, not stored
             shm_size=limits.memory,  # big results are spooled to /dev/shm (counted in the memory limit)
+            network_mode=limits.network,
+            read_only=limits.read_only,
+            tmpfs={"/tmp": ""} if limits.read_only else None,
+            user=limits.user,
             detach=True,
         )
     except docker.errors.APIError as exc:
@@ -272,7 +276,8 @@ class PoolSettings:
 
 
 def pool_key(image: str, limits: ContainerLimits) -> str:
-    return f"{image}|{limits.memory}|{limits.nano_cpus}|{limits.pids}"
+    """What makes two containers interchangeable (the timeout is per job, not per container)."""
+    return f"{image}|{limits.memory}|{limits.nano_cpus}|{limits.pids}|{limits.network}|{limits.read_only}|{limits.user}"
 
 
 class ContainerPool:

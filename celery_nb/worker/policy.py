@@ -10,6 +10,13 @@ a client may ask for limits, the worker's policy decides.
 | CELERY_NB_MAX_TIMEOUT        | longest --timeout (s); also the default   | unlimited   |
 | CELERY_NB_PIDS_LIMIT         | processes per container                   | 512         |
 | CELERY_NB_PULL               | pull missing images: missing or never     | missing     |
+| CELERY_NB_NETWORKS           | network modes jobs may ask for; the first | bridge,none |
+|                              | is the default                            |             |
+| CELERY_NB_READ_ONLY          | 1: read-only root filesystem, tmpfs /tmp  | 0           |
+| CELERY_NB_USER               | run jobs as this user (e.g. 65534:65534)  | the image's |
+
+Whatever the request, containers never run privileged, get no host mounts and no devices,
+drop all capabilities and set no-new-privileges (see containers.start_container).
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ class ContainerLimits:
     nano_cpus: int | None
     pids: int
     timeout: float | None
+    network: str = "bridge"
+    read_only: bool = False
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,9 @@ class WorkerPolicy:
     max_timeout: float | None = None
     pids_limit: int = 512
     pull: str = "missing"
+    networks: tuple[str, ...] = ("bridge", "none")
+    read_only: bool = False
+    user: str | None = None
 
     @classmethod
     def from_env(cls) -> WorkerPolicy:
@@ -55,6 +68,9 @@ class WorkerPolicy:
             max_timeout=optional("CELERY_NB_MAX_TIMEOUT", float),
             pids_limit=int(env.get("CELERY_NB_PIDS_LIMIT", "512")),
             pull=env.get("CELERY_NB_PULL", "missing"),
+            networks=tuple(n.strip() for n in env.get("CELERY_NB_NETWORKS", "bridge,none").split(",") if n.strip()),
+            read_only=env.get("CELERY_NB_READ_ONLY", "0") not in ("", "0", "false", "no"),
+            user=env.get("CELERY_NB_USER") or None,
         )
 
     def limits_for(self, image: str, requested: dict[str, Any]) -> ContainerLimits:
@@ -72,5 +88,9 @@ class WorkerPolicy:
         timeout = requested.get("timeout") or self.max_timeout
         if timeout is not None and self.max_timeout is not None and timeout > self.max_timeout:
             raise PolicyError(f"--timeout {timeout:g}s exceeds this worker's maximum of {self.max_timeout:g}s")
+        network = requested.get("network") or self.networks[0]
+        if network not in self.networks:
+            raise PolicyError(f"--network {network} is not allowed on this worker (allowed: {', '.join(self.networks)})")
         return ContainerLimits(memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None,
-                               pids=self.pids_limit, timeout=timeout)
+                               pids=self.pids_limit, timeout=timeout, network=network,
+                               read_only=self.read_only, user=self.user)
