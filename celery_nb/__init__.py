@@ -17,14 +17,14 @@ from celery_nb.client import Client, RemoteFunction, default_client, remote, sub
 from celery_nb.config import CeleryNB, use_settings
 from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError, ImageNotFoundError,
                               InputError, JobCancelled, JobTimeoutError, OutOfMemoryError, OutputError,
-                              PolicyError, PythonVersionError, RemoteError)
+                              PolicyError, PythonVersionError, RemoteError, SignatureError)
 from celery_nb.job import Job
 from celery_nb_runtime import progress
 
 __all__ = [
     "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "ImageNotFoundError", "InputError",
     "Job", "JobCancelled", "JobTimeoutError", "OutOfMemoryError", "OutputError", "PolicyError",
-    "PythonVersionError", "RemoteError", "RemoteFunction", "default_client", "progress", "remote", "submit",
+    "PythonVersionError", "RemoteError", "RemoteFunction", "SignatureError", "default_client", "progress", "remote", "submit",
 ]
 
 

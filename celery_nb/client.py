@@ -26,6 +26,7 @@ from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, RedisBlo
 from celery_nb.config import parse_memory, settings
 from celery_nb.errors import BrokerUnavailableError, InputError
 from celery_nb.job import Job, JobFollower
+from celery_nb.signing import Signer, digest
 from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, make_app
 from celery_nb.worker.containers import connect
@@ -49,11 +50,14 @@ def _limits(memory: str | int | None, cpus: float | None, timeout: float | None,
 class Client:
     """Sends jobs to workers and follows them. ``broker_url=None``: embedded worker."""
 
-    def __init__(self, broker_url: str | None = None, *, embedded_workers: int = 4) -> None:
+    def __init__(self, broker_url: str | None = None, *, embedded_workers: int = 4, secret: str | None = None) -> None:
+        """``secret``: signs requests and checks results (default: $CELERY_NB_SECRET)."""
         self.broker_url = broker_url
+        self.signer = Signer(secret)
         self.store: JobStore = RedisJobStore(broker_url) if broker_url else MemoryJobStore()
         self.blobs: BlobStore = RedisBlobStore(broker_url) if broker_url else MemoryBlobStore()
-        self.app = make_app(broker_url, self.store, self.blobs, worker_name=None if broker_url else EMBEDDED_WORKER)
+        self.app = make_app(broker_url, self.store, self.blobs, worker_name=None if broker_url else EMBEDDED_WORKER,
+                            signer=self.signer)
         self._follower = JobFollower(self.store)
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
@@ -141,8 +145,11 @@ class Client:
         try:
             if len(data) > BLOB_THRESHOLD:  # big inputs stay out of the Celery message
                 request["payload_ref"] = self.blobs.put([data])
+                if self.signer.enabled:
+                    request["payload_digest"] = digest(data)
             else:
                 request["payload"] = base64.b64encode(data).decode("ascii")
+            request = self.signer.sign(request)
             wake = self._follower.follow(job)
             self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
                                        "kind": kind, "label": label, "t": job.submitted_at}, wake=wake)

@@ -20,6 +20,10 @@ class BrokerUnavailableError(CeleryNBError):
     """The kernel cannot reach the Celery broker; nothing was submitted."""
 
 
+class SignatureError(CeleryNBError):
+    """A request or result is unsigned or altered (CELERY_NB_SECRET); nothing was run or unpickled."""
+
+
 class PolicyError(CeleryNBError):
     """The worker's policy refused the request (image, limits)."""
 
@@ -87,6 +91,7 @@ _KINDS: dict[str, type[CeleryNBError]] = {
     "timeout": JobTimeoutError,
     "oom": OutOfMemoryError,
     "version": PythonVersionError,
+    "signature": SignatureError,
 }
 
 

@@ -13,7 +13,8 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery_nb import payload
-from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
+from celery_nb.errors import CeleryNBError, JobCancelled, SignatureError, error_from_event
+from celery_nb.signing import digest
 from celery_nb.jobstore import START, Event, JobStore, Waker
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Job:
         self._log_chunks: list[tuple[str, str]] = []
         self._result_blob: bytes | None = None
         self._result_ref: dict[str, Any] | None = None  # a big result, in the client's blob store
+        self._result_sig: str | None = None
         self._outputs: dict[str, Any] | None = None
         self._final = threading.Event()  # the final event has been read
         self._done = threading.Event()  # ... and the done callbacks have run
@@ -75,6 +77,7 @@ class Job:
                     self.error = error_from_event(event["error"], self.id, self.image)
                 self._result_blob = event.get("blob")
                 self._result_ref = event.get("result_ref")
+                self._result_sig = event.get("result_sig")
                 self.status = event["status"]
                 self._final.set()
 
@@ -142,15 +145,24 @@ class Job:
             if self._outputs is None:
                 decode_started = time.time()
                 if self._result_ref is not None:
-                    self._outputs = payload.load_result(self._client.blobs.get(self._result_ref))
+                    data = self._client.blobs.get(self._result_ref)
                     self._client.blobs.delete(self._result_ref)
                     self._result_ref = None
                 else:
-                    self._outputs = payload.load_result(self._result_blob)
+                    data = self._result_blob
+                self._check_signature(data)
+                self._outputs = payload.load_result(data)
                 # from the worker's end of the job to usable values in the kernel
                 self.timings["transfer"] += time.time() - decode_started
                 self._result_blob = None
         return self._outputs if self.kind == "cell" else self._outputs["return"]
+
+    def _check_signature(self, data: Any) -> None:
+        signer = self._client.signer
+        if signer.enabled and not signer.verify({"job_id": self.id, "digest": digest(data), "sig": self._result_sig}):
+            raise SignatureError(
+                f"the result of job {self.id} is not signed with this kernel's CELERY_NB_SECRET, or was altered "
+                f"on the way; it was not unpickled. Check that kernel and workers share the same secret.")
 
     # -- what a person reads ------------------------------------------------------------
     @property

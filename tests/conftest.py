@@ -57,11 +57,14 @@ def redis_url() -> str:
 
 def start_worker(broker_url: str, queue: str, name: str, env: dict[str, str] | None = None,
                  concurrency: int = 4, node_name: str | None = None) -> subprocess.Popen:
-    """A real `celery-nb worker` process, returned once it answers a ping."""
+    """A real `celery-nb worker` process, returned once it answers a ping. Its default node name
+    carries this process's pid: a worker removes the containers of earlier workers of its name,
+    so two test runs on one Docker host must not share names."""
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
     log = open(ROOT / f".pytest_cache/worker-{name}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", broker_url, "-Q", queue,
-         "-c", str(concurrency), "-n", node_name or f"{name}@%h"],
+         "-c", str(concurrency), "-n", node_name or f"{name}@%h.{os.getpid()}"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT)
     probe = Client(broker_url)
     deadline = time.monotonic() + 60
@@ -86,7 +89,6 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def celery_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[subprocess.Popen]:
-    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
     proc = start_worker(redis_url, "celery_nb", "main")
     yield proc
     stop_worker(proc)

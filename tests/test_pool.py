@@ -122,3 +122,12 @@ def test_containers_of_a_killed_kernel_are_removed_by_the_next_one(docker_client
     kernel.wait()
     Client(None).shutdown()  # the next kernel's embedded worker starts
     assert not docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_OWNER}={owner}"})
+
+
+def test_a_big_payload_reaches_a_warm_container(client: Client) -> None:
+    memory = "112m"
+    client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory).result(timeout=60)
+    time.sleep(0.3)  # back in the pool
+    job = client.submit_cell("n = len(blob)\n", {"blob": b"z" * (3 << 20)}, image=IMAGE, memory=memory)
+    assert job.result(timeout=60) == {"n": 3 << 20}
+    assert job.container == "warm"

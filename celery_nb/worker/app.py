@@ -9,6 +9,7 @@ from celery.signals import celeryd_after_setup, task_revoked, worker_shutdown
 from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.blobs import BlobStore
 from celery_nb.jobstore import JobStore
+from celery_nb.signing import Signer
 from celery_nb.worker.containers import ContainerPool, PoolSettings, connect
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb.worker.tasks import WorkerServices, report_revoked, run_job
@@ -18,7 +19,7 @@ EMBEDDED_BROKER = "memory://"
 
 
 def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: WorkerPolicy | None = None,
-             worker_name: str | None = None) -> Celery:
+             worker_name: str | None = None, signer: Signer | None = None) -> Celery:
     """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker).
 
     ``worker_name`` is what jobs report as their worker (default: the Celery node name).
@@ -43,7 +44,7 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
         # the memory transport polls; its 1 s default would add up to a second per job
         app.conf.broker_transport_options = {"polling_interval": 0.005}  # ~1% of a core while idle
     pool = ContainerPool(worker_name or "", PoolSettings.from_env())
-    services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool)
+    services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool, signer or Signer())
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store

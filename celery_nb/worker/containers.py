@@ -146,6 +146,7 @@ class RuntimeContainer:
     _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
 
     def send(self, request: bytes) -> None:
+        self.sock.settimeout(None)  # a big request blocks until the server has read it
         if len(request) < 65536:  # one write: one wake-up of the container's reader
             self.sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)) + request)
         else:
@@ -184,6 +185,8 @@ class RuntimeContainer:
             return True  # open, nothing to read: a server waiting for its next job
         except OSError:
             return False
+        finally:
+            self.sock.settimeout(None)
 
     def read_spooled(self, path: str) -> bytearray:
         """Read and delete a result the job spooled to a file in the container."""
@@ -275,6 +278,9 @@ class PoolSettings:
                    max_jobs=int(env.get("CELERY_NB_POOL_MAX_JOBS", cls.max_jobs)))
 
 
+_RETURN_WAIT = 0.25  # s a job waits for a container whose previous job is just ending
+
+
 def pool_key(image: str, limits: ContainerLimits) -> str:
     """What makes two containers interchangeable (the timeout is per job, not per container)."""
     return f"{image}|{limits.memory}|{limits.nano_cpus}|{limits.pids}|{limits.network}|{limits.read_only}|{limits.user}"
@@ -291,21 +297,42 @@ class ContainerPool:
         self.worker = worker
         self.settings = settings
         self._idle: dict[str, list[RuntimeContainer]] = {}
-        self._lock = threading.Lock()
+        self._returning: dict[str, int] = {}  # containers whose job is reported done, process still exiting
+        self._lock = threading.Condition()
         self._stopped = threading.Event()
         self._reaper: threading.Thread | None = None
 
     def checkout(self, key: str) -> RuntimeContainer | None:
-        """A live idle container for ``key``, most recently used first, or None."""
+        """A live idle container for ``key``, most recently used first, or None. A container
+        whose last job was just reported done is worth a short wait: a kernel that runs cells
+        one after the other must not get a cold start because it was quick."""
         while True:
             with self._lock:
                 idle = self._idle.get(key, [])
+                if not idle and self._returning.get(key):
+                    self._lock.wait_for(lambda: idle or not self._returning.get(key), timeout=_RETURN_WAIT)
                 runtime = idle.pop() if idle else None
             if runtime is None or runtime.alive():
                 return runtime
             runtime.remove()  # it died while idle (killed, OOM, daemon restart)
 
-    def checkin(self, runtime: RuntimeContainer) -> None:
+    def returning(self, runtime: RuntimeContainer) -> None:
+        """``runtime``'s job was reported done; it comes back (checkin) or goes (discard) soon."""
+        with self._lock:
+            self._returning[runtime.pool_key] = self._returning.get(runtime.pool_key, 0) + 1
+
+    def _returned(self, runtime: RuntimeContainer, was_returning: bool) -> None:
+        if was_returning:
+            self._returning[runtime.pool_key] -= 1
+        self._lock.notify_all()
+
+    def discard(self, runtime: RuntimeContainer, was_returning: bool = False) -> None:
+        """Remove a container that must not be reused."""
+        with self._lock:
+            self._returned(runtime, was_returning)
+        runtime.remove()
+
+    def checkin(self, runtime: RuntimeContainer, was_returning: bool = False) -> None:
         """Keep a healthy container for later jobs, or remove it if the pool has no room."""
         runtime.jobs_run += 1
         runtime.last_used = time.monotonic()
@@ -316,6 +343,7 @@ class ContainerPool:
             if keep:
                 idle.append(runtime)
                 self._start_reaper()
+            self._returned(runtime, was_returning)
         if not keep:
             runtime.remove()
 

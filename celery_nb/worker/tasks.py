@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
 from celery_nb.config import format_memory
-from celery_nb.errors import CeleryNBError, error_kind
+from celery_nb.errors import CeleryNBError, SignatureError, error_kind
+from celery_nb.signing import Signer, digest
 from celery_nb.jobstore import JobStore
 from celery_nb.worker import containers
 from celery_nb.worker.policy import WorkerPolicy
@@ -34,6 +35,7 @@ class WorkerServices:
     blobs: BlobStore
     policy: WorkerPolicy
     pool: containers.ContainerPool
+    signer: Signer
 
 
 class JobRun:
@@ -44,6 +46,7 @@ class JobRun:
         self.blobs = services.blobs
         self.policy = services.policy
         self.pool = services.pool
+        self.signer = services.signer
         self.request = request
         self.job_id: str = request["job_id"]
         self.worker = worker
@@ -51,6 +54,7 @@ class JobRun:
         self._starting: dict[str, Any] | None = {"type": "status", "status": "starting", "worker": worker,
                                                  "t": self.timings["received"]}
         self._result: Any = None  # the result bundle (bytes-like)
+        self._returning = False  # announced to the pool as coming back
         self._error: dict[str, Any] | None = None
         self._decoders = {protocol.FRAME_STDOUT: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
                           protocol.FRAME_STDERR: ("stderr", codecs.getincrementaldecoder("utf-8")("replace"))}
@@ -67,6 +71,12 @@ class JobRun:
             self.store.append_many(self.job_id, events)
 
     def run(self) -> str:
+        if not self.signer.verify(self.request):
+            self._error = {"kind": "signature", "message": (
+                f"worker {self.worker} refused job {self.job_id}: its request is not signed with the worker's "
+                f"CELERY_NB_SECRET, or was altered on the way; nothing ran. Set the same CELERY_NB_SECRET for "
+                f"the kernel and the workers.")}
+            return self._finish("failed")
         # A job cancelled while queued was revoked (see report_revoked); the flag also covers a
         # worker that missed the broadcast, but costs a round trip to Redis: checked in-process only
         if self.store.local and self.store.cancel_requested(self.job_id):
@@ -108,9 +118,9 @@ class JobRun:
                 self.blobs.delete(self.request["payload_ref"])
             if runtime is not None:
                 if reusable and not fresh:
-                    self.pool.checkin(runtime)
+                    self.pool.checkin(runtime, was_returning=self._returning)
                 else:
-                    runtime.remove()
+                    self.pool.discard(runtime, was_returning=self._returning)
 
     def _supervise(self, runtime: containers.RuntimeContainer, timeout: float | None) -> tuple[str, bool]:
         """Relay frames until the job ends; returns (status, container reusable).
@@ -133,6 +143,9 @@ class JobRun:
                 self._relay(runtime, kind, body)
                 if status is None and (self._result is not None or self._error is not None):
                     self.timings["exited"] = time.time()
+                    if not self.request.get("fresh"):
+                        self.pool.returning(runtime)  # a job arriving meanwhile waits for it
+                        self._returning = True
                     status = self._finish("succeeded" if self._result is not None else "failed")
                     deadline = time.monotonic() + _END_GRACE
             if end is not None:
@@ -180,8 +193,13 @@ class JobRun:
 
     def _request_for(self, runtime: containers.RuntimeContainer) -> bytes:
         """The REQUEST frame body: env, where to spool a big result, and the job's payload."""
-        payload = (self.blobs.get(self.request["payload_ref"]) if "payload_ref" in self.request
-                   else base64.b64decode(self.request["payload"]))
+        if "payload_ref" in self.request:
+            payload = self.blobs.get(self.request["payload_ref"])
+            if self.signer.enabled and digest(payload) != self.request.get("payload_digest"):
+                raise SignatureError(f"the payload of job {self.job_id} in the blob store does not match its "
+                                     f"signed request: it was altered; nothing ran")
+        else:
+            payload = base64.b64decode(self.request["payload"])
         spool = containers.SPOOL_DIR if runtime.spool_root else None
         return b"".join(protocol.pack_bundle({"env": self.request.get("env", {}), "spool": spool}, [payload]))
 
@@ -208,6 +226,8 @@ class JobRun:
         self.timings["finished"] = time.time()
         done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings}
         result = self._result if status == "succeeded" else None
+        if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
+            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})["sig"]
         if result is not None and memoryview(result).nbytes > BLOB_THRESHOLD:
             done["result_ref"] = self.blobs.put([result])  # collected (and deleted) by the kernel
             result = None
