@@ -17,14 +17,15 @@ from celery_nb.client import Client, RemoteFunction, default_client, remote, sub
 from celery_nb.config import CeleryNB, use_settings
 from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError, ImageNotFoundError,
                               InputError, JobCancelled, JobTimeoutError, OutOfMemoryError, OutputError,
-                              PolicyError, PythonVersionError, RemoteError, SignatureError)
+                              PolicyError, PythonVersionError, RemoteError, SignatureError, UnknownJobError)
 from celery_nb.job import Job
 from celery_nb_runtime import progress
 
 __all__ = [
     "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "ImageNotFoundError", "InputError",
     "Job", "JobCancelled", "JobTimeoutError", "OutOfMemoryError", "OutputError", "PolicyError",
-    "PythonVersionError", "RemoteError", "RemoteFunction", "SignatureError", "default_client", "progress", "remote", "submit",
+    "PythonVersionError", "RemoteError", "RemoteFunction", "SignatureError", "UnknownJobError", "default_client", "progress", "remote",
+    "submit",
 ]
 
 

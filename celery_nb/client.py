@@ -24,10 +24,11 @@ from celery.worker import WorkController
 from celery_nb import analysis, payload
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, RedisBlobStore
 from celery_nb.config import parse_memory, settings
-from celery_nb.errors import BrokerUnavailableError, InputError
+from celery_nb import journal
+from celery_nb.errors import BrokerUnavailableError, InputError, UnknownJobError
 from celery_nb.job import Job, JobFollower
 from celery_nb.signing import Signer, digest
-from celery_nb.jobstore import JobStore, MemoryJobStore, RedisJobStore
+from celery_nb.jobstore import DEFAULT_TTL, START, JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, make_app
 from celery_nb.worker.containers import connect
 from celery_nb_runtime import map_chunk
@@ -35,6 +36,8 @@ from celery_nb_runtime import map_chunk
 
 # unique per kernel: leftovers of one kernel are not another's
 EMBEDDED_WORKER = f"embedded-{os.getpid()}@{socket.gethostname()}"
+_embedded_owner: Client | None = None  # the client whose embedded worker runs in this process
+_embedded_lock = threading.Lock()
 
 
 def _limits(memory: str | int | None, cpus: float | None, timeout: float | None,
@@ -69,6 +72,14 @@ class Client:
         return self.broker_url is None
 
     def _start_embedded_worker(self, concurrency: int) -> None:
+        global _embedded_owner
+        with _embedded_lock:
+            if _embedded_owner is not None:
+                # Celery keeps a worker's task registry in process-wide state: a second worker
+                # would run the first one's jobs with its own job store
+                raise RuntimeError("this process already runs an embedded celery_nb worker (another Client(None)); "
+                                   "use celery_nb.default_client(), or shut the other client down first")
+            _embedded_owner = self
         # Celery's pool threads look tasks up in the current/default app, not the worker's
         # (as celery.contrib.testing.worker does).
         self.app.set_current()
@@ -90,10 +101,13 @@ class Client:
 
     def shutdown(self) -> None:
         """Stop the embedded worker and remove its idle containers."""
+        global _embedded_owner
         if self._embedded is not None:
             self._embedded.stop(in_sighandler=False, exitcode=0)
             self._embedded = None
             self.app.celery_nb_pool.shutdown()
+            with _embedded_lock:
+                _embedded_owner = None
 
     # -- submitting ---------------------------------------------------------------------
     def submit_cell(self, source: str, namespace: Mapping[str, Any], *, image: str | None = None,
@@ -160,7 +174,49 @@ class Client:
                 f"cannot reach the broker at {self.broker_url}: {exc}. Start Redis there, or unset "
                 f"CELERY_NB_BROKER_URL to run jobs on the embedded worker in this kernel.") from None
         self.jobs.append(job)
+        if not self.embedded:  # a restarted kernel finds it again (embedded jobs end with their kernel)
+            journal.record(journal.JournalEntry(job.id, journal.public_url(self.broker_url), kind, image, queue,
+                                                label, job.submitted_at, os.getpid()))
         return job
+
+    def attach(self, job_id: str) -> Job:
+        """See ``Job.attach``."""
+        mine = [job for job in self.jobs if job.id.startswith(job_id)]
+        if len(mine) == 1:
+            return mine[0]
+        if not self.embedded:
+            job_id = journal.resolve(self.broker_url, job_id)
+        events, cursor = self.store.read(job_id, START, timeout=0)
+        if not events:
+            where = ("the embedded worker of this kernel (its jobs end with the kernel)" if self.embedded
+                     else f"the broker {journal.public_url(self.broker_url)}")
+            raise UnknownJobError(f"no job {job_id!r} is known to {where}; job events are kept "
+                                  f"{DEFAULT_TTL // 3600} h. `%celery_jobs` lists the jobs it knows.")
+        queued = events[0]  # the kernel's first event says what the job is
+        job = Job(self, job_id, queued["kind"], queued["image"], queued["queue"], queued["label"])
+        job.submitted_at = queued["t"]
+        for event in events:  # its history so far: logs, progress, status
+            job._apply(event)
+        if job.finished:
+            job.finished_at = job.timings.get("finished", job.finished_at)  # not when it was replayed
+            job._complete()
+        else:
+            self._follower.follow(job, cursor).ring()
+        self.jobs.append(job)
+        return job
+
+    def known_jobs(self, limit: int = 20) -> list[Job]:
+        """This client's jobs and, from the journal, the last ``limit`` jobs that earlier
+        kernels sent to the same broker (followed again), oldest first."""
+        jobs = {job.id: job for job in self.jobs}
+        if not self.embedded:
+            earlier = [e for e in journal.entries(self.broker_url) if e.job_id not in jobs][-limit:]
+            for entry in earlier:
+                try:
+                    jobs[entry.job_id] = self.attach(entry.job_id)
+                except UnknownJobError:
+                    continue  # its events expired
+        return sorted(jobs.values(), key=lambda job: job.submitted_at)
 
     def remote(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
         """Like ``celery_nb.remote`` but submitting through this client."""

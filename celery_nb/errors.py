@@ -20,6 +20,13 @@ class BrokerUnavailableError(CeleryNBError):
     """The kernel cannot reach the Celery broker; nothing was submitted."""
 
 
+class UnknownJobError(CeleryNBError, KeyError):
+    """No job with that id is known to the job store (wrong broker, or its events expired)."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0])
+
+
 class SignatureError(CeleryNBError):
     """A request or result is unsigned or altered (CELERY_NB_SECRET); nothing was run or unpickled."""
 

@@ -60,7 +60,9 @@ class Job:
             if kind == "status":
                 self.status = event["status"]
                 self.worker = event.get("worker", self.worker)
-                if self.status == "running":
+                if self.status == "starting":
+                    self.timings["received"] = event["t"]
+                elif self.status == "running":
                     self.timings["started"] = event["t"]
                     self.container = event.get("container")
             elif kind == "log":
@@ -109,6 +111,15 @@ class Job:
                 self._done_callbacks.append(callback)
                 return
         callback(self)
+
+    @classmethod
+    def attach(cls, job_id: str, client: Client | None = None) -> Job:
+        """Follow a job again, e.g. one sent before the kernel restarted: its events replay
+        from the start (logs, progress, status) and it is followed live; ``result()`` collects
+        its outputs. ``job_id`` may be the first characters of the id, as widgets show it."""
+        from celery_nb.client import default_client
+
+        return (client or default_client()).attach(job_id)
 
     # -- future-like API --------------------------------------------------------------
     def done(self) -> bool:
@@ -178,15 +189,15 @@ class Job:
         return (self.finished_at or time.time()) - self.submitted_at
 
     def timing_breakdown(self) -> dict[str, float]:
-        """Seconds spent queued, starting the container, running, and bringing results back."""
+        """Seconds spent queued, starting the container, running, and bringing results back;
+        the phase a job is in counts up to now."""
         t = self.timings
-        parts = {}
+        now = self.finished_at or time.time()
+        parts = {"queued": t.get("received", now) - self.submitted_at}
         if "received" in t:
-            parts["queued"] = t["received"] - self.submitted_at
-        if "started" in t and "received" in t:
-            parts["start"] = t["started"] - t["received"]
-        if "started" in t and "finished" in t:
-            parts["run"] = t.get("exited", t["finished"]) - t["started"]
+            parts["start"] = t.get("started", now) - t["received"]
+        if "started" in t:
+            parts["run"] = t.get("exited", t.get("finished", now)) - t["started"]
         if "transfer" in t:
             parts["transfer"] = t["transfer"]
         return {k: max(0.0, v) for k, v in parts.items()}
@@ -230,11 +241,12 @@ class JobFollower:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def follow(self, job: Job) -> Waker:
-        """Start reading ``job``'s events. Ring the returned bell (e.g. with the job's first
-        event, in the same round trip) so that a read already waiting includes the job."""
+    def follow(self, job: Job, cursor: str = START) -> Waker:
+        """Start reading ``job``'s events after ``cursor``. Ring the returned bell (e.g. with
+        the job's first event, in the same round trip) so that a read already waiting
+        includes the job."""
         with self._lock:
-            self._jobs[job.id] = (job, START)
+            self._jobs[job.id] = (job, cursor)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery_nb-job-follower", daemon=True)
                 self._thread.start()

@@ -1,14 +1,15 @@
-"""``%%celery_docker``: a thin layer over the public API (no Celery or Docker here)."""
+"""``%%celery_docker``, ``%celery_jobs``, ``%celery_attach``: a thin layer over the public API
+(no Celery or Docker here)."""
 from __future__ import annotations
 
 from typing import Any
 
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from celery_nb.client import default_client
 from celery_nb.job import Job
-from celery_nb.widgets import JobView, wait_interactively
+from celery_nb.widgets import JobView, jobs_view, wait_interactively
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -75,14 +76,45 @@ class CeleryDockerMagics(Magics):
             first_line=2, hidden=shell.user_ns_hidden, memory=args.memory, cpus=args.cpus,
             timeout=args.timeout, queue=args.queue, env=_env(args.env), fresh=args.fresh,
             network=args.network)
-        if args.no_wait:
+        return self._show_and_collect(job, args.no_wait)
+
+    @magic_arguments()
+    @argument("--limit", type=int, default=20, help="jobs of earlier kernels to list at most (default: 20)")
+    @line_magic
+    def celery_jobs(self, line: str) -> Any:
+        """A live table of this kernel's jobs and of the jobs earlier kernels on this machine
+        sent to the same broker (e.g. before a restart): status, image, worker, time queued,
+        starting and running, progress, and a Cancel button for those still going.
+        ``%celery_attach JOB_ID`` follows one of them again and collects its outputs."""
+        args = parse_argstring(self.celery_jobs, line)
+        return jobs_view(default_client().known_jobs(limit=args.limit))
+
+    @magic_arguments()
+    @argument("job_id", help="the job's id, or its first characters as the widget shows them")
+    @argument("--no-wait", action="store_true",
+              help="return the Job at once; a cell's outputs land in the namespace when it finishes")
+    @line_magic
+    def celery_attach(self, line: str) -> Any:
+        """Follow a job again, e.g. one sent before the kernel restarted: shows its widget with
+        the logs and progress so far, waits for it, and puts a cell's variables into the
+        namespace (a function's return value is the result). Interrupting stops the waiting,
+        not the job."""
+        args = parse_argstring(self.celery_attach, line)
+        return self._show_and_collect(default_client().attach(args.job_id), args.no_wait, cancel_on_interrupt=False)
+
+    def _show_and_collect(self, job: Job, no_wait: bool, cancel_on_interrupt: bool = True) -> Any:
+        """Show the job and bring its outputs back: a cell's into the namespace, a function's
+        return value as the result."""
+        if no_wait:
             job.add_done_callback(self._inject_outputs)
             return job  # displayed as the cell's result: the live widget
         JobView(job)
-        wait_interactively(job)
-        shell.user_ns.update(job.result())
+        wait_interactively(job, cancel_on_interrupt)
+        if job.kind == "call":
+            return job.result()
+        self.shell.user_ns.update(job.result())
         return None
 
     def _inject_outputs(self, job: Job) -> None:
-        if job.status == "succeeded":
+        if job.status == "succeeded" and job.kind == "cell":
             self.shell.user_ns.update(job.result())

@@ -46,7 +46,26 @@ def log_tail(job: Job, lines: int = LOG_TAIL_LINES) -> list[tuple[str, str]]:
     return tail
 
 
-class JobWidget(w.VBox):
+class _RedrawnOnEvents:
+    """A view that redraws when its jobs' events arrive (throttled) and when they end."""
+
+    _drawn_at = 0.0
+
+    def _follow(self, jobs: list[Job]) -> None:
+        self.redraw()
+        for job in jobs:
+            job.add_listener(self._on_change)
+            job.add_done_callback(lambda _job: self.redraw())
+
+    def _on_change(self, _job: Job) -> None:
+        if time.monotonic() - self._drawn_at >= _MIN_REDRAW_INTERVAL:
+            self.redraw()
+
+    def redraw(self) -> None:
+        self._drawn_at = time.monotonic()
+
+
+class JobWidget(_RedrawnOnEvents, w.VBox):
     """Status, progress bar, live log tail, elapsed time, Cancel button, timing breakdown."""
 
     def __init__(self, job: Job) -> None:
@@ -70,18 +89,11 @@ class JobWidget(w.VBox):
             self.logs,
             self.timings,
         ], layout=w.Layout(border="1px solid #ddd", padding="4px 8px", margin="2px 0"))
-        self._drawn_at = 0.0
-        self.redraw()
-        job.add_listener(self._on_change)
-        job.add_done_callback(lambda _job: self.redraw())
-
-    def _on_change(self, job: Job) -> None:
-        if time.monotonic() - self._drawn_at >= _MIN_REDRAW_INTERVAL:
-            self.redraw()
+        self._follow([job])
 
     def redraw(self) -> None:
+        super().redraw()
         job = self.job
-        self._drawn_at = time.monotonic()
         colour = _STATUS_COLOURS.get(job.status, "#6c757d")
         self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
                              f'border-radius:4px;padding:1px 8px;font-weight:bold">{job.status}</span>')
@@ -120,6 +132,74 @@ class JobWidget(w.VBox):
         bundle = super()._repr_mimebundle_(**kwargs)
         bundle["text/plain"] = text_summary(self.job)
         return bundle
+
+
+_TABLE_COLUMNS = ("job", "what", "image", "status", "worker", "queued", "start", "run", "progress", "")
+
+
+def _seconds(parts: dict[str, float], phase: str) -> str:
+    return f"{parts[phase]:.1f} s" if phase in parts else ""
+
+
+def _table_row(job: Job) -> list[str]:
+    """The text of a job's row in the jobs table (the last column is its Cancel button)."""
+    parts = job.timing_breakdown()
+    return [job.id[:12], job.label[:40], job.image, job.status, job.worker or "", _seconds(parts, "queued"),
+            _seconds(parts, "start"), _seconds(parts, "run"), job.progress_text(), ""]
+
+
+def jobs_text_table(jobs: list[Job]) -> str:
+    """The jobs table as aligned text (terminal IPython, nbconvert, GitHub)."""
+    if not jobs:
+        return "no celery_nb jobs yet"
+    rows = [list(_TABLE_COLUMNS[:-1]), *(_table_row(job)[:-1] for job in jobs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+class JobsTable(_RedrawnOnEvents, w.GridBox):
+    """``%celery_jobs``: a live row per job (status, image, worker, queue/start/run times,
+    progress) with a Cancel button for those still going."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        header = [w.HTML(f"<b>{name}</b>") for name in _TABLE_COLUMNS]
+        self._rows: list[tuple[list[w.HTML], w.Button]] = []
+        cells: list[w.Widget] = list(header)
+        for job in jobs:
+            texts = [w.HTML() for _ in _TABLE_COLUMNS[:-1]]
+            button = w.Button(description="Cancel", icon="stop", button_style="warning",
+                              tooltip=f"Stop job {job.id} and mark it cancelled", layout=w.Layout(width="auto"))
+            button.on_click(lambda _b, job=job: job.cancel())
+            self._rows.append((texts, button))
+            cells += [*texts, button]
+        super().__init__(cells, layout=w.Layout(grid_template_columns=f"repeat({len(_TABLE_COLUMNS)}, auto)",
+                                                grid_gap="2px 12px", align_items="center"))
+        self._follow(jobs)
+
+    def redraw(self) -> None:
+        super().redraw()
+        for job, (texts, button) in zip(self.jobs, self._rows):
+            row = _table_row(job)
+            for cell, text in zip(texts, row):
+                cell.value = html.escape(text)
+            texts[0].value = f'<code title="{job.id}">{row[0]}</code>'
+            colour = _STATUS_COLOURS.get(job.status, "#6c757d")
+            texts[3].value = f'<span class="celery-nb-status" style="color:{colour};font-weight:bold">{job.status}</span>'
+            button.layout.display = "none" if job.finished else None
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = jobs_text_table(self.jobs)
+        return bundle
+
+
+def jobs_view(jobs: list[Job]) -> Any:
+    """What ``%celery_jobs`` returns: the live table in a kernel, text elsewhere."""
+    if in_kernel():
+        return JobsTable(jobs)
+    print(jobs_text_table(jobs))
+    return None
 
 
 def text_summary(job: Job) -> str:
@@ -168,11 +248,12 @@ class JobView:
             TextProgress(job)
 
 
-def wait_interactively(job: Job) -> None:
+def wait_interactively(job: Job, cancel_on_interrupt: bool = True) -> None:
     """Block until the job is final while widget events (the Cancel button) keep working.
 
     A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
-    worker to confirm, and re-raises KeyboardInterrupt.
+    worker to confirm, and re-raises KeyboardInterrupt (without ``cancel_on_interrupt``,
+    it only stops the waiting).
     """
     try:
         if in_kernel():
@@ -184,6 +265,7 @@ def wait_interactively(job: Job) -> None:
         else:
             job.wait()
     except KeyboardInterrupt:
-        job.cancel()
-        job.wait(5)
+        if cancel_on_interrupt:
+            job.cancel()
+            job.wait(5)
         raise

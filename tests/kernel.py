@@ -37,6 +37,13 @@ class Execution:
                     values.append(state["value"])
         return values
 
+    def job_id(self) -> str:
+        """The id of the job whose widget this execution showed."""
+        for value in self.html_values():
+            if "<code title=" in value:
+                return value.split('<code title="')[1].split('"')[0]
+        raise AssertionError("no job id shown in the widget")
+
     def html_values(self) -> list[str]:
         """Every value any HTML widget was given, in order."""
         ids = {c["comm_id"] for c in self.comm_opens("HTMLModel")}

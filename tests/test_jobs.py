@@ -179,3 +179,8 @@ def test_the_embedded_worker_leaves_other_celery_apps_usable(embedded_client: Cl
     from celery.result import assert_will_not_block
 
     assert_will_not_block()  # a kernel that also uses Celery itself can still wait on results
+
+
+def test_a_process_runs_one_embedded_worker(embedded_client: Client) -> None:
+    with pytest.raises(RuntimeError, match="already runs an embedded celery_nb worker"):
+        Client(None)

@@ -11,7 +11,7 @@ import docker
 import pytest
 
 from tests.conftest import IMAGE, ROOT, assert_container_removed
-from tests.kernel import Execution, Kernel
+from tests.kernel import Kernel
 
 LONG_CELL = "%%celery_docker\nimport time\nfor k in range(600):\n    print('tick', k, flush=True)\n    time.sleep(0.1)\n"
 
@@ -27,13 +27,6 @@ def kernel(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -
     k.mode = request.param
     yield k
     k.shutdown()
-
-
-def _job_id(execution: Execution) -> str:
-    for value in execution.html_values():
-        if "<code title=" in value:
-            return value.split('<code title="')[1].split('"')[0]
-    raise AssertionError("no job id shown in the widget")
 
 
 def test_cell_runs_and_brings_variables_back(kernel: Kernel) -> None:
@@ -79,7 +72,7 @@ def test_cancel_button_stops_a_blocking_cell(kernel: Kernel, docker_client: dock
     assert time.monotonic() - clicked < 2.5
     assert ex.error()["ename"] == "JobCancelled"
     assert "cancelled" in [v for v in ex.html_values() if "celery-nb-status" in v][-1]
-    assert_container_removed(docker_client, _job_id(ex))
+    assert_container_removed(docker_client, ex.job_id())
 
 
 def test_kernel_interrupt_cancels_the_job(kernel: Kernel, docker_client: docker.DockerClient) -> None:
@@ -91,7 +84,7 @@ def test_kernel_interrupt_cancels_the_job(kernel: Kernel, docker_client: docker.
     assert time.monotonic() - interrupted < 2.5
     assert ex.error()["ename"] == "KeyboardInterrupt"
     assert "cancelled" in [v for v in ex.html_values() if "celery-nb-status" in v][-1]
-    assert_container_removed(docker_client, _job_id(ex))
+    assert_container_removed(docker_client, ex.job_id())
 
 
 def test_no_wait_returns_a_job_and_outputs_land_later(kernel: Kernel) -> None:

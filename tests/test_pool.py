@@ -120,7 +120,9 @@ def test_containers_of_a_killed_kernel_are_removed_by_the_next_one(docker_client
     assert len(idle) == 1  # its warm container
     kernel.send_signal(signal.SIGKILL)  # no chance to clean up
     kernel.wait()
-    Client(None).shutdown()  # the next kernel's embedded worker starts
+    # the next kernel's embedded worker starts (in a process of its own, as kernels are)
+    subprocess.run([sys.executable, "-c", "from celery_nb import Client\nClient(None).shutdown()"], check=True,
+                   timeout=60)
     assert not docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_OWNER}={owner}"})
 
 

@@ -278,7 +278,7 @@ class PoolSettings:
                    max_jobs=int(env.get("CELERY_NB_POOL_MAX_JOBS", cls.max_jobs)))
 
 
-_RETURN_WAIT = 0.25  # s a job waits for a container whose previous job is just ending
+_RETURN_WAIT = 2.0  # s a job may wait for a container whose previous job is just ending (a cold start costs more)
 
 
 def pool_key(image: str, limits: ContainerLimits) -> str:
@@ -308,7 +308,7 @@ class ContainerPool:
         one after the other must not get a cold start because it was quick."""
         while True:
             with self._lock:
-                idle = self._idle.get(key, [])
+                idle = self._idle.setdefault(key, [])  # the list checkin appends to
                 if not idle and self._returning.get(key):
                     self._lock.wait_for(lambda: idle or not self._returning.get(key), timeout=_RETURN_WAIT)
                 runtime = idle.pop() if idle else None
