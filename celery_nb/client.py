@@ -153,7 +153,11 @@ class Client:
             wake = self._follower.follow(job)
             self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
                                        "kind": kind, "label": label, "t": job.submitted_at}, wake=wake)
-            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue)
+            # Flower and the worker's log show the job by its label (shadow) and its image and limits
+            # (argsrepr), not as celery_nb.run_job with the payload
+            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue,
+                               shadow=f"{kind}: {label[:80]}",
+                               argsrepr=repr({"image": image, **{k: v for k, v in limits.items() if v is not None}}))
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
             self._follower.forget(job)
             raise BrokerUnavailableError(
