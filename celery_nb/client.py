@@ -134,7 +134,10 @@ class Client:
         or ``"device=0,1"`` (refused by a worker whose policy has no GPUs).
         """
         data = payload.call_payload(fn, args, kwargs or {})
-        label = f"{getattr(fn, '__qualname__', 'function')}()"
+        if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
+            label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
+        else:
+            label = f"{_function_name(fn)}()"
         return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout, network, gpus), label, fresh)
 
     def _send(self, kind: str, data: bytes, image: str | None, queue: str | None,
@@ -183,6 +186,10 @@ class Client:
 
 
 _DEFAULT_MAP_JOBS = 32
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", "function")
 
 
 class RemoteFunction:

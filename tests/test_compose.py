@@ -25,11 +25,9 @@ from celery_nb.worker.containers import LABEL_WORKER
 from tests import quickstart as checks
 from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, _unavailable
 
-# Stand-ins for python:3.12-slim and redis:7 (no registry here), and the tag the stack's image is
-# built under (not the users' celery-nb).
+# Stand-ins for python:3.12-slim and redis:7 (no registry here).
 STACK_IMAGES = {"BASE_IMAGE": os.environ.get("CELERY_NB_TEST_STACK_BASE_IMAGE", "local/py311-pip"),
-                "REDIS_IMAGE": os.environ.get("CELERY_NB_TEST_REDIS_IMAGE", "local/redis"),
-                "CELERY_NB_IMAGE": "local/celery-nb"}
+                "REDIS_IMAGE": os.environ.get("CELERY_NB_TEST_REDIS_IMAGE", "local/redis")}
 SERVICES = {"redis", "worker", "jupyterlab", "flower"}
 PROJECT_LABEL = "com.docker.compose.project"
 
@@ -101,7 +99,10 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
     if missing:
         _unavailable(f"stack images missing: {', '.join(missing)} (built by scripts/setup.sh)")
     project = f"celery-nb-test-{os.getpid()}"
-    env = {**os.environ, **STACK_IMAGES,
+    # A tag of this run's own: a concurrent run from other sources cannot swap the image under it.
+    # Built from the layers images/build.sh cached as local/celery-nb.
+    image = f"local/celery-nb:{project}"
+    env = {**os.environ, **STACK_IMAGES, "CELERY_NB_IMAGE": image,
            "REDIS_PORT": str(_free_port()), "JUPYTER_PORT": str(_free_port()), "FLOWER_PORT": str(_free_port()),
            "REDIS_PASSWORD": secrets.token_hex(8), "JUPYTER_TOKEN": secrets.token_hex(8),
            "FLOWER_PASSWORD": secrets.token_hex(8)}
@@ -115,6 +116,7 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
         yield stack
     finally:
         stack.check("down", "-v", "--remove-orphans", "--timeout", "30")
+        docker_client.images.remove(image)  # the tag; the layers stay cached
     assert not stack.containers(), "compose down left containers of the stack"
     # the workers removed their warm job containers when they stopped
     leftovers = [c.name for w in workers for c in docker_client.containers.list(
@@ -153,17 +155,19 @@ def test_the_quickstart_runs_in_jupyterlab_on_the_compose_workers(quickstart: di
 
 def test_flower_lists_the_jobs_by_name(quickstart: dict, stack: Stack) -> None:
     user, password = "celery-nb", stack.env["FLOWER_PASSWORD"]
+    # kind and label: a cell's first line, a function's name, a map chunk's function and size
+    expected = {"cell: import os, sys, time", "cell: import numpy as np", "call: describe()", "call: square()",
+                "call: square() over 1 item"}
     deadline = time.monotonic() + 30  # Flower hears of the last jobs through events, a moment later
     while True:
         status, body = _get(stack.url("flower", "/api/tasks"), user, password)
         assert status == 200, body
         tasks = json.loads(body).values()
         names = {t["name"] for t in tasks}
-        if {"cell: import os, sys, time", "call: describe()", "call: square()"} <= names or time.monotonic() > deadline:
+        if expected <= names or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert {"cell: import os, sys, time", "cell: import numpy as np", "call: describe()", "call: square()"} <= names
-    assert "celery_nb.run_job" not in names
+    assert expected <= names and "celery_nb.run_job" not in names, names
     assert {t["worker"] for t in tasks} == stack.workers()  # both replicas took jobs
     numpy_cell = next(t for t in tasks if "local/py311-numpy" in t["args"])
     assert numpy_cell["args"] == f"{{'image': '{NUMPY_IMAGE}'}}"  # the image and limits, not the payload
@@ -182,7 +186,7 @@ def test_a_big_result_comes_back_from_a_worker_in_a_container(stack: Stack) -> N
 
 def test_the_stack_is_locked(stack: Stack) -> None:
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=int(stack.env["REDIS_PORT"])).ping()
+        redis.Redis(port=int(stack.env["REDIS_PORT"]), retry=None).ping()  # no retries with backoff
     assert redis.Redis.from_url(stack.broker_url()).ping()
     assert _get(stack.url("jupyter", "/api/contents"))[0] == 403
     assert _get(stack.url("jupyter", f"/api/contents?token={stack.env['JUPYTER_TOKEN']}"))[0] == 200
