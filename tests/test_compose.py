@@ -193,3 +193,14 @@ def test_the_stack_is_locked(stack: Stack) -> None:
     published = [binding for c in stack.containers() for bindings in c.ports.values() if bindings
                  for binding in bindings]
     assert len(published) == 3 and {b["HostIp"] for b in published} == {"127.0.0.1"}
+
+
+def test_services_are_scaled_checked_and_restarted(stack: Stack) -> None:
+    containers = {c.name: c for c in stack.containers()}
+    assert len(stack.workers()) == 2  # --scale worker=2
+    for name, container in containers.items():
+        assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped", name
+        assert container.attrs["Config"]["Healthcheck"]["Test"], name
+    sockets = {c.labels["com.docker.compose.service"] for c in containers.values()
+               if any(m["Source"] == "/var/run/docker.sock" for m in c.attrs["Mounts"])}
+    assert sockets == {"worker"}  # only the workers hold the host's Docker
