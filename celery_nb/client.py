@@ -23,8 +23,8 @@ from celery.worker import WorkController
 
 from celery_nb import analysis, payload
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, RedisBlobStore
-from celery_nb.config import parse_memory, settings
 from celery_nb import journal
+from celery_nb.config import parse_gpus, parse_memory, settings
 from celery_nb.errors import BrokerUnavailableError, InputError, UnknownJobError
 from celery_nb.job import Job, JobFollower
 from celery_nb.signing import Signer, digest
@@ -41,13 +41,13 @@ _embedded_lock = threading.Lock()
 
 
 def _limits(memory: str | int | None, cpus: float | None, timeout: float | None,
-            network: str | None) -> dict[str, Any]:
+            network: str | None, gpus: str | int | None) -> dict[str, Any]:
     if cpus is not None and cpus <= 0:
         raise ValueError(f"--cpus must be positive, got {cpus}")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {timeout}")
     return {"memory": parse_memory(memory) if memory is not None else None, "cpus": cpus, "timeout": timeout,
-            "network": network}
+            "network": network, "gpus": parse_gpus(gpus) if gpus is not None else None}
 
 
 class Client:
@@ -114,7 +114,8 @@ class Client:
                     inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
                     first_line: int = 1, hidden: Collection[str] = (), memory: str | int | None = None,
                     cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-                    env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None) -> Job:
+                    env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None,
+                    gpus: str | int | None = None) -> Job:
         """Run cell ``source`` in a container; inputs come from ``namespace``.
 
         ``inputs``/``outputs`` override the automatic detection. Raises SyntaxError and
@@ -132,20 +133,26 @@ class Client:
                                     outputs if outputs is not None else names.assigns,
                                     outputs_explicit=outputs is not None)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
-        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout, network), label, fresh)
+        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout, network, gpus), label, fresh)
 
     def submit(self, fn: Callable[..., Any], *args: Any, image: str | None = None,
                kwargs: Mapping[str, Any] | None = None, memory: str | int | None = None,
                cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-               env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None) -> Job:
+               env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None,
+               gpus: str | int | None = None) -> Job:
         """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor version).
 
         ``fresh=True``: a brand-new container rather than a warm one from the worker's pool.
         ``network="none"``: no network in the container (the worker's policy says what is allowed).
+        ``gpus``: GPUs for the container, as ``docker run --gpus`` takes them: ``"all"``, a count
+        or ``"device=0,1"`` (refused by a worker whose policy has no GPUs).
         """
         data = payload.call_payload(fn, args, kwargs or {})
-        label = f"{getattr(fn, '__qualname__', 'function')}()"
-        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout, network), label, fresh)
+        if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
+            label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
+        else:
+            label = f"{_function_name(fn)}()"
+        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout, network, gpus), label, fresh)
 
     def _send(self, kind: str, data: bytes, image: str | None, queue: str | None,
               env: Mapping[str, str] | None, limits: dict[str, Any], label: str, fresh: bool) -> Job:
@@ -167,7 +174,11 @@ class Client:
             wake = self._follower.follow(job)
             self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
                                        "kind": kind, "label": label, "t": job.submitted_at}, wake=wake)
-            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue)
+            # Flower and the worker's log show the job by its label (shadow) and its image and limits
+            # (argsrepr), not as celery_nb.run_job with the payload
+            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue,
+                               shadow=f"{kind}: {label[:80]}",
+                               argsrepr=repr({"image": image, **{k: v for k, v in limits.items() if v is not None}}))
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
             self._follower.forget(job)
             raise BrokerUnavailableError(
@@ -233,6 +244,10 @@ class Client:
 _DEFAULT_MAP_JOBS = 32
 
 
+def _function_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", "function")
+
+
 class RemoteFunction:
     """A function that runs in a container: call it, ``.submit()`` it, or ``.map()`` it."""
 
@@ -288,18 +303,19 @@ def default_client() -> Client:
 def submit(fn: Callable[..., Any], *args: Any, image: str | None = None, kwargs: Mapping[str, Any] | None = None,
            memory: str | int | None = None, cpus: float | None = None, timeout: float | None = None,
            queue: str | None = None, env: Mapping[str, str] | None = None, fresh: bool = False,
-           network: str | None = None) -> Job:
+           network: str | None = None, gpus: str | int | None = None) -> Job:
     """Run ``fn(*args, **kwargs)`` in a container of ``image``; returns a Job at once."""
     return default_client().submit(fn, *args, image=image, kwargs=kwargs, memory=memory, cpus=cpus,
-                                   timeout=timeout, queue=queue, env=env, fresh=fresh, network=network)
+                                   timeout=timeout, queue=queue, env=env, fresh=fresh, network=network, gpus=gpus)
 
 
 def remote(fn: Callable[..., Any] | None = None, *, image: str | None = None, memory: str | int | None = None,
            cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-           env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None) -> Any:
+           env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None,
+           gpus: str | int | None = None) -> Any:
     """Decorator: ``@remote(image="python:3.11-slim")`` makes calls run in containers."""
     options = {"image": image, "memory": memory, "cpus": cpus, "timeout": timeout, "queue": queue, "env": env,
-               "fresh": fresh, "network": network}
+               "fresh": fresh, "network": network, "gpus": gpus}
     return _remote_decorator(fn, options, None)
 
 

@@ -33,6 +33,24 @@ def parse_memory(value: str | int, what: str = "--memory") -> int:
     return int(float(number) * _UNITS[unit.lower()])
 
 
+_GPUS = re.compile(r"^(all|[1-9]\d*|device=\d+(?:,\d+)*)$")
+
+
+def parse_gpus(value: str | int) -> str:
+    """GPUs a job asks for, as ``docker run --gpus`` takes them: 'all', a count, 'device=0,1'."""
+    spec = str(value).strip().strip('"').lower()
+    if not _GPUS.match(spec):
+        raise ValueError(f"--gpus {value!r} is not a GPU request: use all, a count (e.g. 2) or device=0,1")
+    return spec
+
+
+def gpu_count(spec: str) -> int | None:
+    """How many GPUs a parse_gpus spec asks for (None: all the host has)."""
+    if spec == "all":
+        return None
+    return len(spec[len("device="):].split(",")) if spec.startswith("device=") else int(spec)
+
+
 def format_memory(size: int) -> str:
     for unit in ("t", "g", "m", "k"):
         if size >= _UNITS[unit] and size % _UNITS[unit] == 0:

@@ -45,10 +45,15 @@ class CeleryDockerMagics(Magics):
     @argument("--timeout", "-t", type=float, metavar="SECONDS", help="kill the container after this long")
     @argument("--memory", "-m", metavar="SIZE", help="memory limit, e.g. 512m or 2g (default: the worker's)")
     @argument("--cpus", type=float, help="CPU limit, e.g. 1.5")
-    @argument("--queue", "-q", help="Celery queue, to pick a group of workers (default: CeleryNB.default_queue)")
+    @argument("--queue", "-q", help="Celery queue, to pick a group of workers, e.g. gpu for workers started "
+                                    "with `celery-nb worker -Q gpu` (default: CeleryNB.default_queue)")
     @argument("--env", "-e", action="append", metavar="K=V", help="environment variable in the container; repeatable")
     @argument("--network", choices=["bridge", "none"],
               help="the container's network: none cuts it off (the worker's policy may require none)")
+    @argument("--gpus", metavar="GPUS",
+              help="GPUs for the container, as `docker run --gpus` takes them: all, a count (2) or "
+                   "device=0,1; only a worker whose policy allows GPUs (CELERY_NB_GPUS) runs such a job: "
+                   "send it to their queue with --queue")
     @argument("--fresh", action="store_true",
               help="run in a brand-new container instead of a warm one from the worker's pool")
     @argument("--no-wait", action="store_true",
@@ -75,7 +80,7 @@ class CeleryDockerMagics(Magics):
             cell, shell.user_ns, image=args.image, inputs=_names(args.inputs), outputs=_names(args.outputs),
             first_line=2, hidden=shell.user_ns_hidden, memory=args.memory, cpus=args.cpus,
             timeout=args.timeout, queue=args.queue, env=_env(args.env), fresh=args.fresh,
-            network=args.network)
+            network=args.network, gpus=args.gpus)
         return self._show_and_collect(job, args.no_wait)
 
     @magic_arguments()

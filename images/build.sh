@@ -6,9 +6,16 @@
 #   local/py311-numpy  local/py311 + Debian's python3-numpy and python3-tqdm (numpy.Dockerfile)
 #   local/py-other     Debian bullseye minbase + python3 (3.9): another minor version than 3.11 and
 #                      the oldest Python the runtime supports; trixie (3.13) if bullseye fails
+# and for compose.yaml's stack (tests/test_compose.py):
+#   local/py311-pip    local/py311 + python3-venv and the host's CA bundle for pip (python-pip.Dockerfile),
+#                      the stand-in for python:3.12-slim
+#   local/redis        local/py311 + Debian's redis-server (redis.Dockerfile), the stand-in for redis:7
+#   local/celery-nb    ../Dockerfile on local/py311-pip: celery_nb, JupyterLab, Flower (the test rebuilds
+#                      it through compose from Docker's layer cache, so only changed sources cost time)
 # Environment:
 #   DEBIAN_MIRROR    mirror for debootstrap (default: the Debian mirror apt uses on this machine)
 #   PY_OTHER_SUITES  suites tried in order for local/py-other (default: "bullseye trixie")
+#   CA_BUNDLE        CA certificates pip trusts in local/py311-pip (default: /etc/ssl/certs/ca-certificates.crt)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,6 +53,15 @@ debian_mirror() {
 
 have() { docker image inspect "$1" > /dev/null 2>&1; }
 
+# build TAG DOCKERFILE CONTEXT [docker build options]: quiet unless it fails (newer docker clients
+# also warn that the legacy builder is deprecated).
+build() {
+  local tag=$1 dockerfile=$2 context=$3 out
+  shift 3
+  echo "building $tag (docker build)"
+  out=$(docker build -q -t "$tag" -f "$dockerfile" "$@" "$context" 2>&1) || { echo "$out" >&2; exit 1; }
+}
+
 # debootstrap_image TAG SUITE...: minbase + python3 from the first SUITE that builds.
 debootstrap_image() {
   local tag=$1 suite root
@@ -82,11 +98,17 @@ if ! { have local/py311 && have local/py311-numpy && have local/py-other; }; the
     debootstrap_image local/py311 bookworm
   fi
   if ! have local/py311-numpy; then
-    echo "building local/py311-numpy (docker build)"
-    # Output only on failure (newer docker clients also warn that the legacy builder is deprecated).
-    out=$(docker build -q -t local/py311-numpy --build-arg BASE_IMAGE=local/py311 -f numpy.Dockerfile . 2>&1) \
-      || { echo "$out" >&2; exit 1; }
+    build local/py311-numpy numpy.Dockerfile . --build-arg BASE_IMAGE=local/py311
   fi
   [ -z "$other_pid" ] || wait "$other_pid"
 fi
-echo "images ready: local/py311 local/py311-numpy local/py-other"
+
+if ! have local/py311-pip; then
+  context=$(mktemp -d)
+  cp "${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}" "$context/ca-bundle.crt"
+  build local/py311-pip python-pip.Dockerfile "$context"
+  rm -rf "$context"
+fi
+have local/redis || build local/redis redis.Dockerfile .
+have local/celery-nb || build local/celery-nb ../Dockerfile .. --build-arg BASE_IMAGE=local/py311-pip
+echo "images ready: local/py311 local/py311-numpy local/py-other local/py311-pip local/redis local/celery-nb"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a Debian machine (as root) for celery_nb and its tests: Docker, Redis, the local
-# images, a venv. Idempotent: when everything is there, a rerun takes seconds.
+# Prepare a Debian machine (as root) for celery_nb and its tests: Docker (and Compose), Redis,
+# the local images, a venv. Idempotent: when everything is there, a rerun takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +8,8 @@ missing=()
 command -v dockerd > /dev/null && command -v docker > /dev/null || missing+=(docker.io)
 command -v redis-server > /dev/null && command -v redis-cli > /dev/null || missing+=(redis-server)
 command -v debootstrap > /dev/null || missing+=(debootstrap)
+# compose.yaml's test: Debian's docker-compose 1.29 unless the Compose v2 plugin is there.
+command -v docker-compose > /dev/null || docker compose version > /dev/null 2>&1 || missing+=(docker-compose)
 # Debian's python3 needs python3-venv to create a venv (a pyenv Python has it built in).
 [ -x .venv/bin/python ] || python3 -c 'import ensurepip' 2> /dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -215,6 +215,15 @@ class RuntimeContainer:
             pass
 
 
+def device_requests(gpus: str | None) -> list[docker.types.DeviceRequest] | None:
+    """Docker's device request for a config.parse_gpus spec (what `docker run --gpus` sends)."""
+    if not gpus:
+        return None
+    if gpus.startswith("device="):
+        return [docker.types.DeviceRequest(device_ids=gpus[len("device="):].split(","), capabilities=[["gpu"]])]
+    return [docker.types.DeviceRequest(count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]])]
+
+
 def start_container(client: docker.DockerClient, image: str, limits: ContainerLimits,
                     labels: dict[str, str], pool_key: str) -> RuntimeContainer:
     try:
@@ -237,6 +246,7 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
             read_only=limits.read_only,
             tmpfs={"/tmp": ""} if limits.read_only else None,
             user=limits.user,
+            device_requests=device_requests(limits.gpus),
             detach=True,
         )
     except docker.errors.APIError as exc:
@@ -250,6 +260,10 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
     except docker.errors.APIError as exc:
         runtime.remove()
         explanation = str(exc.explanation or exc)
+        if limits.gpus and "device driver" in explanation:
+            raise ContainerError(f"--gpus {limits.gpus}: the worker host's Docker cannot give GPUs to containers "
+                                 f"({explanation}); install the NVIDIA Container Toolkit there, or send the job "
+                                 f"to a GPU worker's queue with --queue") from None
         if "executable file not found" in explanation or "no such file" in explanation.lower():
             raise ContainerError(f"image {image!r} has no python3 on its PATH; celery_nb needs an image with "
                                  f"Python 3.9 or newer") from None
@@ -283,7 +297,8 @@ _RETURN_WAIT = 2.0  # s a job may wait for a container whose previous job is jus
 
 def pool_key(image: str, limits: ContainerLimits) -> str:
     """What makes two containers interchangeable (the timeout is per job, not per container)."""
-    return f"{image}|{limits.memory}|{limits.nano_cpus}|{limits.pids}|{limits.network}|{limits.read_only}|{limits.user}"
+    return (f"{image}|{limits.memory}|{limits.nano_cpus}|{limits.pids}|{limits.network}|{limits.read_only}"
+            f"|{limits.user}|{limits.gpus}")
 
 
 class ContainerPool:

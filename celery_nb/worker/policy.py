@@ -14,9 +14,12 @@ a client may ask for limits, the worker's policy decides.
 |                              | is the default                            |             |
 | CELERY_NB_READ_ONLY          | 1: read-only root filesystem, tmpfs /tmp  | 0           |
 | CELERY_NB_USER               | run jobs as this user (e.g. 65534:65534)  | the image's |
+| CELERY_NB_GPUS               | GPUs a job may ask for (--gpus): all or a | none        |
+|                              | count; unset or 0 refuses every request   |             |
 
-Whatever the request, containers never run privileged, get no host mounts and no devices,
-drop all capabilities and set no-new-privileges (see containers.start_container).
+Whatever the request, containers never run privileged, get no host mounts and no devices but
+the GPUs the policy allows, drop all capabilities and set no-new-privileges (see
+containers.start_container).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from celery_nb.config import format_memory, parse_memory
+from celery_nb.config import format_memory, gpu_count, parse_gpus, parse_memory
 from celery_nb.errors import PolicyError
 
 
@@ -38,6 +41,7 @@ class ContainerLimits:
     network: str = "bridge"
     read_only: bool = False
     user: str | None = None
+    gpus: str | None = None  # a config.parse_gpus spec: docker's device request
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class WorkerPolicy:
     networks: tuple[str, ...] = ("bridge", "none")
     read_only: bool = False
     user: str | None = None
+    max_gpus: int | None = 0  # None: any request, even --gpus all
 
     @classmethod
     def from_env(cls) -> WorkerPolicy:
@@ -71,6 +76,7 @@ class WorkerPolicy:
             networks=tuple(n.strip() for n in env.get("CELERY_NB_NETWORKS", "bridge,none").split(",") if n.strip()),
             read_only=env.get("CELERY_NB_READ_ONLY", "0") not in ("", "0", "false", "no"),
             user=env.get("CELERY_NB_USER") or None,
+            max_gpus=_max_gpus(env.get("CELERY_NB_GPUS", "")),
         )
 
     def limits_for(self, image: str, requested: dict[str, Any]) -> ContainerLimits:
@@ -91,6 +97,31 @@ class WorkerPolicy:
         network = requested.get("network") or self.networks[0]
         if network not in self.networks:
             raise PolicyError(f"--network {network} is not allowed on this worker (allowed: {', '.join(self.networks)})")
+        gpus = self._check_gpus(requested["gpus"]) if requested.get("gpus") else None
         return ContainerLimits(memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None,
                                pids=self.pids_limit, timeout=timeout, network=network,
-                               read_only=self.read_only, user=self.user)
+                               read_only=self.read_only, user=self.user, gpus=gpus)
+
+    def _check_gpus(self, requested: str) -> str:
+        try:
+            gpus = parse_gpus(requested)
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
+        if self.max_gpus == 0:
+            raise PolicyError(f"--gpus {gpus}: this worker allows no GPUs (CELERY_NB_GPUS is unset or 0); "
+                              f"send the job to a GPU worker's queue with --queue")
+        wanted = gpu_count(gpus)
+        if self.max_gpus is not None and (wanted is None or wanted > self.max_gpus):
+            raise PolicyError(f"--gpus {gpus} exceeds this worker's maximum of {self.max_gpus} "
+                              f"(CELERY_NB_GPUS={self.max_gpus}); ask for at most {self.max_gpus}")
+        return gpus
+
+
+def _max_gpus(value: str) -> int | None:
+    """CELERY_NB_GPUS: 'all' (None), a count, or unset/0 (no GPUs)."""
+    value = value.strip().lower() or "0"
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"CELERY_NB_GPUS={value!r}: use all, a number of GPUs, or 0 for none")
+    return int(value)
