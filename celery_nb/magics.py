@@ -8,7 +8,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from celery_nb.client import default_client
 from celery_nb.job import Job
-from celery_nb.widgets import JobView, wait_interactively
+from celery_nb.widgets import JobView
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -78,8 +78,7 @@ class CeleryDockerMagics(Magics):
         if args.no_wait:
             job.add_done_callback(self._inject_outputs)
             return job  # displayed as the cell's result: the live widget
-        JobView(job)
-        wait_interactively(job)
+        JobView(job).wait()
         shell.user_ns.update(job.result())
         return None
 

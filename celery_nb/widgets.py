@@ -47,10 +47,12 @@ def log_tail(job: Job, lines: int = LOG_TAIL_LINES) -> list[tuple[str, str]]:
 
 
 class JobWidget(w.VBox):
-    """Status, progress bar, live log tail, elapsed time, Cancel button, timing breakdown."""
+    """Status, progress bar, live log tail, elapsed time, Cancel button, timing breakdown, and
+    (``show_displays``) what the job displays: figures, HTML."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, show_displays: bool = True) -> None:
         self.job = job
+        self.displays = w.Output() if show_displays else None
         self.status = w.HTML()
         self.title = w.HTML(layout=w.Layout(flex="1 1 auto"))
         self.elapsed = w.HTML()
@@ -68,6 +70,7 @@ class JobWidget(w.VBox):
                    layout=w.Layout(align_items="center", justify_content="space-between")),
             self.bar_row,
             self.logs,
+            *([self.displays] if self.displays is not None else []),
             self.timings,
         ], layout=w.Layout(border="1px solid #ddd", padding="4px 8px", margin="2px 0"))
         self._drawn_at = 0.0
@@ -110,6 +113,10 @@ class JobWidget(w.VBox):
             + "".join(f'<span style="color:#b02a37">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
                       for s, t in lines)
             + "</pre></div>") if lines else ""
+        if self.displays is not None:
+            shown = len(self.displays.outputs)
+            self.displays.outputs += tuple({"output_type": "display_data", **bundle}
+                                           for bundle in job.displays[shown:])
         if job.finished:
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
             error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
@@ -134,32 +141,38 @@ def job_mimebundle(job: Job) -> dict[str, Any]:
 
 
 class TextProgress:
-    """The terminal view: status changes and log output printed as they arrive."""
+    """The terminal view: status changes, log output and displays (as text) printed as they arrive."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self._status = None
-        self._printed_chunks = 0
+        self._printed = 0
         job.add_listener(self.update)
         job.add_done_callback(self.update)
 
     def update(self, job: Job) -> None:
-        chunks = job.log_chunks()
-        for stream, text in chunks[self._printed_chunks:]:
-            (sys.stderr if stream == "stderr" else sys.stdout).write(text)
-        self._printed_chunks = len(chunks)
+        items = job.output_items()
+        for kind, item in items[self._printed:]:
+            if kind == "display":
+                print(item["data"].get("text/plain", ""), flush=True)
+            else:
+                (sys.stderr if kind == "stderr" else sys.stdout).write(item)
+        self._printed = len(items)
         if job.status != self._status:
             self._status = job.status
             print(f"[celery_nb] {job.summary()}", file=sys.stderr, flush=True)
 
 
 class JobView:
-    """The job's display in a cell: a live widget in a kernel, printed text elsewhere."""
+    """A blocking cell's display: the live widget, with what the job displays (figures, HTML)
+    shown as the cell's own outputs below it - so a saved notebook shows them where widgets
+    are not rendered (nbconvert, GitHub) - or printed text outside a kernel."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
+        self._displayed = 0
         if in_kernel():
-            self.widget: JobWidget | None = JobWidget(job)
+            self.widget: JobWidget | None = JobWidget(job, show_displays=False)
             self._handle = display(self.widget, display_id=True)
             # once final, refresh the text/plain that nbconvert and GitHub show
             job.add_done_callback(lambda _job: self._handle.update(self.widget))
@@ -167,23 +180,30 @@ class JobView:
             self.widget = None
             TextProgress(job)
 
+    def _show_new_displays(self) -> None:
+        for bundle in self.job.displays[self._displayed:]:
+            display(bundle["data"], metadata=bundle["metadata"], raw=True)
+            self._displayed += 1
 
-def wait_interactively(job: Job) -> None:
-    """Block until the job is final while widget events (the Cancel button) keep working.
+    def wait(self) -> None:
+        """Block until the job is final while widget events (the Cancel button) keep working
+        and its displays appear.
 
-    A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
-    worker to confirm, and re-raises KeyboardInterrupt.
-    """
-    try:
-        if in_kernel():
-            from jupyter_ui_poll import ui_events
+        A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
+        worker to confirm, and re-raises KeyboardInterrupt.
+        """
+        try:
+            if self.widget is not None:
+                from jupyter_ui_poll import ui_events
 
-            with ui_events() as ui_poll:
-                while not job.wait(0.05):
-                    ui_poll(10)
-        else:
-            job.wait()
-    except KeyboardInterrupt:
-        job.cancel()
-        job.wait(5)
-        raise
+                with ui_events() as ui_poll:
+                    while not self.job.wait(0.05):
+                        ui_poll(10)
+                        self._show_new_displays()
+                self._show_new_displays()
+            else:
+                self.job.wait()
+        except KeyboardInterrupt:
+            self.job.cancel()
+            self.job.wait(5)
+            raise

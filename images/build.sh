@@ -4,6 +4,7 @@
 # already exists is kept as it is, so reruns take a second.
 #   local/py311        Debian bookworm minbase + python3, nothing else ("any image with python3 works")
 #   local/py311-numpy  local/py311 + Debian's python3-numpy and python3-tqdm (numpy.Dockerfile)
+#   local/py311-science  local/py311-numpy + Debian's pandas and matplotlib (science.Dockerfile)
 #   local/py-other     Debian bullseye minbase + python3 (3.9): another minor version than 3.11 and
 #                      the oldest Python the runtime supports; trixie (3.13) if bullseye fails
 # Environment:
@@ -68,7 +69,7 @@ debootstrap_image() {
   return 1
 }
 
-if ! { have local/py311 && have local/py311-numpy && have local/py-other; }; then
+if ! { have local/py311 && have local/py311-numpy && have local/py311-science && have local/py-other; }; then
   MIRROR=${DEBIAN_MIRROR:-$(debian_mirror)}
 
   # The two debootstraps are mostly download and unpack waits: run local/py-other alongside.
@@ -87,6 +88,11 @@ if ! { have local/py311 && have local/py311-numpy && have local/py-other; }; the
     out=$(docker build -q -t local/py311-numpy --build-arg BASE_IMAGE=local/py311 -f numpy.Dockerfile . 2>&1) \
       || { echo "$out" >&2; exit 1; }
   fi
+  if ! have local/py311-science; then
+    echo "building local/py311-science (docker build)"
+    out=$(docker build -q -t local/py311-science --build-arg BASE_IMAGE=local/py311-numpy -f science.Dockerfile . 2>&1) \
+      || { echo "$out" >&2; exit 1; }
+  fi
   [ -z "$other_pid" ] || wait "$other_pid"
 fi
-echo "images ready: local/py311 local/py311-numpy local/py-other"
+echo "images ready: local/py311 local/py311-numpy local/py311-science local/py-other"

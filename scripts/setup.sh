@@ -8,6 +8,8 @@ missing=()
 command -v dockerd > /dev/null && command -v docker > /dev/null || missing+=(docker.io)
 command -v redis-server > /dev/null && command -v redis-cli > /dev/null || missing+=(redis-server)
 command -v debootstrap > /dev/null || missing+=(debootstrap)
+# The browser test drives JupyterLab in Debian's chromium (Playwright's own browser download is not used).
+command -v chromium > /dev/null || missing+=(chromium)
 # Debian's python3 needs python3-venv to create a venv (a pyenv Python has it built in).
 [ -x .venv/bin/python ] || python3 -c 'import ensurepip' 2> /dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -2,6 +2,7 @@
 the widget, the Cancel button, kernel interrupts, the namespace, help, and the terminal view."""
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from tests.conftest import IMAGE, ROOT, assert_container_removed
+from tests.conftest import IMAGE, ROOT, SCIENCE_IMAGE, assert_container_removed
 from tests.kernel import Execution, Kernel
 
 LONG_CELL = "%%celery_docker\nimport time\nfor k in range(600):\n    print('tick', k, flush=True)\n    time.sleep(0.1)\n"
@@ -105,6 +106,33 @@ def test_no_wait_returns_a_job_and_outputs_land_later(kernel: Kernel) -> None:
     assert out.stream_text() == "landed\n"
 
 
+RICH_CELL = f"""%%celery_docker --image {SCIENCE_IMAGE}
+import matplotlib.pyplot as plt
+
+class Table:
+    def _repr_html_(self):
+        return "<table><tr><td>made in the container</td></tr></table>"
+
+print("before the table")
+display(Table())
+plt.plot([1, 2, 3], [1, 4, 9])
+points = 3
+"""
+
+
+def test_rich_output_from_the_container_appears_in_the_cell(kernel: Kernel) -> None:
+    ex = kernel.run(RICH_CELL)
+    assert ex.error() is None
+    shown = [m["content"]["data"] for m in ex.messages if m["msg_type"] == "display_data"]
+    widget, table, figure = shown  # the widget first, then the displays in the order the cell made them
+    assert "application/vnd.jupyter.widget-view+json" in widget
+    assert table["text/html"] == "<table><tr><td>made in the container</td></tr></table>"
+    assert "Table object" in table["text/plain"]
+    assert base64.b64decode(figure["image/png"]).startswith(b"\x89PNG") and "Figure" in figure["text/plain"]
+    assert any("before the table" in v for v in ex.html_values())  # logs stay in the widget
+    assert kernel.run("print(points)").stream_text() == "3\n"
+
+
 def test_magic_help(kernel: Kernel) -> None:
     reply = kernel.run("%%celery_docker?\n").reply
     help_text = str(reply["content"]["payload"])
@@ -113,9 +141,10 @@ def test_magic_help(kernel: Kernel) -> None:
 
 
 def test_terminal_ipython_shows_readable_text(docker_client: docker.DockerClient) -> None:
-    cell = f"%%celery_docker --image {IMAGE}\nprint('inside', x)\ny = x + 1\n"
+    cell = f"%%celery_docker --image {IMAGE}\nprint('inside', x)\ndisplay({{'shown': 'as text'}})\ny = x + 1\n"
     code = f"%load_ext celery_nb\nx = 20\nget_ipython().run_cell({cell!r})\nprint('y is', y)\n"
     out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", code],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "inside 20" in out.stdout and "y is 21" in out.stdout, out.stdout + out.stderr
+    assert "{'shown': 'as text'}" in out.stdout
     assert "succeeded" in out.stderr and "HBox" not in out.stdout + out.stderr
