@@ -1,7 +1,8 @@
-"""notebooks/quickstart.ipynb executed headless in a real kernel (embedded default), as the
-README's first command does; asserts on the saved outputs and widget states."""
+"""The notebooks in notebooks/ executed headless in a real kernel (embedded default), as the
+README's first command does for the quickstart; asserts on the saved outputs and widget states."""
 from __future__ import annotations
 
+import base64
 import os
 
 import docker
@@ -9,13 +10,20 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT
+from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, SCIENCE_IMAGE
+
+# the images each notebook reads from its environment (their defaults need Docker Hub)
+NOTEBOOK_IMAGES = {
+    "quickstart": {"QUICKSTART_IMAGE": IMAGE, "QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE, "QUICKSTART_FUNCTION_IMAGE": IMAGE},
+    "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
+    "fan_out": {"FAN_OUT_IMAGE": IMAGE},
+}
 
 
-@pytest.fixture(scope="module")
-def quickstart(docker_client: docker.DockerClient) -> dict:
-    nb = nbformat.read(ROOT / "notebooks/quickstart.ipynb", as_version=4)
-    env = {"QUICKSTART_IMAGE": IMAGE, "QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE, "QUICKSTART_FUNCTION_IMAGE": IMAGE}
+def execute_notebook(name: str) -> dict:
+    """Run notebooks/<name>.ipynb on the embedded default; its code cells by id, and its metadata."""
+    nb = nbformat.read(ROOT / f"notebooks/{name}.ipynb", as_version=4)
+    env = NOTEBOOK_IMAGES[name]
     saved = {k: os.environ.get(k) for k in (*env, "CELERY_NB_BROKER_URL")}
     os.environ.update(env)
     os.environ.pop("CELERY_NB_BROKER_URL", None)  # the embedded default
@@ -31,8 +39,27 @@ def quickstart(docker_client: docker.DockerClient) -> dict:
     return {"cells": {c.id: c for c in nb.cells if c.cell_type == "code"}, "metadata": nb.metadata}
 
 
+@pytest.fixture(scope="module")
+def quickstart(docker_client: docker.DockerClient) -> dict:
+    return execute_notebook("quickstart")
+
+
+@pytest.fixture(scope="module")
+def data_science(docker_client: docker.DockerClient) -> dict:
+    return execute_notebook("data_science")
+
+
+@pytest.fixture(scope="module")
+def fan_out(docker_client: docker.DockerClient) -> dict:
+    return execute_notebook("fan_out")
+
+
 def _text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def _displayed(cell, mime: str) -> list:
+    return [o.data[mime] for o in cell.outputs if o.output_type == "display_data" and mime in o.data]
 
 
 def _error(cell) -> tuple[str, str]:
@@ -77,3 +104,39 @@ def test_widget_states_are_saved(quickstart: dict) -> None:
         assert any(f">{status}<" in v for v in html), status
     assert any("output of a subprocess is captured too" in v for v in html)
     assert 5 in values and 50 in values  # the progress bars of progress() and tqdm ended full
+
+
+def test_data_science_runs_pandas_in_the_container_and_plots_in_the_kernel(data_science: dict) -> None:
+    cells = data_science["cells"]
+    simulate = cells["simulate"]
+    assert not [o for o in simulate.outputs if o.output_type == "error"]
+    assert "35,136 readings simulated with pandas" in _displayed(simulate, "text/plain")[0]  # the job's text view
+    table, = _displayed(simulate, "text/html")  # the DataFrame display()ed in the container, as HTML
+    assert "<table" in table and "north" in table and "south" in table
+    figure, = _displayed(simulate, "image/png")  # the pyplot figure drawn in the container
+    assert base64.b64decode(figure).startswith(b"\x89PNG")
+    kernel_plot, = _displayed(cells["plot"], "image/png")  # plotted by the kernel's matplotlib
+    assert base64.b64decode(kernel_plot).startswith(b"\x89PNG")
+    assert _text(cells["warmest"]).startswith("warmest station: south, ")
+
+
+def _collatz_steps(n: int) -> int:
+    steps = 0
+    while n != 1:
+        n, steps = (n // 2 if n % 2 == 0 else 3 * n + 1), steps + 1
+    return steps
+
+
+def test_fan_out_maps_in_chunks_with_results_in_order(fan_out: dict) -> None:
+    cells = fan_out["cells"]
+    steps = [_collatz_steps(n) for n in range(1, 10_001)]
+    longest = steps.index(max(steps)) + 1
+    assert _text(cells["map"]) == (f"10000 results; the longest chain below 10,001 starts at {longest}: "
+                                   f"{max(steps)} steps\n")
+    widgets = [o for o in cells["chunks"].outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widgets) == 4  # one live widget per chunk job
+    maxima = [max(_collatz_steps(n) for n in range(start, start + 50_000)) for start in range(1, 200_001, 50_000)]
+    assert _text(cells["chunks-result"]) == (f"longest chain per chunk: {maxima}\n"
+                                             f"items per chunk: [50000, 50000, 50000, 50000]\n")
+    mean = sum(_collatz_steps(n) for n in range(1, 1_001)) / 1000
+    assert _text(cells["imap"]) == f"mean chain length for 1..1000: {mean:.2f}\n"
