@@ -91,8 +91,8 @@ class JobWidget(w.VBox):
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
         if job.container:
             worker += f" ({job.container} container)"
-        self.title.value = (f'&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
-                            f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}')
+        self.title.value = (f'<span class="celery-nb-title">&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
+                            f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}</span>')
         self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
         if job.finished:
             self.cancel_button.layout.display = "none"
