@@ -116,7 +116,7 @@ def page(jupyter_lab: tuple[str, str]) -> Iterator[object]:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_page(viewport={"width": 1280, "height": 1200})
         yield page
         browser.close()
 
@@ -182,14 +182,15 @@ class Notebook:
         self.run_until(cell_id)
         return self.wait(cell_id, timeout)
 
-    def screenshot(self, name: str, first: str, last: str | None = None) -> None:
-        """A screenshot of cells ``first`` to ``last`` (default: just ``first``) with their outputs."""
-        self.cell(first).scroll_into_view_if_needed()
-        top = self.cell(first).bounding_box()
-        bottom = self.cell(last or first).bounding_box()
+    def screenshot(self, name: str, first: str, last: str | None = None, outputs_only: bool = False) -> None:
+        """A screenshot of cells ``first`` to ``last`` (default: just ``first``), or of their outputs."""
+        part = ".jp-Cell-outputWrapper" if outputs_only else ".jp-Cell-inputWrapper"
+        top = self.cell(first).locator(part)
+        top.scroll_into_view_if_needed()
+        box, bottom = top.bounding_box(), self.cell(last or first).bounding_box()
         self.page.screenshot(path=SCREENSHOTS / name, clip={
-            "x": top["x"], "y": top["y"], "width": top["width"],
-            "height": min(bottom["y"] + bottom["height"], self.page.viewport_size["height"]) - top["y"]})
+            "x": box["x"], "y": box["y"], "width": bottom["width"],
+            "height": min(bottom["y"] + bottom["height"], self.page.viewport_size["height"]) - box["y"]})
 
 
 def test_quickstart_as_a_person_sees_it(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
@@ -263,7 +264,7 @@ def test_rich_output_from_the_container(page, jupyter_lab: tuple[str, str]) -> N
     assert state["status"] == "succeeded" and "readings simulated with pandas" in state["logs"]
     assert simulate.locator(".jp-OutputArea table.dataframe").count() == 1  # display(DataFrame) in the container
     assert simulate.locator(".jp-OutputArea img[src^='data:image/png']").count() == 1  # its pyplot figure
-    nb.screenshot("data-science-1-container-output.png", "simulate")
+    nb.screenshot("data-science-1-container-output.png", "simulate", outputs_only=True)
     nb.run("warmest")
     assert nb.cell("plot").locator(".jp-OutputArea img[src^='data:image/png']").count() == 1
     assert nb.state("warmest")["output"].startswith("warmest station: south")
