@@ -224,10 +224,11 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id[:12]} {self.kind} image={self.image!r} status={self.status}>"
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        from celery_nb.widgets import job_mimebundle
+    def _ipython_display_(self) -> None:
+        """In a notebook: the live widget, whose saved text is brought up to date when the job ends."""
+        from celery_nb.widgets import JobView
 
-        return job_mimebundle(self)
+        JobView(self, blocking=False)
 
     def _repr_html_(self) -> str:
         return f"<code>{html.escape(self.summary())}</code>"

@@ -134,12 +134,6 @@ def text_summary(job: Job) -> str:
     return job.summary() + (("\n" + tail.rstrip("\n")) if tail else "")
 
 
-def job_mimebundle(job: Job) -> dict[str, Any]:
-    if in_kernel():
-        return JobWidget(job)._repr_mimebundle_()
-    return {"text/plain": text_summary(job)}
-
-
 class TextProgress:
     """The terminal view: status changes, log output and displays (as text) printed as they arrive."""
 
@@ -164,21 +158,27 @@ class TextProgress:
 
 
 class JobView:
-    """A blocking cell's display: the live widget, with what the job displays (figures, HTML)
-    shown as the cell's own outputs below it - so a saved notebook shows them where widgets
-    are not rendered (nbconvert, GitHub) - or printed text outside a kernel."""
+    """A job's display: the live widget in a kernel, printed text elsewhere.
 
-    def __init__(self, job: Job) -> None:
+    ``blocking``: the cell waits for the job (``wait()``); what the job displays (figures, HTML)
+    then becomes the cell's own outputs below the widget - so a saved notebook shows them where
+    widgets are not rendered (nbconvert, GitHub) - and the terminal prints the job as it runs.
+    Otherwise the widget shows them, and the terminal prints the job's state once.
+    """
+
+    def __init__(self, job: Job, blocking: bool = True) -> None:
         self.job = job
         self._displayed = 0
+        self.widget: JobWidget | None = None
         if in_kernel():
-            self.widget: JobWidget | None = JobWidget(job, show_displays=False)
+            self.widget = JobWidget(job, show_displays=not blocking)
             self._handle = display(self.widget, display_id=True)
             # once final, refresh the text/plain that nbconvert and GitHub show
             job.add_done_callback(lambda _job: self._handle.update(self.widget))
-        else:
-            self.widget = None
+        elif blocking:
             TextProgress(job)
+        else:
+            print(text_summary(job))
 
     def _show_new_displays(self) -> None:
         for bundle in self.job.displays[self._displayed:]:

@@ -98,12 +98,16 @@ def test_kernel_interrupt_cancels_the_job(kernel: Kernel, docker_client: docker.
 def test_no_wait_returns_a_job_and_outputs_land_later(kernel: Kernel) -> None:
     ex = kernel.run("%%celery_docker --no-wait\nimport time\ntime.sleep(1)\nlater = 'landed'\n")
     assert ex.error() is None
-    result = [m for m in ex.messages if m["msg_type"] == "execute_result"]
-    assert "application/vnd.jupyter.widget-view+json" in result[0]["content"]["data"]
+    shown, = [m["content"] for m in ex.messages if m["msg_type"] == "display_data"]  # the Job, as the cell's result
+    assert "application/vnd.jupyter.widget-view+json" in shown["data"]
+    assert shown["data"]["text/plain"].startswith("celery_nb job") and "HBox" not in shown["data"]["text/plain"]
     assert kernel.run("print('later' in globals())").stream_text() == "False\n"
-    out = kernel.run("import time\nfor _ in range(200):\n    if 'later' in globals(): break\n    time.sleep(0.1)\n"
-                     "print(later)")
+    out = kernel.run("import time\njob = _\njob.wait(20)\nprint(later)")
     assert out.stream_text() == "landed\n"
+    # when the job ended, the text that nbconvert and GitHub show was brought up to date
+    updates = [m["content"] for m in out.messages if m["msg_type"] == "update_display_data"]
+    assert [u["transient"]["display_id"] for u in updates] == [shown["transient"]["display_id"]]
+    assert "succeeded" in updates[0]["data"]["text/plain"]
 
 
 RICH_CELL = f"""%%celery_docker --image {SCIENCE_IMAGE}

@@ -94,6 +94,8 @@ def test_saved_outputs_are_readable_without_widgets(quickstart: dict) -> None:
     plain = [o.data["text/plain"] for o in first.outputs if o.output_type == "display_data"]
     assert plain and "succeeded" in plain[-1] and "work: 5/5" in plain[-1] and "hello from 3.11" in plain[-1]
     assert "HBox(" not in plain[-1]
+    no_wait, = [o.data["text/plain"] for o in quickstart["cells"]["no-wait"].outputs]
+    assert "succeeded" in no_wait  # updated when the job ended, after its cell
 
 
 def test_widget_states_are_saved(quickstart: dict) -> None:
@@ -134,7 +136,8 @@ def test_fan_out_maps_in_chunks_with_results_in_order(fan_out: dict) -> None:
     assert _text(cells["map"]) == (f"10000 results; the longest chain below 10,001 starts at {longest}: "
                                    f"{max(steps)} steps\n")
     widgets = [o for o in cells["chunks"].outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert len(widgets) == 4  # one live widget per chunk job
+    assert len(widgets) == 4  # one live widget per chunk job, whose saved text tells how it ended
+    assert all("succeeded" in w.data["text/plain"] and "50000/50000" in w.data["text/plain"] for w in widgets)
     maxima = [max(_collatz_steps(n) for n in range(start, start + 50_000)) for start in range(1, 200_001, 50_000)]
     assert _text(cells["chunks-result"]) == (f"longest chain per chunk: {maxima}\n"
                                              f"items per chunk: [50000, 50000, 50000, 50000]\n")
