@@ -59,8 +59,9 @@ class CeleryDockerMagics(Magics):
         The cell's inputs are the variables it reads that exist in the kernel; its outputs
         are the variables it assigns. While it runs the cell shows status, progress
         (``celery_nb_runtime.progress`` or tqdm in the container), the live output, the
-        elapsed time and a Cancel button; Ctrl-C / Interrupt also cancels it. A failed or
-        cancelled cell leaves the namespace untouched.
+        elapsed time and a Cancel button; Ctrl-C / Interrupt also cancels it. ``display(obj)``
+        in the cell and matplotlib figures show below the widget. A failed or cancelled cell
+        leaves the namespace untouched.
 
         Example::
 
