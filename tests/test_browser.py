@@ -143,7 +143,8 @@ class Notebook:
             time.sleep(0.2)
         if page.locator("#jp-left-stack").is_visible():
             page.keyboard.press("Control+b")  # more room for the notebook
-        self.cells = panel.locator(".jp-Notebook .jp-Cell")
+        self.notebook = panel.locator(".jp-Notebook")
+        self.cells = self.notebook.locator(".jp-Cell")
         self.cells.first.click()
         page.keyboard.press("Escape")  # command mode, first cell active
 
@@ -183,14 +184,14 @@ class Notebook:
         return self.wait(cell_id, timeout)
 
     def screenshot(self, name: str, first: str, last: str | None = None, outputs_only: bool = False) -> None:
-        """A screenshot of cells ``first`` to ``last`` (default: just ``first``), or of their outputs."""
-        part = ".jp-Cell-outputWrapper" if outputs_only else ".jp-Cell-inputWrapper"
-        top = self.cell(first).locator(part)
-        top.scroll_into_view_if_needed()
-        box, bottom = top.bounding_box(), self.cell(last or first).bounding_box()
+        """A screenshot of cells ``first`` to ``last`` (default: just ``first``), or of their outputs,
+        as far as the notebook's visible area goes."""
+        top = self.cell(first).locator(".jp-Cell-outputWrapper" if outputs_only else ".jp-Cell-inputWrapper")
+        top.evaluate("e => e.scrollIntoView({block: 'start'})")
+        box, bottom, area = top.bounding_box(), self.cell(last or first).bounding_box(), self.notebook.bounding_box()
         self.page.screenshot(path=SCREENSHOTS / name, clip={
             "x": box["x"], "y": box["y"], "width": bottom["width"],
-            "height": min(bottom["y"] + bottom["height"], self.page.viewport_size["height"]) - box["y"]})
+            "height": min(bottom["y"] + bottom["height"], area["y"] + area["height"]) - box["y"]})
 
 
 def test_quickstart_as_a_person_sees_it(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
@@ -269,3 +270,13 @@ def test_rich_output_from_the_container(page, jupyter_lab: tuple[str, str]) -> N
     assert nb.cell("plot").locator(".jp-OutputArea img[src^='data:image/png']").count() == 1
     assert nb.state("warmest")["output"].startswith("warmest station: south")
     nb.screenshot("data-science-2-kernel-plot.png", "plot", "warmest")
+
+
+def test_fan_out_chunks_each_show_their_progress(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
+    nb = Notebook(page, jupyter_lab, "fan_out")
+    assert nb.run("map")["output"].startswith("10000 results")
+    nb.run("chunks")
+    chunks = nb.cell("chunks")
+    assert chunks.locator(".celery-nb-status").all_text_contents() == ["succeeded"] * 4
+    assert chunks.locator(".celery-nb-progress").all_text_contents() == ["50000/50000"] * 4
+    nb.screenshot("fan-out-chunks.png", "chunks")

@@ -79,6 +79,8 @@ def test_cancel_button_stops_a_blocking_cell(kernel: Kernel, docker_client: dock
     kernel.collect(ex, timeout=10)
     assert time.monotonic() - clicked < 2.5
     assert ex.error()["ename"] == "JobCancelled"
+    # the error alone, without celery_nb's own frames
+    assert ex.error()["traceback"] == [f"JobCancelled: job {_job_id(ex)} (import time) was cancelled; nothing came back"]
     assert "cancelled" in [v for v in ex.html_values() if "celery-nb-status" in v][-1]
     assert_container_removed(docker_client, _job_id(ex))
 
