@@ -23,8 +23,7 @@ import docker
 import nbformat
 import pytest
 
-from tests.conftest import IMAGE, ROOT, _unavailable
-from tests.test_notebook import NOTEBOOK_IMAGES
+from tests.conftest import IMAGE, NOTEBOOK_IMAGES, ROOT, _unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",

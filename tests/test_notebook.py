@@ -10,14 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, SCIENCE_IMAGE
+from tests.conftest import NOTEBOOK_IMAGES, ROOT
 
-# the images each notebook reads from its environment (their defaults need Docker Hub)
-NOTEBOOK_IMAGES = {
-    "quickstart": {"QUICKSTART_IMAGE": IMAGE, "QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE, "QUICKSTART_FUNCTION_IMAGE": IMAGE},
-    "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
-    "fan_out": {"FAN_OUT_IMAGE": IMAGE},
-}
 
 
 def execute_notebook(name: str) -> dict:
