@@ -32,6 +32,7 @@ from celery_nb.jobstore import DEFAULT_TTL, START, JobStore, MemoryJobStore, Red
 from celery_nb.worker.app import TASK_NAME, make_app
 from celery_nb.worker.containers import connect
 from celery_nb_runtime import map_chunk
+from celery_nb_runtime.runner import CELL_BUILTINS
 
 
 # unique per kernel: leftovers of one kernel are not another's
@@ -123,7 +124,8 @@ class Client:
         """
         names = analysis.analyse_cell(source, first_line)
         if inputs is None:
-            inputs = analysis.select_inputs(names, namespace.keys(), hidden)
+            # a cell's display() is the container's, not the kernel's (which may be in the namespace)
+            inputs = analysis.select_inputs(names, namespace.keys(), {*hidden, *CELL_BUILTINS})
         else:
             missing = [n for n in inputs if n not in namespace]
             if missing:

@@ -7,6 +7,11 @@ from typing import Any
 class CeleryNBError(Exception):
     """Base class of every celery_nb error."""
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows the error alone: its message says what happened and what to do, while the
+        kernel-side stack (celery_nb's own frames) says nothing useful."""
+        return f"{type(self).__name__}: {self}".split("\n")
+
 
 class InputError(CeleryNBError):
     """An input could not be shipped (unpicklable, missing from the kernel); nothing was submitted."""

@@ -42,7 +42,8 @@ class Job:
         self.submitted_at = time.time()
         self.finished_at: float | None = None
         self._client = client
-        self._log_chunks: list[tuple[str, str]] = []
+        # what the job printed and displayed, in order: ("stdout"|"stderr", text) or ("display", bundle)
+        self._output: list[tuple[str, Any]] = []
         self._result_blob: bytes | None = None
         self._result_ref: dict[str, Any] | None = None  # a big result, in the client's blob store
         self._result_sig: str | None = None
@@ -66,7 +67,9 @@ class Job:
                     self.timings["started"] = event["t"]
                     self.container = event.get("container")
             elif kind == "log":
-                self._log_chunks.append((event["stream"], event["text"]))
+                self._output.append((event["stream"], event["text"]))
+            elif kind == "display":
+                self._output.append(("display", {"data": event["data"], "metadata": event.get("metadata", {})}))
             elif kind == "progress":
                 self.progress = {k: event.get(k) for k in ("n", "total", "desc")}
             elif kind == "done":
@@ -179,10 +182,20 @@ class Job:
     @property
     def logs(self) -> str:
         """Everything the job printed so far (stdout and stderr, interleaved as they came)."""
-        return "".join(text for _stream, text in self._log_chunks)
+        return "".join(text for _stream, text in self.log_chunks())
 
     def log_chunks(self) -> list[tuple[str, str]]:
-        return list(self._log_chunks)
+        return [(kind, text) for kind, text in self._output if kind != "display"]
+
+    def output_items(self) -> list[tuple[str, Any]]:
+        """Logs and displays in the order they came: ("stdout"|"stderr", text) or ("display", bundle)."""
+        return list(self._output)
+
+    @property
+    def displays(self) -> list[dict[str, Any]]:
+        """What the job displayed so far (``display()``, pyplot figures): Jupyter MIME bundles,
+        ``{"data": {mime type: value}, "metadata": {...}}``, in order."""
+        return [bundle for kind, bundle in self._output if kind == "display"]
 
     @property
     def elapsed(self) -> float:
@@ -222,10 +235,11 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id[:12]} {self.kind} image={self.image!r} status={self.status}>"
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        from celery_nb.widgets import job_mimebundle
+    def _ipython_display_(self) -> None:
+        """In a notebook: the live widget, whose saved text is brought up to date when the job ends."""
+        from celery_nb.widgets import JobView
 
-        return job_mimebundle(self)
+        JobView(self, blocking=False)
 
     def _repr_html_(self) -> str:
         return f"<code>{html.escape(self.summary())}</code>"

@@ -9,7 +9,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from celery_nb.client import default_client
 from celery_nb.job import Job
-from celery_nb.widgets import JobView, jobs_view, wait_interactively
+from celery_nb.widgets import JobView, jobs_view
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -65,8 +65,9 @@ class CeleryDockerMagics(Magics):
         The cell's inputs are the variables it reads that exist in the kernel; its outputs
         are the variables it assigns. While it runs the cell shows status, progress
         (``celery_nb_runtime.progress`` or tqdm in the container), the live output, the
-        elapsed time and a Cancel button; Ctrl-C / Interrupt also cancels it. A failed or
-        cancelled cell leaves the namespace untouched.
+        elapsed time and a Cancel button; Ctrl-C / Interrupt also cancels it. ``display(obj)``
+        in the cell and matplotlib figures show below the widget. A failed or cancelled cell
+        leaves the namespace untouched.
 
         Example::
 
@@ -113,8 +114,7 @@ class CeleryDockerMagics(Magics):
         if no_wait:
             job.add_done_callback(self._inject_outputs)
             return job  # displayed as the cell's result: the live widget
-        JobView(job)
-        wait_interactively(job, cancel_on_interrupt)
+        JobView(job).wait(cancel_on_interrupt)
         if job.kind == "call":
             return job.result()
         self.shell.user_ns.update(job.result())

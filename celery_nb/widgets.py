@@ -66,10 +66,12 @@ class _RedrawnOnEvents:
 
 
 class JobWidget(_RedrawnOnEvents, w.VBox):
-    """Status, progress bar, live log tail, elapsed time, Cancel button, timing breakdown."""
+    """Status, progress bar, live log tail, elapsed time, Cancel button, timing breakdown, and
+    (``show_displays``) what the job displays: figures, HTML."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, show_displays: bool = True) -> None:
         self.job = job
+        self.displays = w.Output() if show_displays else None
         self.status = w.HTML()
         self.title = w.HTML(layout=w.Layout(flex="1 1 auto"))
         self.elapsed = w.HTML()
@@ -87,6 +89,7 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
                    layout=w.Layout(align_items="center", justify_content="space-between")),
             self.bar_row,
             self.logs,
+            *([self.displays] if self.displays is not None else []),
             self.timings,
         ], layout=w.Layout(border="1px solid #ddd", padding="4px 8px", margin="2px 0"))
         self._follow([job])
@@ -100,8 +103,8 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
         if job.container:
             worker += f" ({job.container} container)"
-        self.title.value = (f'&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
-                            f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}')
+        self.title.value = (f'<span class="celery-nb-title">&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
+                            f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}</span>')
         self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
         if job.finished:
             self.cancel_button.layout.display = "none"
@@ -122,6 +125,10 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             + "".join(f'<span style="color:#b02a37">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
                       for s, t in lines)
             + "</pre></div>") if lines else ""
+        if self.displays is not None:
+            shown = len(self.displays.outputs)
+            self.displays.outputs += tuple({"output_type": "display_data", **bundle}
+                                           for bundle in job.displays[shown:])
         if job.finished:
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
             error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
@@ -207,65 +214,78 @@ def text_summary(job: Job) -> str:
     return job.summary() + (("\n" + tail.rstrip("\n")) if tail else "")
 
 
-def job_mimebundle(job: Job) -> dict[str, Any]:
-    if in_kernel():
-        return JobWidget(job)._repr_mimebundle_()
-    return {"text/plain": text_summary(job)}
-
-
 class TextProgress:
-    """The terminal view: status changes and log output printed as they arrive."""
+    """The terminal view: status changes, log output and displays (as text) printed as they arrive."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self._status = None
-        self._printed_chunks = 0
+        self._printed = 0
         job.add_listener(self.update)
         job.add_done_callback(self.update)
 
     def update(self, job: Job) -> None:
-        chunks = job.log_chunks()
-        for stream, text in chunks[self._printed_chunks:]:
-            (sys.stderr if stream == "stderr" else sys.stdout).write(text)
-        self._printed_chunks = len(chunks)
+        items = job.output_items()
+        for kind, item in items[self._printed:]:
+            if kind == "display":
+                print(item["data"].get("text/plain", ""), flush=True)
+            else:
+                (sys.stderr if kind == "stderr" else sys.stdout).write(item)
+        self._printed = len(items)
         if job.status != self._status:
             self._status = job.status
             print(f"[celery_nb] {job.summary()}", file=sys.stderr, flush=True)
 
 
 class JobView:
-    """The job's display in a cell: a live widget in a kernel, printed text elsewhere."""
+    """A job's display: the live widget in a kernel, printed text elsewhere.
 
-    def __init__(self, job: Job) -> None:
+    ``blocking``: the cell waits for the job (``wait()``); what the job displays (figures, HTML)
+    then becomes the cell's own outputs below the widget - so a saved notebook shows them where
+    widgets are not rendered (nbconvert, GitHub) - and the terminal prints the job as it runs.
+    Otherwise the widget shows them, and the terminal prints the job's state once.
+    """
+
+    def __init__(self, job: Job, blocking: bool = True) -> None:
         self.job = job
+        self._displayed = 0
+        self.widget: JobWidget | None = None
         if in_kernel():
-            self.widget: JobWidget | None = JobWidget(job)
+            self.widget = JobWidget(job, show_displays=not blocking)
             self._handle = display(self.widget, display_id=True)
             # once final, refresh the text/plain that nbconvert and GitHub show
             job.add_done_callback(lambda _job: self._handle.update(self.widget))
-        else:
-            self.widget = None
+        elif blocking:
             TextProgress(job)
-
-
-def wait_interactively(job: Job, cancel_on_interrupt: bool = True) -> None:
-    """Block until the job is final while widget events (the Cancel button) keep working.
-
-    A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
-    worker to confirm, and re-raises KeyboardInterrupt (without ``cancel_on_interrupt``,
-    it only stops the waiting).
-    """
-    try:
-        if in_kernel():
-            from jupyter_ui_poll import ui_events
-
-            with ui_events() as ui_poll:
-                while not job.wait(0.05):
-                    ui_poll(10)
         else:
-            job.wait()
-    except KeyboardInterrupt:
-        if cancel_on_interrupt:
-            job.cancel()
-            job.wait(5)
-        raise
+            print(text_summary(job))
+
+    def _show_new_displays(self) -> None:
+        for bundle in self.job.displays[self._displayed:]:
+            display(bundle["data"], metadata=bundle["metadata"], raw=True)
+            self._displayed += 1
+
+    def wait(self, cancel_on_interrupt: bool = True) -> None:
+        """Block until the job is final while widget events (the Cancel button) keep working
+        and its displays appear.
+
+        A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
+        worker to confirm, and re-raises KeyboardInterrupt (without ``cancel_on_interrupt``,
+        it only stops the waiting).
+        """
+        try:
+            if self.widget is not None:
+                from jupyter_ui_poll import ui_events
+
+                with ui_events() as ui_poll:
+                    while not self.job.wait(0.05):
+                        ui_poll(10)
+                        self._show_new_displays()
+                self._show_new_displays()
+            else:
+                self.job.wait()
+        except KeyboardInterrupt:
+            if cancel_on_interrupt:
+                self.job.cancel()
+                self.job.wait(5)
+            raise

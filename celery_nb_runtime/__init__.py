@@ -6,6 +6,9 @@ Cells import ``progress`` from here to drive the notebook's progress bar::
     for item in progress(items, desc="training"):
         ...
 
+and ``display(obj)`` (a cell has it as a builtin) to show rich output - HTML, images - in the
+cell; pyplot figures are shown without asking.
+
 Outside a celery_nb container ``progress`` simply yields the items.
 """
 from __future__ import annotations
@@ -65,4 +68,6 @@ def map_chunk(fn: Callable[[Any], Any], items: list) -> list:
     return [fn(item) for item in progress(items)]
 
 
-__all__ = ["map_chunk", "progress"]
+from celery_nb_runtime.rich_output import display  # noqa: E402  (it reads _emit_event above)
+
+__all__ = ["display", "map_chunk", "progress"]

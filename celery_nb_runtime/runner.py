@@ -25,9 +25,10 @@ import traceback
 from typing import Any, Dict, List, Optional
 
 import celery_nb_runtime
-from celery_nb_runtime import protocol
+from celery_nb_runtime import protocol, rich_output
 
 CELL_FILENAME = "<cell>"
+CELL_BUILTINS = ("display",)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
 _READ_CHUNK = 65536
 
@@ -75,25 +76,37 @@ class FrameWriter:
         self.write(protocol.FRAME_EVENT, json.dumps(obj, separators=(",", ":")).encode())
 
 
-class _TqdmMirror(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """When the job imports tqdm, patch its bars to also send progress events.
+class _ImportPatches(importlib.abc.MetaPathFinder):
+    """When the job imports one of these modules, patch it once loaded: tqdm's bars also send
+    progress events, pyplot's show() and IPython's display() send display events.
 
-    Done lazily at import time so jobs that never use tqdm pay nothing.
+    Done lazily at import time so jobs that never use them pay nothing.
     """
 
+    def __init__(self) -> None:
+        self._patches = {"tqdm.std": lambda module: _patch_tqdm(module.tqdm),
+                         "matplotlib.pyplot": rich_output.patch_pyplot,
+                         "IPython.core.display_functions": rich_output.patch_ipython_display,
+                         "IPython.core.display": rich_output.patch_ipython_display,
+                         "IPython.display": rich_output.patch_ipython_display}
+
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001 - importlib API
-        if fullname != "tqdm.std":
+        patch = self._patches.pop(fullname, None)
+        if patch is None:
             return None
-        sys.meta_path.remove(self)
         import importlib.util
-        spec = importlib.util.find_spec(fullname)
+        sys.meta_path.remove(self)  # find the module's own spec
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return None
         original_exec = spec.loader.exec_module
 
         def exec_module(module):  # noqa: ANN001
             original_exec(module)
-            _patch_tqdm(module.tqdm)
+            patch(module)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
@@ -149,7 +162,8 @@ def _run_cell(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, A
     source = "\n" * (header["first_line"] - 1) + header["source"]
     linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
     code = compile(source, CELL_FILENAME, "exec")
-    namespace = _load_inputs(header, sections)
+    namespace = {name: getattr(rich_output, name) for name in CELL_BUILTINS}
+    namespace.update(_load_inputs(header, sections))
     namespace.update({"__name__": "__main__", "__builtins__": builtins})
     try:
         exec(code, namespace)
@@ -205,12 +219,18 @@ def _run_child(request: memoryview, frames: FrameWriter) -> None:
     os.setsid()  # its own process group, so the server can kill whatever the job left running
     outer, (payload,) = protocol.unpack_bundle(request)
     os.environ.update(outer["env"])
+    if "MPLBACKEND" not in outer["env"]:
+        os.environ["MPLBACKEND"] = "Agg"  # figures are drawn to PNG here and shown in the notebook
     celery_nb_runtime._emit_event = frames.event
-    sys.meta_path.insert(0, _TqdmMirror())
+    sys.meta_path.insert(0, _ImportPatches())
     try:
         header, sections = protocol.unpack_bundle(payload)
         run = _run_cell if header["kind"] == "cell" else _run_call
-        result = _encode_result(run(header, sections))
+        try:
+            outputs = run(header, sections)
+        finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
+            rich_output.send_figures()
+        result = _encode_result(outputs)
         kind: int = protocol.FRAME_RESULT
     except JobFailed as failure:
         kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]

@@ -4,6 +4,7 @@
 # already exists is kept as it is, so reruns take a second.
 #   local/py311        Debian bookworm minbase + python3, nothing else ("any image with python3 works")
 #   local/py311-numpy  local/py311 + Debian's python3-numpy and python3-tqdm (numpy.Dockerfile)
+#   local/py311-science  local/py311-numpy + Debian's pandas and matplotlib (science.Dockerfile)
 #   local/py-other     Debian bullseye minbase + python3 (3.9): another minor version than 3.11 and
 #                      the oldest Python the runtime supports; trixie (3.13) if bullseye fails
 # and for compose.yaml's stack (tests/test_compose.py):
@@ -84,7 +85,7 @@ debootstrap_image() {
   return 1
 }
 
-if ! { have local/py311 && have local/py311-numpy && have local/py-other; }; then
+if ! { have local/py311 && have local/py311-numpy && have local/py311-science && have local/py-other; }; then
   MIRROR=${DEBIAN_MIRROR:-$(debian_mirror)}
 
   # The two debootstraps are mostly download and unpack waits: run local/py-other alongside.
@@ -100,6 +101,9 @@ if ! { have local/py311 && have local/py311-numpy && have local/py-other; }; the
   if ! have local/py311-numpy; then
     build local/py311-numpy numpy.Dockerfile . --build-arg BASE_IMAGE=local/py311
   fi
+  if ! have local/py311-science; then
+    build local/py311-science science.Dockerfile . --build-arg BASE_IMAGE=local/py311-numpy
+  fi
   [ -z "$other_pid" ] || wait "$other_pid"
 fi
 
@@ -111,4 +115,4 @@ if ! have local/py311-pip; then
 fi
 have local/redis || build local/redis redis.Dockerfile .
 have local/celery-nb || build local/celery-nb ../Dockerfile .. --build-arg BASE_IMAGE=local/py311-pip
-echo "images ready: local/py311 local/py311-numpy local/py-other local/py311-pip local/redis local/celery-nb"
+echo "images ready: local/py311 local/py311-numpy local/py311-science local/py-other local/py311-pip local/redis local/celery-nb"

@@ -10,6 +10,8 @@ command -v redis-server > /dev/null && command -v redis-cli > /dev/null || missi
 command -v debootstrap > /dev/null || missing+=(debootstrap)
 # compose.yaml's test: Debian's docker-compose 1.29 unless the Compose v2 plugin is there.
 command -v docker-compose > /dev/null || docker compose version > /dev/null 2>&1 || missing+=(docker-compose)
+# The browser test drives JupyterLab in Debian's chromium (Playwright's own browser download is not used).
+command -v chromium > /dev/null || missing+=(chromium)
 # Debian's python3 needs python3-venv to create a venv (a pyenv Python has it built in).
 [ -x .venv/bin/python ] || python3 -c 'import ensurepip' 2> /dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

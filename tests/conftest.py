@@ -22,9 +22,16 @@ from celery_nb.worker.containers import LABEL_JOB
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only
 NUMPY_IMAGE = os.environ.get("CELERY_NB_TEST_NUMPY_IMAGE", "local/py311-numpy")  # + numpy, tqdm
+SCIENCE_IMAGE = os.environ.get("CELERY_NB_TEST_SCIENCE_IMAGE", "local/py311-science")  # + pandas, matplotlib
 OTHER_PYTHON_IMAGE = os.environ.get("CELERY_NB_TEST_OTHER_PYTHON_IMAGE", "local/py-other")
 REDIS_URL = os.environ.get("CELERY_NB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-TEST_IMAGES = (IMAGE, NUMPY_IMAGE, OTHER_PYTHON_IMAGE)
+TEST_IMAGES = (IMAGE, NUMPY_IMAGE, SCIENCE_IMAGE, OTHER_PYTHON_IMAGE)
+# the images each notebook in notebooks/ reads from its environment (their defaults need Docker Hub)
+NOTEBOOK_IMAGES = {
+    "quickstart": {"QUICKSTART_IMAGE": IMAGE, "QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE, "QUICKSTART_FUNCTION_IMAGE": IMAGE},
+    "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
+    "fan_out": {"FAN_OUT_IMAGE": IMAGE},
+}
 
 
 def _unavailable(what: str) -> None:

@@ -34,7 +34,8 @@ def execute(python: list[str], notebook: str, output: str, read: list[str] | Non
     return {"cells": {c.id: c for c in nb.cells if c.cell_type == "code"}, "metadata": nb.metadata}
 
 
-def _text(cell) -> str:
+def text_of(cell) -> str:
+    """What a cell printed."""
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
@@ -46,12 +47,12 @@ def _error(cell) -> tuple[str, str]:
 
 def assert_values_come_back(quickstart: dict) -> None:
     cells = quickstart["cells"]
-    assert _text(cells["print-y"]) == "42\n"
-    assert _text(cells["print-total"]).strip().replace(".", "").isdigit()
-    assert _text(cells["print-message"]) == "hello, x is 21 False\n"
-    assert _text(cells["no-wait-result"]) == "succeeded done\n"
-    assert _text(cells["submit"]) == "60\n"
-    assert _text(cells["remote"]) == "144 [0, 1, 4, 9, 16, 25]\n"
+    assert text_of(cells["print-y"]) == "42\n"
+    assert text_of(cells["print-total"]).strip().replace(".", "").isdigit()
+    assert text_of(cells["print-message"]) == "hello, x is 21 False\n"
+    assert text_of(cells["no-wait-result"]) == "succeeded done\n"
+    assert text_of(cells["submit"]) == "60\n"
+    assert text_of(cells["remote"]) == "144 [0, 1, 4, 9, 16, 25]\n"
 
 
 def assert_failures_are_clear(quickstart: dict) -> None:
@@ -60,7 +61,7 @@ def assert_failures_are_clear(quickstart: dict) -> None:
     assert ename == "RemoteError" and "No module named 'numpy'" in tb
     ename, tb = _error(cells["remote-error"])
     assert ename == "RemoteError" and 'File "<cell>", line 4' in tb and "ZeroDivisionError" in tb
-    assert _text(cells["y-unchanged"]) == "42\n"
+    assert text_of(cells["y-unchanged"]) == "42\n"
     assert _error(cells["timeout"])[0] == "JobTimeoutError"
     assert _error(cells["oom"])[0] == "OutOfMemoryError"
 
@@ -70,6 +71,8 @@ def assert_outputs_readable_without_widgets(quickstart: dict) -> None:
     plain = [o.data["text/plain"] for o in first.outputs if o.output_type == "display_data"]
     assert plain and "succeeded" in plain[-1] and "work: 5/5" in plain[-1] and "hello from 3.11" in plain[-1]
     assert "HBox(" not in plain[-1]
+    no_wait, = [o.data["text/plain"] for o in quickstart["cells"]["no-wait"].outputs]
+    assert "succeeded" in no_wait  # updated when the job ended, after its cell
 
 
 def assert_widget_states_saved(quickstart: dict) -> None:

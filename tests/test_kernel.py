@@ -2,6 +2,7 @@
 the widget, the Cancel button, kernel interrupts, the namespace, help, and the terminal view."""
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from tests.conftest import IMAGE, ROOT, assert_container_removed
+from tests.conftest import IMAGE, ROOT, SCIENCE_IMAGE, assert_container_removed
 from tests.kernel import Kernel
 
 LONG_CELL = "%%celery_docker\nimport time\nfor k in range(600):\n    print('tick', k, flush=True)\n    time.sleep(0.1)\n"
@@ -71,6 +72,8 @@ def test_cancel_button_stops_a_blocking_cell(kernel: Kernel, docker_client: dock
     kernel.collect(ex, timeout=10)
     assert time.monotonic() - clicked < 2.5
     assert ex.error()["ename"] == "JobCancelled"
+    # the error alone, without celery_nb's own frames
+    assert ex.error()["traceback"] == [f"JobCancelled: job {ex.job_id()} (import time) was cancelled; nothing came back"]
     assert "cancelled" in [v for v in ex.html_values() if "celery-nb-status" in v][-1]
     assert_container_removed(docker_client, ex.job_id())
 
@@ -90,12 +93,43 @@ def test_kernel_interrupt_cancels_the_job(kernel: Kernel, docker_client: docker.
 def test_no_wait_returns_a_job_and_outputs_land_later(kernel: Kernel) -> None:
     ex = kernel.run("%%celery_docker --no-wait\nimport time\ntime.sleep(1)\nlater = 'landed'\n")
     assert ex.error() is None
-    result = [m for m in ex.messages if m["msg_type"] == "execute_result"]
-    assert "application/vnd.jupyter.widget-view+json" in result[0]["content"]["data"]
+    shown, = [m["content"] for m in ex.messages if m["msg_type"] == "display_data"]  # the Job, as the cell's result
+    assert "application/vnd.jupyter.widget-view+json" in shown["data"]
+    assert shown["data"]["text/plain"].startswith("celery_nb job") and "HBox" not in shown["data"]["text/plain"]
     assert kernel.run("print('later' in globals())").stream_text() == "False\n"
-    out = kernel.run("import time\nfor _ in range(200):\n    if 'later' in globals(): break\n    time.sleep(0.1)\n"
-                     "print(later)")
+    out = kernel.run("import time\njob = _\njob.wait(20)\nprint(later)")
     assert out.stream_text() == "landed\n"
+    # when the job ended, the text that nbconvert and GitHub show was brought up to date
+    updates = [m["content"] for m in out.messages if m["msg_type"] == "update_display_data"]
+    assert [u["transient"]["display_id"] for u in updates] == [shown["transient"]["display_id"]]
+    assert "succeeded" in updates[0]["data"]["text/plain"]
+
+
+RICH_CELL = f"""%%celery_docker --image {SCIENCE_IMAGE}
+import matplotlib.pyplot as plt
+
+class Table:
+    def _repr_html_(self):
+        return "<table><tr><td>made in the container</td></tr></table>"
+
+print("before the table")
+display(Table())
+plt.plot([1, 2, 3], [1, 4, 9])
+points = 3
+"""
+
+
+def test_rich_output_from_the_container_appears_in_the_cell(kernel: Kernel) -> None:
+    ex = kernel.run(RICH_CELL)
+    assert ex.error() is None
+    shown = [m["content"]["data"] for m in ex.messages if m["msg_type"] == "display_data"]
+    widget, table, figure = shown  # the widget first, then the displays in the order the cell made them
+    assert "application/vnd.jupyter.widget-view+json" in widget
+    assert table["text/html"] == "<table><tr><td>made in the container</td></tr></table>"
+    assert "Table object" in table["text/plain"]
+    assert base64.b64decode(figure["image/png"]).startswith(b"\x89PNG") and "Figure" in figure["text/plain"]
+    assert any("before the table" in v for v in ex.html_values())  # logs stay in the widget
+    assert kernel.run("print(points)").stream_text() == "3\n"
 
 
 def test_magic_help(kernel: Kernel) -> None:
@@ -106,9 +140,10 @@ def test_magic_help(kernel: Kernel) -> None:
 
 
 def test_terminal_ipython_shows_readable_text(docker_client: docker.DockerClient) -> None:
-    cell = f"%%celery_docker --image {IMAGE}\nprint('inside', x)\ny = x + 1\n"
+    cell = f"%%celery_docker --image {IMAGE}\nprint('inside', x)\ndisplay({{'shown': 'as text'}})\ny = x + 1\n"
     code = f"%load_ext celery_nb\nx = 20\nget_ipython().run_cell({cell!r})\nprint('y is', y)\n"
     out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", code],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "inside 20" in out.stdout and "y is 21" in out.stdout, out.stdout + out.stderr
+    assert "{'shown': 'as text'}" in out.stdout
     assert "succeeded" in out.stderr and "HBox" not in out.stdout + out.stderr

@@ -1,24 +1,44 @@
-"""notebooks/quickstart.ipynb executed headless in a real kernel (embedded default), as the
-README's first command does; asserts on the saved outputs and widget states (tests/quickstart.py)."""
+"""The notebooks in notebooks/ executed headless in a real kernel (embedded default), as the
+README's first command does for the quickstart; asserts on the saved outputs and widget states.
+The quickstart's checks are shared with tests/test_compose.py (tests/quickstart.py)."""
 from __future__ import annotations
 
+import base64
 import os
 import sys
-from pathlib import Path
 
 import docker
 import pytest
 
 from tests import quickstart as checks
-from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT
+from tests.conftest import NOTEBOOK_IMAGES, ROOT
+
+
+def execute_notebook(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run notebooks/<name>.ipynb on the embedded default; its code cells by id, and its metadata."""
+    env = {k: v for k, v in os.environ.items() if k != "CELERY_NB_BROKER_URL"}  # the embedded default
+    env.update(NOTEBOOK_IMAGES[name])
+    output = tmp_path_factory.mktemp(name) / f"{name}.ipynb"
+    return checks.execute([sys.executable], str(ROOT / f"notebooks/{name}.ipynb"), str(output), env=env)
 
 
 @pytest.fixture(scope="module")
 def quickstart(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "CELERY_NB_BROKER_URL"}  # the embedded default
-    env.update(QUICKSTART_IMAGE=IMAGE, QUICKSTART_NUMPY_IMAGE=NUMPY_IMAGE, QUICKSTART_FUNCTION_IMAGE=IMAGE)
-    output: Path = tmp_path_factory.mktemp("quickstart") / "quickstart.ipynb"
-    return checks.execute([sys.executable], str(ROOT / "notebooks/quickstart.ipynb"), str(output), env=env)
+    return execute_notebook("quickstart", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data_science(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return execute_notebook("data_science", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fan_out(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return execute_notebook("fan_out", tmp_path_factory)
+
+
+def _displayed(cell, mime: str) -> list:
+    return [o.data[mime] for o in cell.outputs if o.output_type == "display_data" and mime in o.data]
 
 
 def test_values_come_back_to_the_kernel(quickstart: dict) -> None:
@@ -35,3 +55,40 @@ def test_saved_outputs_are_readable_without_widgets(quickstart: dict) -> None:
 
 def test_widget_states_are_saved(quickstart: dict) -> None:
     checks.assert_widget_states_saved(quickstart)
+
+
+def test_data_science_runs_pandas_in_the_container_and_plots_in_the_kernel(data_science: dict) -> None:
+    cells = data_science["cells"]
+    simulate = cells["simulate"]
+    assert not [o for o in simulate.outputs if o.output_type == "error"]
+    assert "35,136 readings simulated with pandas" in _displayed(simulate, "text/plain")[0]  # the job's text view
+    table, = _displayed(simulate, "text/html")  # the DataFrame display()ed in the container, as HTML
+    assert "<table" in table and "north" in table and "south" in table
+    figure, = _displayed(simulate, "image/png")  # the pyplot figure drawn in the container
+    assert base64.b64decode(figure).startswith(b"\x89PNG")
+    kernel_plot, = _displayed(cells["plot"], "image/png")  # plotted by the kernel's matplotlib
+    assert base64.b64decode(kernel_plot).startswith(b"\x89PNG")
+    assert checks.text_of(cells["warmest"]).startswith("warmest station: south, ")
+
+
+def _collatz_steps(n: int) -> int:
+    steps = 0
+    while n != 1:
+        n, steps = (n // 2 if n % 2 == 0 else 3 * n + 1), steps + 1
+    return steps
+
+
+def test_fan_out_maps_in_chunks_with_results_in_order(fan_out: dict) -> None:
+    cells = fan_out["cells"]
+    steps = [_collatz_steps(n) for n in range(1, 10_001)]
+    longest = steps.index(max(steps)) + 1
+    assert checks.text_of(cells["map"]) == (f"10000 results; the longest chain below 10,001 starts at {longest}: "
+                                   f"{max(steps)} steps\n")
+    widgets = [o for o in cells["chunks"].outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widgets) == 4  # one live widget per chunk job, whose saved text tells how it ended
+    assert all("succeeded" in w.data["text/plain"] and "50000/50000" in w.data["text/plain"] for w in widgets)
+    maxima = [max(_collatz_steps(n) for n in range(start, start + 50_000)) for start in range(1, 200_001, 50_000)]
+    assert checks.text_of(cells["chunks-result"]) == (f"longest chain per chunk: {maxima}\n"
+                                             f"items per chunk: [50000, 50000, 50000, 50000]\n")
+    mean = sum(_collatz_steps(n) for n in range(1, 1_001)) / 1000
+    assert checks.text_of(cells["imap"]) == f"mean chain length for 1..1000: {mean:.2f}\n"

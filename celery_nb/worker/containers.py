@@ -400,8 +400,10 @@ class ContainerPool:
             client = client_factory()
         except DockerUnavailableError:
             return 0
-        leftovers = {c.id: c for c in client.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={self.worker}"})}
-        for container in client.containers.list(all=True, filters={"label": LABEL_OWNER}):
+        # ignore_removed: another worker may remove a listed container before it is inspected
+        leftovers = {c.id: c for c in client.containers.list(
+            all=True, filters={"label": f"{LABEL_WORKER}={self.worker}"}, ignore_removed=True)}
+        for container in client.containers.list(all=True, filters={"label": LABEL_OWNER}, ignore_removed=True):
             host, _, pid = container.labels[LABEL_OWNER].rpartition(":")
             if host == socket.gethostname() and not _alive(int(pid)):
                 leftovers[container.id] = container

@@ -24,7 +24,7 @@ from celery_nb_runtime import protocol
 
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
 _END_GRACE = 5.0  # s a job's process may take to exit after its result, before its container is dropped
-_RELAYED_EVENT_TYPES = {"progress"}
+_RELAYED_EVENT_TYPES = {"progress", "display"}  # display: rich output, at most ~1 MiB each (the runtime sees to it)
 
 
 @dataclass(frozen=True)
