@@ -85,7 +85,8 @@ def start_worker(broker_url: str, queue: str, name: str, env: dict[str, str] | N
     raise RuntimeError(f"worker {name} did not answer a ping within 60 s; see {log.name}")
 
 
-def stop_worker(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a worker or server started by a test: SIGTERM, then SIGKILL after 20 s."""
     proc.terminate()
     try:
         proc.wait(20)
@@ -98,7 +99,7 @@ def stop_worker(proc: subprocess.Popen) -> None:
 def celery_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "celery_nb", "main")
     yield proc
-    stop_worker(proc)
+    stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import docker
 import nbformat
 import pytest
 
-from tests.conftest import IMAGE, NOTEBOOK_IMAGES, ROOT, _unavailable
+from tests.conftest import IMAGE, NOTEBOOK_IMAGES, ROOT, _unavailable, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
@@ -98,12 +98,7 @@ def jupyter_lab(docker_client: docker.DockerClient, tmp_path_factory: pytest.Tem
     yield url, token
     for kernel in _api(url, token, "/api/kernels"):  # a clean kernel exit removes its warm containers
         _api(url, token, f"/api/kernels/{kernel['id']}", method="DELETE")
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")

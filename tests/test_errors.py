@@ -9,7 +9,7 @@ import pytest
 
 from celery_nb import (BrokerUnavailableError, Client, ContainerError, DockerUnavailableError, ImageNotFoundError, InputError,
                        JobTimeoutError, OutOfMemoryError, OutputError, PythonVersionError, RemoteError)
-from tests.conftest import IMAGE, OTHER_PYTHON_IMAGE, assert_container_removed, start_worker, stop_worker
+from tests.conftest import IMAGE, OTHER_PYTHON_IMAGE, assert_container_removed, start_worker, stop_process
 
 
 def test_image_not_found(client: Client) -> None:
@@ -21,7 +21,7 @@ def test_image_not_found(client: Client) -> None:
 def worker_without_docker(redis_url: str) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "nodocker", "nodocker", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     yield proc
-    stop_worker(proc)
+    stop_process(proc)
 
 
 def test_docker_daemon_unreachable(redis_client: Client, worker_without_docker: subprocess.Popen) -> None:

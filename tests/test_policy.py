@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from celery_nb import Client, PolicyError
-from tests.conftest import IMAGE, NUMPY_IMAGE, start_worker, stop_worker
+from tests.conftest import IMAGE, NUMPY_IMAGE, start_worker, stop_process
 
 STRICT = {
     "CELERY_NB_ALLOWED_IMAGES": f"{IMAGE},local/py-other*",
@@ -27,7 +27,7 @@ STRICT = {
 def strict_worker(redis_url: str) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "strict", "strict", env=STRICT)
     yield proc
-    stop_worker(proc)
+    stop_process(proc)
 
 
 @pytest.mark.parametrize("request_options, rule", [

@@ -11,7 +11,7 @@ import pytest
 
 from celery_nb import Client
 from celery_nb.worker.containers import LABEL_OWNER, LABEL_WORKER
-from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_worker
+from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"
 
@@ -69,7 +69,7 @@ def pool_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[
     try:
         yield proc, f"{name}@vm-test", leftover.id
     finally:
-        stop_worker(proc)
+        stop_process(proc)
 
 
 def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, docker_client: docker.DockerClient) -> None:
@@ -90,7 +90,7 @@ def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, dock
     _wait_until(lambda: not _worker_containers(docker_client, worker), 10, "idle container not reaped")
     redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq").result(timeout=60)
     assert len(_worker_containers(docker_client, worker)) == 1
-    stop_worker(proc)  # a worker that stops removes its idle containers
+    stop_process(proc)  # a worker that stops removes its idle containers
     assert not _worker_containers(docker_client, worker)
 
 

@@ -12,7 +12,7 @@ import docker
 import pytest
 
 from celery_nb import Client, ContainerError, PolicyError
-from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_worker
+from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process
 from tests.kernel import Kernel
 
 
@@ -20,7 +20,7 @@ from tests.kernel import Kernel
 def gpu_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "gpu", "gpu", env={"CELERY_NB_GPUS": "1"}, concurrency=2)
     yield proc
-    stop_worker(proc)
+    stop_process(proc)
 
 
 def test_queue_routes_cells_from_a_kernel(gpu_worker: subprocess.Popen, celery_worker: subprocess.Popen,

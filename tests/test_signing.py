@@ -15,7 +15,7 @@ import redis
 from celery_nb import Client, SignatureError
 from celery_nb import payload as payload_module
 from celery_nb_runtime import protocol
-from tests.conftest import IMAGE, start_worker, stop_worker
+from tests.conftest import IMAGE, start_worker, stop_process
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 
@@ -24,7 +24,7 @@ SECRET = "test-secret-" + uuid.uuid4().hex
 def signed_worker(redis_url: str) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "signed", "signed", env={"CELERY_NB_SECRET": SECRET})
     yield proc
-    stop_worker(proc)
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")
