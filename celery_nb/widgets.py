@@ -180,8 +180,8 @@ class JobsTable(_RedrawnOnEvents, w.GridBox):
             button.on_click(lambda _b, job=job: job.cancel())
             self._rows.append((texts, button))
             cells += [*texts, button]
-        super().__init__(cells, layout=w.Layout(grid_template_columns=f"repeat({len(_TABLE_COLUMNS)}, auto)",
-                                                grid_gap="2px 12px", align_items="center"))
+        super().__init__(cells, layout=w.Layout(grid_template_columns=f"repeat({len(_TABLE_COLUMNS)}, max-content)",
+                                                grid_gap="0 16px", align_items="center", overflow="auto"))
         self._follow(jobs)
 
     def redraw(self) -> None:
@@ -189,11 +189,12 @@ class JobsTable(_RedrawnOnEvents, w.GridBox):
         for job, (texts, button) in zip(self.jobs, self._rows):
             row = _table_row(job)
             for cell, text in zip(texts, row):
-                cell.value = html.escape(text)
+                cell.value = f'<span style="white-space:nowrap">{html.escape(text)}</span>'
             texts[0].value = f'<code title="{job.id}">{row[0]}</code>'
             colour = _STATUS_COLOURS.get(job.status, "#6c757d")
             texts[3].value = f'<span class="celery-nb-status" style="color:{colour};font-weight:bold">{job.status}</span>'
-            button.layout.display = "none" if job.finished else None
+            # hidden, not removed: the grid's cells must stay in their columns
+            button.layout.visibility = "hidden" if job.finished else "visible"
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = super()._repr_mimebundle_(**kwargs)

@@ -85,8 +85,17 @@ def assert_widget_states_saved(quickstart: dict) -> None:
     assert 5 in values and 50 in values  # the progress bars of progress() and tqdm ended full
 
 
+def assert_jobs_table(quickstart: dict) -> None:
+    table = "".join(o.data["text/plain"] for o in quickstart["cells"]["jobs"].outputs if o.output_type == "execute_result")
+    header, *rows = table.splitlines()
+    assert header.split()[:4] == ["job", "what", "image", "status"]
+    assert len(rows) >= 12, table  # every job of the notebook, oldest first
+    assert any("succeeded" in row for row in rows) and any("failed" in row for row in rows), table
+
+
 def assert_all(quickstart: dict) -> None:
     assert_values_come_back(quickstart)
     assert_failures_are_clear(quickstart)
     assert_outputs_readable_without_widgets(quickstart)
     assert_widget_states_saved(quickstart)
+    assert_jobs_table(quickstart)

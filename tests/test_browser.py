@@ -251,6 +251,15 @@ def test_logs_stream_and_cancel_stops_a_cell(page, jupyter_lab: tuple[str, str])
     cell.screenshot(path=SCREENSHOTS / "quickstart-5-cancelled.png")
 
 
+def test_the_jobs_table(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
+    nb = Notebook(page, jupyter_lab, "quickstart")  # the same kernel: the jobs of the tests above
+    table = nb.cell("jobs")
+    nb.run("jobs")
+    statuses = table.locator(".celery-nb-status").all_text_contents()
+    assert {"succeeded", "failed", "cancelled"} <= set(statuses), statuses
+    nb.screenshot("quickstart-6-jobs-table.png", "jobs", outputs_only=True)
+
+
 def test_rich_output_from_the_container(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
     nb = Notebook(page, jupyter_lab, "data_science")
     nb.run("simulate")

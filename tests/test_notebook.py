@@ -57,6 +57,10 @@ def test_widget_states_are_saved(quickstart: dict) -> None:
     checks.assert_widget_states_saved(quickstart)
 
 
+def test_the_jobs_table_lists_every_job(quickstart: dict) -> None:
+    checks.assert_jobs_table(quickstart)
+
+
 def test_data_science_runs_pandas_in_the_container_and_plots_in_the_kernel(data_science: dict) -> None:
     cells = data_science["cells"]
     simulate = cells["simulate"]
