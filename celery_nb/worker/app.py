@@ -71,7 +71,7 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
             "unacked_restore_interval": max(1.0, min(10.0, timeout / 5)),
             "unacked_restore_throttle": 1,
         }
-        unacked = UnackedIndex(connect_redis(broker_url), "unacked_index")
+        unacked = UnackedIndex(connect_redis(broker_url), "unacked_index")  # kombu's key (no key prefix set)
     pool = ContainerPool(worker_name or "", PoolSettings.from_env())
     services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool, signer or Signer(),
                               LeaseKeeper(store, unacked))
