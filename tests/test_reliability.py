@@ -61,13 +61,16 @@ def test_a_job_of_a_killed_worker_runs_again_elsewhere_and_its_container_is_remo
         results = [job.result(timeout=90) for job in jobs]
         assert results == [{"doubled": i * 2} for i in range(8)]
         retried = [job for job in jobs if job.attempts > 1]
-        assert killed_with and set(retried) == set(killed_with)
-        for job in retried:
-            assert job.attempts == 2 and job.worker == nodes["survivor"]
+        assert killed_with and set(killed_with) <= set(retried)
+        for job in jobs:
             events = client.store.read(job.id, "0", timeout=1)[0]
-            assert [(e["worker"], e.get("attempt")) for e in events if e.get("status") == "starting"] == [
-                (nodes["doomed"], 1), (nodes["survivor"], 2)]
-            assert "attempt 2" in job.summary() and "attempt 2" in JobWidget(job).title.value
+            starts = [(e["worker"], e.get("attempt")) for e in events if e.get("status") == "starting"]
+            if job in retried:  # started on the killed worker, then ran again from the start
+                assert job.attempts == 2 and job.worker == nodes["survivor"]
+                assert starts == [(nodes["doomed"], 1), (nodes["survivor"], 2)]
+                assert "attempt 2" in job.summary() and "attempt 2" in JobWidget(job).title.value
+            else:
+                assert starts == [(job.worker, 1)]
             assert [e["type"] for e in events].count("done") == 1
         wall = time.monotonic() - started
         print(f"\n[chaos: SIGKILL] jobs submitted {len(jobs)}, completed {len(results)}, lost {len(jobs) - len(results)}, "
