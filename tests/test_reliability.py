@@ -125,6 +125,7 @@ def restartable_redis(docker_client: docker.DockerClient) -> Iterator[tuple[str,
     data = tempfile.mkdtemp(prefix="celery-nb-chaos-redis-")
     command = ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--dir", data, "--save", "",
                "--appendonly", "yes", "--appendfsync", "always"]
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
     log = open(ROOT / ".pytest_cache/chaos-redis.log", "a")
 
     def start() -> subprocess.Popen:
@@ -134,6 +135,7 @@ def restartable_redis(docker_client: docker.DockerClient) -> Iterator[tuple[str,
         while True:
             try:
                 probe.ping()
+                assert proc.poll() is None, f"port {REDIS_PORT} is taken by another server; see {log.name}"
                 return proc
             except redis.ConnectionError:  # not up yet, or still loading its data
                 assert proc.poll() is None and time.monotonic() < deadline, f"redis-server did not start: {log.name}"
@@ -155,6 +157,7 @@ def restartable_redis(docker_client: docker.DockerClient) -> Iterator[tuple[str,
     finally:
         server[0].terminate()
         server[0].wait(10)
+        log.close()
         shutil.rmtree(data, ignore_errors=True)
 
 

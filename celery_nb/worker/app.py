@@ -27,7 +27,11 @@ DEFAULT_VISIBILITY_TIMEOUT = 300.0
 def visibility_timeout() -> float:
     """CELERY_NB_VISIBILITY_TIMEOUT (s): set the same on workers and kernels (any of them may
     hand a message back to the queue)."""
-    value = float(os.environ.get("CELERY_NB_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT))
+    raw = os.environ.get("CELERY_NB_VISIBILITY_TIMEOUT", str(DEFAULT_VISIBILITY_TIMEOUT))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={raw!r} is not a number of seconds") from None
     if value < 2 * RENEW_INTERVAL + 1:
         raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={value:g} is too short: a live worker renews its jobs "
                          f"every {RENEW_INTERVAL:g} s; use at least {2 * RENEW_INTERVAL + 1:g} s")
