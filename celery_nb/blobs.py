@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import redis
 
-from celery_nb.jobstore import redis_retry
+from celery_nb.jobstore import DEFAULT_PATIENCE, redis_retry
 
 BLOB_THRESHOLD = 1 << 20  # payloads and results above this travel as blobs
 CHUNK_SIZE = 8 << 20
@@ -58,7 +58,8 @@ def _chunks(pieces: list[Any], size: int) -> list[memoryview]:
 class RedisBlobStore:
     """``patience``: seconds to keep retrying while Redis is away (see connect_redis)."""
 
-    def __init__(self, url: str, ttl: int = DEFAULT_TTL, chunk_size: int = CHUNK_SIZE, patience: float = 0.0) -> None:
+    def __init__(self, url: str, ttl: int = DEFAULT_TTL, chunk_size: int = CHUNK_SIZE,
+                 patience: float = DEFAULT_PATIENCE) -> None:
         self._retry = redis_retry(patience)
         self._redis = redis.Redis.from_url(url, retry=self._retry)
         self._ttl = ttl

@@ -16,23 +16,23 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 Event = dict[str, Any]
 START = "0"  # cursor before the first event
 DEFAULT_TTL = 24 * 3600  # seconds a finished job's events stay readable
+DEFAULT_PATIENCE = 5.0  # s a kernel retries while Redis is away (its job follower then keeps trying)
 _RETRY_CAP = 1.0  # s between two attempts to reach a Redis that went away, at most
 
 
 def redis_retry(patience: float) -> Retry:
     """Reconnect and retry for about ``patience`` seconds when Redis goes away (restart,
-    failover) before giving up; 0: a few quick retries."""
-    return Retry(ExponentialWithJitterBackoff(cap=_RETRY_CAP, base=0.05),
-                 retries=max(3, math.ceil(patience / _RETRY_CAP)))
+    failover) before giving up: waits of 0.1, 0.2, 0.4, 0.8, then 1 s."""
+    return Retry(ExponentialBackoff(cap=_RETRY_CAP, base=0.05), retries=math.ceil(patience / _RETRY_CAP) + 3)
 
 
-def connect_redis(url: str, patience: float = 0.0) -> redis.Redis:
+def connect_redis(url: str, patience: float = DEFAULT_PATIENCE) -> redis.Redis:
     """A Redis client with the retries of redis_retry(patience)."""
     return redis.Redis.from_url(url, retry=redis_retry(patience))
 
@@ -241,7 +241,7 @@ class RedisJobStore:
 
     local = False
 
-    def __init__(self, url: str, ttl: int = DEFAULT_TTL, patience: float = 0.0) -> None:
+    def __init__(self, url: str, ttl: int = DEFAULT_TTL, patience: float = DEFAULT_PATIENCE) -> None:
         self._redis = connect_redis(url, patience)
         self._ttl = ttl
         self._claim = self._redis.register_script(_CLAIM)

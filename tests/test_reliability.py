@@ -179,7 +179,7 @@ def test_redis_restarted_mid_run_loses_no_job(restartable_redis, docker_client: 
             time.sleep(0.05)
         running = sum(job.status == "running" for job in jobs)
         queued = sum(job.status == "queued" for job in jobs)
-        away = restart(downtime=2.0)
+        away = restart(downtime=1.0)
         results = []
         for job in jobs:
             try:
