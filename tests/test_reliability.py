@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +20,7 @@ import redis
 
 from celery_nb import Client
 from celery_nb.widgets import JobWidget
+from celery_nb.worker.containers import LABEL_OWNER, LABEL_WORKER
 from tests.conftest import IMAGE, ROOT, _unavailable, start_worker, stop_process, worker_containers
 
 # short, so that a dead worker's jobs come back within seconds (the default is minutes)
@@ -89,8 +91,14 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once_and_a_redelivered_me
         redis_url: str, docker_client: docker.DockerClient, chaos_env: None) -> None:
     queue = "chaos-long"
     names = ("patient-a", "patient-b")
-    workers = [start_worker(redis_url, queue, name, env=CHAOS_ENV, node_name=_node(name)) for name in names]
+    env = {**CHAOS_ENV, "CELERY_NB_ORPHAN_INTERVAL": "1"}
+    workers = [start_worker(redis_url, queue, name, env=env, node_name=_node(name)) for name in names]
     try:
+        # a container whose creator died after the workers started: a running worker removes it
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        orphan = docker_client.containers.create(IMAGE, ["sleep", "300"], labels={
+            LABEL_WORKER: _node("gone"), LABEL_OWNER: f"{socket.gethostname()}:{dead.pid}"})
         client = Client(redis_url)
         sent = []
         send_task = client.app.send_task
@@ -111,6 +119,7 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once_and_a_redelivered_me
         events = client.store.read(job.id, "0", timeout=1)[0]
         assert [e.get("status") for e in events if e["type"] in ("status", "done")] == [
             "queued", "starting", "running", "succeeded"]
+        assert not worker_containers(docker_client, _node("gone")), f"orphan {orphan.id} not removed"
     finally:
         for proc in workers:
             stop_process(proc)
@@ -179,7 +188,7 @@ def test_redis_restarted_mid_run_loses_no_job(restartable_redis, docker_client: 
             time.sleep(0.05)
         running = sum(job.status == "running" for job in jobs)
         queued = sum(job.status == "queued" for job in jobs)
-        away = restart(downtime=1.0)
+        away = restart(downtime=3.0)
         results = []
         for job in jobs:
             try:

@@ -5,11 +5,12 @@ import os
 from typing import Any
 
 from celery import Celery, Task
+from kombu.transport import redis as kombu_redis
 from celery.signals import celeryd_after_setup, task_revoked, worker_shutdown
 
 from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.blobs import BlobStore
-from celery_nb.jobstore import JobStore, connect_redis
+from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore, connect_redis, redis_retry
 from celery_nb.signing import Signer
 from celery_nb.worker.containers import ContainerPool, PoolSettings, connect
 from celery_nb.worker.leases import RENEW_INTERVAL, LeaseKeeper, UnackedIndex
@@ -38,11 +39,37 @@ def visibility_timeout() -> float:
     return value
 
 
+def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
+    """kombu's Redis transport whose plain commands retry for ``patience`` s while Redis is away.
+
+    kombu takes a message off the queue (BRPOP), then records it as unacked with a second
+    command: were that one to fail, the message would be lost. Acks, publishes and restores go
+    through the same connections. The consumer's own (BRPOP) connection still fails at once,
+    so that the worker notices and reconnects.
+    """
+    retry = redis_retry(patience)
+
+    class Channel(kombu_redis.Channel):
+        def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+            params = super()._connparams(asynchronous)
+            if not asynchronous:
+                params["retry"] = retry
+            return params
+
+    class Transport(kombu_redis.Transport):
+        pass
+
+    Transport.Channel = Channel
+    return Transport
+
+
 def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: WorkerPolicy | None = None,
-             worker_name: str | None = None, signer: Signer | None = None) -> Celery:
+             worker_name: str | None = None, signer: Signer | None = None,
+             broker_patience: float = DEFAULT_PATIENCE) -> Celery:
     """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker).
 
     ``worker_name`` is what jobs report as their worker (default: the Celery node name).
+    ``broker_patience``: seconds its broker commands retry while Redis is away.
     ``app.celery_nb_pool`` is the worker's warm container pool.
     """
     app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
@@ -75,6 +102,8 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
             "unacked_restore_interval": max(1.0, min(10.0, timeout / 5)),
             "unacked_restore_throttle": 1,
         }
+        if broker_url.startswith("redis://"):  # (rediss:// and sentinel:// have transports of their own)
+            app.conf.broker_transport = patient_redis_transport(broker_patience)
         unacked = UnackedIndex(connect_redis(broker_url), "unacked_index")  # kombu's key (no key prefix set)
     pool = ContainerPool(worker_name or "", PoolSettings.from_env())
     services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool, signer or Signer(),
@@ -98,6 +127,7 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
         if instance.app is app and not worker_name:
             pool.worker = sender
             pool.remove_leftovers(connect)  # from an earlier run of a worker with this name
+            pool.watch_for_orphans(connect)
 
     @worker_shutdown.connect(weak=False)
     def _empty_pool(sender: Any, **_kwargs: Any) -> None:
