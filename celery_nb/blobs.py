@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import redis
 
+from celery_nb.jobstore import DEFAULT_PATIENCE, redis_retry
+
 BLOB_THRESHOLD = 1 << 20  # payloads and results above this travel as blobs
 CHUNK_SIZE = 8 << 20
 DEFAULT_TTL = 24 * 3600
@@ -54,8 +56,12 @@ def _chunks(pieces: list[Any], size: int) -> list[memoryview]:
 
 
 class RedisBlobStore:
-    def __init__(self, url: str, ttl: int = DEFAULT_TTL, chunk_size: int = CHUNK_SIZE) -> None:
-        self._redis = redis.Redis.from_url(url)
+    """``patience``: seconds to keep retrying while Redis is away (see connect_redis)."""
+
+    def __init__(self, url: str, ttl: int = DEFAULT_TTL, chunk_size: int = CHUNK_SIZE,
+                 patience: float = DEFAULT_PATIENCE) -> None:
+        self._retry = redis_retry(patience)
+        self._redis = redis.Redis.from_url(url, retry=self._retry)
         self._ttl = ttl
         self._chunk_size = chunk_size
 
@@ -70,17 +76,23 @@ class RedisBlobStore:
 
     def get(self, ref: dict[str, Any]) -> memoryview:
         """All chunks, pipelined, received straight into one buffer (no intermediate copies)."""
+        return self._retry.call_with_retry(lambda: self._get(ref), lambda _error: None)
+
+    def _get(self, ref: dict[str, Any]) -> memoryview:
         buffer = memoryview(bytearray(ref["size"]))
-        with _RespConnection(self._redis.connection_pool.connection_kwargs) as conn:
-            conn.send(*(("GET", f"{ref['key']}:{i}") for i in range(ref["chunks"])))
-            pos = 0
-            for _ in range(ref["chunks"]):
-                size = conn.read_bulk_header()
-                if size < 0:
-                    raise MissingBlobError(f"blob {ref['key']} has expired or was deleted")
-                conn.read_into(buffer[pos:pos + size])
-                conn.read_line()  # the CRLF after the value
-                pos += size
+        try:
+            with _RespConnection(self._redis.connection_pool.connection_kwargs) as conn:
+                conn.send(*(("GET", f"{ref['key']}:{i}") for i in range(ref["chunks"])))
+                pos = 0
+                for _ in range(ref["chunks"]):
+                    size = conn.read_bulk_header()
+                    if size < 0:
+                        raise MissingBlobError(f"blob {ref['key']} has expired or was deleted")
+                    conn.read_into(buffer[pos:pos + size])
+                    conn.read_line()  # the CRLF after the value
+                    pos += size
+        except OSError as exc:  # as redis-py reports it, so that its retry applies
+            raise redis.ConnectionError(f"lost Redis while reading blob {ref['key']}: {exc}") from None
         return buffer
 
     def delete(self, ref: dict[str, Any]) -> None:

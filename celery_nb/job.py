@@ -36,6 +36,7 @@ class Job:
         self.status = "queued"
         self.worker: str | None = None
         self.container: str | None = None  # "warm" (reused from the worker's pool) or "cold"
+        self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         self.timings: dict[str, float] = {}
         self.error: CeleryNBError | None = None
@@ -61,6 +62,7 @@ class Job:
             if kind == "status":
                 self.status = event["status"]
                 self.worker = event.get("worker", self.worker)
+                self.attempts = event.get("attempt", self.attempts)
                 if self.status == "starting":
                     self.timings["received"] = event["t"]
                 elif self.status == "running":
@@ -225,6 +227,8 @@ class Job:
     def summary(self) -> str:
         """One line: what, where, status, time; plus progress."""
         where = f" on {self.worker}" if self.worker else ""
+        if self.attempts > 1:
+            where += f" (attempt {self.attempts})"
         line = f"celery_nb job {self.id[:12]} [{self.image}] {self.label}: {self.status}{where} after {self.elapsed:.1f} s"
         if self.progress:
             line += f" | {self.progress_text()}"

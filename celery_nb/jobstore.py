@@ -8,16 +8,42 @@ it in memory (kernel and worker share the process).
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 Event = dict[str, Any]
 START = "0"  # cursor before the first event
 DEFAULT_TTL = 24 * 3600  # seconds a finished job's events stay readable
+DEFAULT_PATIENCE = 5.0  # s a kernel retries while Redis is away (its job follower then keeps trying)
+_RETRY_CAP = 1.0  # s between two attempts to reach a Redis that went away, at most
+
+
+def redis_retry(patience: float) -> Retry:
+    """Reconnect and retry for about ``patience`` seconds when Redis goes away (restart,
+    failover) before giving up: waits of 0.1, 0.2, 0.4, 0.8, then 1 s."""
+    return Retry(ExponentialBackoff(cap=_RETRY_CAP, base=0.05), retries=math.ceil(patience / _RETRY_CAP) + 3)
+
+
+def connect_redis(url: str, patience: float = DEFAULT_PATIENCE) -> redis.Redis:
+    """A Redis client with the retries of redis_retry(patience)."""
+    return redis.Redis.from_url(url, retry=redis_retry(patience))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker that received a job may do with it (JobStore.claim)."""
+
+    outcome: str  # "run" (the lease is ours), "held" (a live run has it), "done" (finished), "cancelled"
+    attempt: int = 0  # which run of the job this is (1: the first), for "run"
+    holder: str = ""  # who holds the lease, for "held"
 
 
 class JobStore(Protocol):
@@ -42,6 +68,19 @@ class JobStore(Protocol):
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
+    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
+        """Take the job's lease for ``lease`` seconds, unless a live run holds it or the job
+        is finished or cancelled; each new holder counts as one more attempt. A message the
+        broker delivers twice (a worker that died, an ack lost with the broker) runs once."""
+
+    def renew(self, leases: dict[str, str], lease: float) -> set[str]:
+        """Extend the leases {job id: holder} by ``lease`` seconds; returns the jobs whose lease
+        another holder has taken meanwhile."""
+
+    def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
+        """Append the job's final event and release its lease, unless it already has one
+        (then False: another run finished it first)."""
+
     local: bool
     """True when the store lives in this process (its calls cost no round trip)."""
 
@@ -58,6 +97,8 @@ class MemoryJobStore:
     def __init__(self) -> None:
         self._events: dict[str, list[Event]] = {}
         self._cancelled: set[str] = set()
+        self._attempts: dict[str, int] = {}
+        self._finished: set[str] = set()
         self._changed = threading.Condition()
         self._rings = 0
 
@@ -102,6 +143,28 @@ class MemoryJobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return job_id in self._cancelled
 
+    # The memory transport never delivers a message twice: one claim per job, nothing to renew.
+    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
+        with self._changed:
+            if job_id in self._finished:
+                return Claim("done")
+            if job_id in self._cancelled:
+                return Claim("cancelled")
+            self._attempts[job_id] = self._attempts.get(job_id, 0) + 1
+            return Claim("run", self._attempts[job_id])
+
+    def renew(self, leases: dict[str, str], lease: float) -> set[str]:
+        return set()
+
+    def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
+        with self._changed:
+            if job_id in self._finished:
+                return False
+            self._finished.add(job_id)
+            self._attempts.pop(job_id, None)
+        self.append(job_id, event, blob)
+        return True
+
 
 class _MemoryWaker:
     def __init__(self, store: MemoryJobStore) -> None:
@@ -129,14 +192,61 @@ class _RedisWaker:
         pipe.expire(self.key, 3600)
 
 
+# KEYS: done, cancel, lease, attempts; ARGV: holder, lease ms, ttl s -> {outcome, attempt, holder}
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'done', 0, ''} end
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[1] then return {'held', 0, holder} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancelled', 0, ''} end
+local attempt
+if holder then  -- our own claim, sent again after a lost reply
+  attempt = tonumber(redis.call('GET', KEYS[4]) or 1)
+else
+  attempt = redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+return {'run', attempt, ''}
+"""
+# KEYS: lease and done key of each job; ARGV: lease ms, then each job's holder -> indexes of lost leases
+_RENEW = """
+local lost = {}
+for i = 1, #KEYS / 2 do
+  local holder = redis.call('GET', KEYS[2 * i - 1])
+  if holder and holder ~= ARGV[i + 1] then
+    table.insert(lost, i)
+  elseif redis.call('EXISTS', KEYS[2 * i]) == 0 then  -- (expired while Redis was away: taken again)
+    redis.call('SET', KEYS[2 * i - 1], ARGV[i + 1], 'PX', ARGV[1])
+  end
+end
+return lost
+"""
+# KEYS: done, events, lease; ARGV: ttl s, event json[, blob] -> 1 if appended
+_FINISH = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+if ARGV[3] then redis.call('XADD', KEYS[2], '*', 'e', ARGV[2], 'b', ARGV[3])
+else redis.call('XADD', KEYS[2], '*', 'e', ARGV[2]) end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
 class RedisJobStore:
-    """Redis streams (``celery_nb:events:<job>``) and flags, expiring after ``ttl`` seconds."""
+    """Redis streams (``celery_nb:events:<job>``), flags and leases, expiring after ``ttl`` seconds.
+
+    ``patience``: seconds to keep retrying while Redis is away (see connect_redis); a worker's
+    running jobs must outlive a Redis restart.
+    """
 
     local = False
 
-    def __init__(self, url: str, ttl: int = DEFAULT_TTL) -> None:
-        self._redis = redis.Redis.from_url(url)
+    def __init__(self, url: str, ttl: int = DEFAULT_TTL, patience: float = DEFAULT_PATIENCE) -> None:
+        self._redis = connect_redis(url, patience)
         self._ttl = ttl
+        self._claim = self._redis.register_script(_CLAIM)
+        self._renew = self._redis.register_script(_RENEW)
+        self._finish = self._redis.register_script(_FINISH)
 
     @staticmethod
     def _events_key(job_id: str) -> str:
@@ -198,3 +308,25 @@ class RedisJobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self._redis.exists(self._cancel_key(job_id)))
+
+    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
+        outcome, attempt, held_by = self._claim(
+            keys=[f"celery_nb:done:{job_id}", self._cancel_key(job_id), f"celery_nb:lease:{job_id}",
+                  f"celery_nb:attempts:{job_id}"],
+            args=[holder, int(lease * 1000), self._ttl])
+        return Claim(outcome.decode(), int(attempt), held_by.decode())
+
+    def renew(self, leases: dict[str, str], lease: float) -> set[str]:
+        if not leases:
+            return set()
+        jobs = list(leases)
+        keys = [key for job_id in jobs for key in (f"celery_nb:lease:{job_id}", f"celery_nb:done:{job_id}")]
+        lost = self._renew(keys=keys, args=[int(lease * 1000), *leases.values()])
+        return {jobs[i - 1] for i in lost}
+
+    def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
+        args: list[Any] = [self._ttl, json.dumps(event)]
+        if blob is not None:
+            args.append(blob)
+        return bool(self._finish(keys=[f"celery_nb:done:{job_id}", self._events_key(job_id),
+                                       f"celery_nb:lease:{job_id}"], args=args))

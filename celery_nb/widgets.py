@@ -103,6 +103,8 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
         if job.container:
             worker += f" ({job.container} container)"
+        if job.attempts > 1:  # its first worker died; the job ran again from the start
+            worker += f' · <span class="celery-nb-attempt">attempt {job.attempts}</span>'
         self.title.value = (f'<span class="celery-nb-title">&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
                             f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}</span>')
         self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'

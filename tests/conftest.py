@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from celery_nb import Client
-from celery_nb.worker.containers import LABEL_JOB
+from celery_nb.worker.containers import LABEL_JOB, LABEL_WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only
@@ -128,3 +128,8 @@ def assert_container_removed(docker_client: docker.DockerClient, job_id: str) ->
     while docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_JOB}={job_id}"}):
         assert time.monotonic() < deadline, f"container of job {job_id} still exists after 5 s"
         time.sleep(0.05)
+
+
+def worker_containers(docker_client: docker.DockerClient, worker: str) -> list:
+    """The containers (running or not) that carry worker node name ``worker``'s label."""
+    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_WORKER}={worker}"})

@@ -11,13 +11,9 @@ import pytest
 
 from celery_nb import Client
 from celery_nb.worker.containers import LABEL_OWNER, LABEL_WORKER
-from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process
+from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process, worker_containers
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"
-
-
-def _worker_containers(docker_client: docker.DockerClient, worker: str) -> list:
-    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_WORKER}={worker}"})
 
 
 def _wait_until(condition, timeout: float, what: str) -> None:
@@ -75,7 +71,7 @@ def pool_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[
 def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, docker_client: docker.DockerClient) -> None:
     proc, worker, leftover_id = pool_worker
     # a container left by an earlier run of a worker with this name is removed at start
-    _wait_until(lambda: leftover_id not in {c.id for c in _worker_containers(docker_client, worker)}, 10,
+    _wait_until(lambda: leftover_id not in {c.id for c in worker_containers(docker_client, worker)}, 10,
                 "leftover container not removed at worker start")
     jobs = []
     for _ in range(3):  # one after the other, so they share one container until max jobs (2)
@@ -85,13 +81,13 @@ def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, dock
     hosts = [job.result()["host"] for job in jobs]
     assert hosts[0] == hosts[1] != hosts[2]
     assert [job.container for job in jobs] == ["cold", "warm", "cold"]
-    assert len(_worker_containers(docker_client, worker)) == 1  # the replaced one is gone
+    assert len(worker_containers(docker_client, worker)) == 1  # the replaced one is gone
     # idle for longer than CELERY_NB_POOL_IDLE_TIMEOUT=2: reaped
-    _wait_until(lambda: not _worker_containers(docker_client, worker), 10, "idle container not reaped")
+    _wait_until(lambda: not worker_containers(docker_client, worker), 10, "idle container not reaped")
     redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq").result(timeout=60)
-    assert len(_worker_containers(docker_client, worker)) == 1
+    assert len(worker_containers(docker_client, worker)) == 1
     stop_process(proc)  # a worker that stops removes its idle containers
-    assert not _worker_containers(docker_client, worker)
+    assert not worker_containers(docker_client, worker)
 
 
 def test_a_warm_container_that_died_while_idle_is_replaced(redis_client: Client,

@@ -1,28 +1,75 @@
 """The Celery app shared by kernels (to send jobs) and workers (to run them)."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery, Task
+from kombu.transport import redis as kombu_redis
 from celery.signals import celeryd_after_setup, task_revoked, worker_shutdown
 
 from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.blobs import BlobStore
-from celery_nb.jobstore import JobStore
+from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore, connect_redis, redis_retry
 from celery_nb.signing import Signer
 from celery_nb.worker.containers import ContainerPool, PoolSettings, connect
+from celery_nb.worker.leases import RENEW_INTERVAL, LeaseKeeper, UnackedIndex
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb.worker.tasks import WorkerServices, report_revoked, run_job
 
 TASK_NAME = "celery_nb.run_job"
 EMBEDDED_BROKER = "memory://"
+# A job whose worker died runs again elsewhere after about this long: a live worker keeps its
+# jobs' messages younger than this (celery_nb.worker.leases), however long they run, so it only
+# bounds how soon a crash is noticed. Generous: the clocks of kernels and workers may differ.
+DEFAULT_VISIBILITY_TIMEOUT = 300.0
+
+
+def visibility_timeout() -> float:
+    """CELERY_NB_VISIBILITY_TIMEOUT (s): set the same on workers and kernels (any of them may
+    hand a message back to the queue)."""
+    raw = os.environ.get("CELERY_NB_VISIBILITY_TIMEOUT", str(DEFAULT_VISIBILITY_TIMEOUT))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={raw!r} is not a number of seconds") from None
+    if value < 2 * RENEW_INTERVAL + 1:
+        raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={value:g} is too short: a live worker renews its jobs "
+                         f"every {RENEW_INTERVAL:g} s; use at least {2 * RENEW_INTERVAL + 1:g} s")
+    return value
+
+
+def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
+    """kombu's Redis transport whose plain commands retry for ``patience`` s while Redis is away.
+
+    kombu takes a message off the queue (BRPOP), then records it as unacked with a second
+    command: were that one to fail, the message would be lost. Acks, publishes and restores go
+    through the same connections. The consumer's own (BRPOP) connection still fails at once,
+    so that the worker notices and reconnects.
+    """
+    retry = redis_retry(patience)
+
+    class Channel(kombu_redis.Channel):
+        def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+            params = super()._connparams(asynchronous)
+            if not asynchronous:
+                params["retry"] = retry
+            return params
+
+    class Transport(kombu_redis.Transport):
+        pass
+
+    Transport.Channel = Channel
+    return Transport
 
 
 def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: WorkerPolicy | None = None,
-             worker_name: str | None = None, signer: Signer | None = None) -> Celery:
+             worker_name: str | None = None, signer: Signer | None = None,
+             broker_patience: float = DEFAULT_PATIENCE) -> Celery:
     """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker).
 
     ``worker_name`` is what jobs report as their worker (default: the Celery node name).
+    ``broker_patience``: seconds its broker commands retry while Redis is away.
     ``app.celery_nb_pool`` is the worker's warm container pool.
     """
     app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
@@ -35,32 +82,52 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
         task_default_queue=DEFAULT_QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # a lost broker connection must not stop running jobs: their messages come back after
+        # the visibility timeout, and the job store drops those of finished jobs (JobStore.claim)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,  # a long cell must not hold back jobs another worker could run
         # task events (for Flower) cost round trips on every job: on with `celery-nb worker -E`
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=broker_url is not None,
     )
+    unacked = None
     if broker_url is None:
         # the memory transport polls; its 1 s default would add up to a second per job
         app.conf.broker_transport_options = {"polling_interval": 0.005}  # ~1% of a core while idle
+    else:
+        timeout = visibility_timeout()
+        app.conf.broker_transport_options = {
+            "visibility_timeout": timeout,
+            # kombu looks for messages to hand out again every interval x throttle s (100 s by default)
+            "unacked_restore_interval": max(1.0, min(10.0, timeout / 5)),
+            "unacked_restore_throttle": 1,
+        }
+        if broker_url.startswith("redis://"):  # (rediss:// and sentinel:// have transports of their own)
+            app.conf.broker_transport = patient_redis_transport(broker_patience)
+        unacked = UnackedIndex(connect_redis(broker_url), "unacked_index")  # kombu's key (no key prefix set)
     pool = ContainerPool(worker_name or "", PoolSettings.from_env())
-    services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool, signer or Signer())
+    services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool, signer or Signer(),
+                              LeaseKeeper(store, unacked))
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store
     def run(task: Task, request: dict[str, Any]) -> dict[str, Any]:
-        return run_job(request, services, worker=worker_name or task.request.hostname)
+        delivery_tag = (task.request.properties or {}).get("delivery_tag")
+        return run_job(request, services, worker=worker_name or task.request.hostname, delivery_tag=delivery_tag)
 
     @task_revoked.connect(weak=False)
     def _report_revoked(sender: Any, request: Any, **_kwargs: Any) -> None:
         if getattr(sender, "name", None) == TASK_NAME and sender.app is app:
-            report_revoked(store, request.id, worker_name or request.hostname)
+            args = getattr(request, "args", None) or [None]  # the job request, if Celery decoded it
+            report_revoked(services, request.id, worker_name or request.hostname,
+                           args[0] if isinstance(args[0], dict) else None)
 
     @celeryd_after_setup.connect(weak=False)
     def _name_pool(sender: str, instance: Any, **_kwargs: Any) -> None:
         if instance.app is app and not worker_name:
             pool.worker = sender
             pool.remove_leftovers(connect)  # from an earlier run of a worker with this name
+            pool.watch_for_orphans(connect)
 
     @worker_shutdown.connect(weak=False)
     def _empty_pool(sender: Any, **_kwargs: Any) -> None:

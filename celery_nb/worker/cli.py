@@ -13,6 +13,8 @@ from celery_nb.blobs import RedisBlobStore
 from celery_nb.jobstore import RedisJobStore
 from celery_nb.worker.app import make_app
 
+WORKER_PATIENCE = 300.0  # s a worker keeps retrying while Redis is away
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -30,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args, celery_args = parser.parse_known_args(argv)
     if not args.broker:
         parser.error("no broker: pass --broker redis://HOST:6379/0 or set CELERY_NB_BROKER_URL")
-    app = make_app(args.broker, RedisJobStore(args.broker), RedisBlobStore(args.broker))
+    # a job's events and blobs wait out a Redis restart rather than fail the job
+    app = make_app(args.broker, RedisJobStore(args.broker, patience=WORKER_PATIENCE),
+                   RedisBlobStore(args.broker, patience=WORKER_PATIENCE), broker_patience=WORKER_PATIENCE)
     # Jobs wait on Docker, not on the CPU: threads are enough and start instantly. Gossip and
     # mingle (worker-to-worker chatter at start and on every event) cost every job latency and
     # celery_nb needs neither.

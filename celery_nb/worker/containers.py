@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import cloudpickle
@@ -283,13 +283,17 @@ class PoolSettings:
     size: int = 4  # CELERY_NB_POOL_SIZE: idle containers kept per (image, limits); 0 turns the pool off
     idle_timeout: float = 300.0  # CELERY_NB_POOL_IDLE_TIMEOUT: seconds before an idle container is removed
     max_jobs: int = 100  # CELERY_NB_POOL_MAX_JOBS: jobs a container runs before it is replaced
+    # CELERY_NB_ORPHAN_INTERVAL: seconds between two looks for containers of dead processes on this
+    # host (a worker killed mid-job leaves its job running in them)
+    orphan_interval: float = 30.0
 
     @classmethod
     def from_env(cls) -> PoolSettings:
         env = os.environ
         return cls(size=int(env.get("CELERY_NB_POOL_SIZE", cls.size)),
                    idle_timeout=float(env.get("CELERY_NB_POOL_IDLE_TIMEOUT", cls.idle_timeout)),
-                   max_jobs=int(env.get("CELERY_NB_POOL_MAX_JOBS", cls.max_jobs)))
+                   max_jobs=int(env.get("CELERY_NB_POOL_MAX_JOBS", cls.max_jobs)),
+                   orphan_interval=float(env.get("CELERY_NB_ORPHAN_INTERVAL", cls.orphan_interval)))
 
 
 _RETURN_WAIT = 2.0  # s a job may wait for a container whose previous job is just ending (a cold start costs more)
@@ -403,16 +407,39 @@ class ContainerPool:
         # ignore_removed: another worker may remove a listed container before it is inspected
         leftovers = {c.id: c for c in client.containers.list(
             all=True, filters={"label": f"{LABEL_WORKER}={self.worker}"}, ignore_removed=True)}
-        for container in client.containers.list(all=True, filters={"label": LABEL_OWNER}, ignore_removed=True):
-            host, _, pid = container.labels[LABEL_OWNER].rpartition(":")
-            if host == socket.gethostname() and not _alive(int(pid)):
-                leftovers[container.id] = container
-        for container in leftovers.values():
-            try:
-                container.remove(force=True)
-            except docker.errors.NotFound:
-                pass
+        leftovers.update(_orphans(client))
+        _remove(leftovers.values())
         return len(leftovers)
+
+    def watch_for_orphans(self, client_factory: Callable[[], docker.DockerClient]) -> None:
+        """Until shutdown, remove the containers of processes on this host that died (a worker
+        killed mid-job: its job keeps running in them while another worker runs it again)."""
+        def sweep() -> None:
+            while not self._stopped.wait(self.settings.orphan_interval):
+                try:
+                    _remove(_orphans(client_factory()).values())
+                except (DockerUnavailableError, docker.errors.DockerException):
+                    pass  # Docker away for now: the next look
+
+        threading.Thread(target=sweep, name="celery_nb-orphans", daemon=True).start()
+
+
+def _orphans(client: docker.DockerClient) -> dict[str, docker.models.containers.Container]:
+    """Containers created by a process of this host that is no longer alive."""
+    orphans = {}
+    for container in client.containers.list(all=True, filters={"label": LABEL_OWNER}, ignore_removed=True):
+        host, _, pid = container.labels[LABEL_OWNER].rpartition(":")
+        if host == socket.gethostname() and not _alive(int(pid)):
+            orphans[container.id] = container
+    return orphans
+
+
+def _remove(containers: Iterable[docker.models.containers.Container]) -> None:
+    for container in containers:
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
 
 
 def _alive(pid: int) -> bool:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import logging
 import time
+import uuid
 from typing import Any
 
 from dataclasses import dataclass
@@ -17,14 +19,17 @@ from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
 from celery_nb.config import format_memory
 from celery_nb.errors import CeleryNBError, SignatureError, error_kind
 from celery_nb.signing import Signer, digest
-from celery_nb.jobstore import JobStore
+from celery_nb.jobstore import Claim, JobStore
 from celery_nb.worker import containers
+from celery_nb.worker.leases import LEASE, LeaseKeeper
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb_runtime import protocol
 
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
 _END_GRACE = 5.0  # s a job's process may take to exit after its result, before its container is dropped
 _RELAYED_EVENT_TYPES = {"progress", "display"}  # display: rich output, at most ~1 MiB each (the runtime sees to it)
+_HELD_POLL_INTERVAL = 1.0  # s; how often a job delivered twice checks on the run that holds it
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,16 @@ class WorkerServices:
     policy: WorkerPolicy
     pool: containers.ContainerPool
     signer: Signer
+    leases: LeaseKeeper
 
 
 class JobRun:
     """Runs one job request and writes its events; returns the final status."""
 
-    def __init__(self, services: WorkerServices, request: dict[str, Any], worker: str) -> None:
+    def __init__(self, services: WorkerServices, request: dict[str, Any], worker: str,
+                 delivery_tag: str | None = None) -> None:
         self.store = services.store
+        self.leases = services.leases
         self.blobs = services.blobs
         self.policy = services.policy
         self.pool = services.pool
@@ -50,6 +58,8 @@ class JobRun:
         self.request = request
         self.job_id: str = request["job_id"]
         self.worker = worker
+        self.run_id = f"{worker}/{uuid.uuid4().hex[:12]}"  # this run's hold on the job's lease
+        self.delivery_tag = delivery_tag  # of the broker message, kept unacked until the job ends
         self.timings: dict[str, float] = {"received": time.time()}
         self._starting: dict[str, Any] | None = {"type": "status", "status": "starting", "worker": worker,
                                                  "t": self.timings["received"]}
@@ -77,10 +87,37 @@ class JobRun:
                 f"CELERY_NB_SECRET, or was altered on the way; nothing ran. Set the same CELERY_NB_SECRET for "
                 f"the kernel and the workers.")}
             return self._finish("failed")
-        # A job cancelled while queued was revoked (see report_revoked); the flag also covers a
-        # worker that missed the broadcast, but costs a round trip to Redis: checked in-process only
-        if self.store.local and self.store.cancel_requested(self.job_id):
-            return self._finish("cancelled")
+        self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=False)
+        try:
+            claim = self.store.claim(self.job_id, self.run_id, LEASE)
+            if claim.outcome == "held":
+                claim = self._wait_for_holder(claim.holder)
+            if claim.outcome == "done":  # a message delivered again after its job had ended
+                log.info("celery_nb: job %s has already finished; its message delivered again is dropped", self.job_id)
+                drop_payload(self.blobs, self.request)
+                return "duplicate"
+            if claim.outcome == "cancelled":  # also covers a worker that missed the revoke broadcast
+                return self._finish("cancelled")
+            self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=True)
+            self._starting["attempt"] = claim.attempt
+            if claim.attempt > 1:
+                log.warning("celery_nb: job %s runs again (attempt %d): its previous run's worker stopped",
+                            self.job_id, claim.attempt)
+            return self._run()
+        finally:
+            self.leases.drop(self.run_id)
+
+    def _wait_for_holder(self, holder: str) -> Claim:
+        """The job was delivered twice and another run holds it: wait until that run ends the
+        job or stops renewing its lease (its worker died), then claim again."""
+        log.info("celery_nb: job %s is held by %s; waiting for it to end", self.job_id, holder)
+        while True:
+            time.sleep(_HELD_POLL_INTERVAL)
+            claim = self.store.claim(self.job_id, self.run_id, LEASE)
+            if claim.outcome != "held":
+                return claim
+
+    def _run(self) -> str:
         runtime, reusable = None, False
         fresh = bool(self.request.get("fresh"))
         try:
@@ -114,8 +151,6 @@ class JobRun:
                 f"the worker {self.worker} failed while running the job: {type(exc).__name__}: {exc}")}
             return self._finish("failed")
         finally:
-            if "payload_ref" in self.request:
-                self.blobs.delete(self.request["payload_ref"])
             if runtime is not None:
                 if reusable and not fresh:
                     self.pool.checkin(runtime, was_returning=self._returning)
@@ -153,6 +188,10 @@ class JobRun:
             if status is None and self.store.cancel_requested(self.job_id):
                 runtime.kill()
                 return self._finish("cancelled"), False
+            if status is None and self.leases.lost(self.run_id):  # another worker runs it now
+                runtime.kill()
+                log.warning("celery_nb: job %s was taken over by another worker; this run stops", self.job_id)
+                return "superseded", False
             if deadline is not None and time.monotonic() > deadline:
                 runtime.kill()
                 if status is not None:  # reported, but its process would not exit
@@ -231,7 +270,13 @@ class JobRun:
         if result is not None and memoryview(result).nbytes > BLOB_THRESHOLD:
             done["result_ref"] = self.blobs.put([result])  # collected (and deleted) by the kernel
             result = None
-        self.emit(done, blob=result)
+        if not self.store.finish(self.job_id, {**done, "t": time.time()}, blob=result):
+            log.warning("celery_nb: job %s was finished by another run first; this run's end (%s) is dropped",
+                        self.job_id, status)
+            if "result_ref" in done:
+                self.blobs.delete(done["result_ref"])
+            return "superseded"
+        drop_payload(self.blobs, self.request)  # only the run that ends the job: another may still read it
         return status
 
 
@@ -241,14 +286,22 @@ def _out_of_memory(runtime: containers.RuntimeContainer, what: str) -> dict[str,
         f"{format_memory(runtime.limits.memory)}; raise --memory or process the data in smaller pieces")}
 
 
-def report_revoked(store: JobStore, job_id: str, worker: str) -> None:
+def drop_payload(blobs: BlobStore, request: dict[str, Any]) -> None:
+    """Delete a big payload that travelled as a blob: its job has ended."""
+    if "payload_ref" in request:
+        blobs.delete(request["payload_ref"])
+
+
+def report_revoked(services: WorkerServices, job_id: str, worker: str, request: dict[str, Any] | None) -> None:
     """A job cancelled while queued: Celery dropped its message; its kernel still hears of it."""
     now = time.time()
-    store.append(job_id, {"type": "done", "status": "cancelled", "error": None, "worker": worker,
-                          "timings": {"received": now, "finished": now}, "t": now})
+    if services.store.finish(job_id, {"type": "done", "status": "cancelled", "error": None, "worker": worker,
+                                      "timings": {"received": now, "finished": now}, "t": now}) and request:
+        drop_payload(services.blobs, request)
 
 
-def run_job(request: dict[str, Any], services: WorkerServices, worker: str) -> dict[str, Any]:
+def run_job(request: dict[str, Any], services: WorkerServices, worker: str,
+            delivery_tag: str | None = None) -> dict[str, Any]:
     """Celery task body (registered by celery_nb.worker.app.make_app)."""
-    status = JobRun(services, request, worker).run()
+    status = JobRun(services, request, worker, delivery_tag).run()
     return {"job_id": request["job_id"], "status": status, "image": request["image"]}
