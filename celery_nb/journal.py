@@ -7,8 +7,11 @@ kept without their password.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import queue
+import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -45,19 +48,48 @@ class JournalEntry:
     kernel_pid: int
 
 
+_pending: queue.SimpleQueue[JournalEntry] = queue.SimpleQueue()
+_write_lock = threading.Lock()
+_writer: threading.Thread | None = None
+
+
 def record(entry: JournalEntry) -> None:
-    path = journal_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(asdict(entry)) + "\n")
-        size = f.tell()
-    if size > _MAX_BYTES:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        path.write_text("".join(lines[len(lines) // 2:]), encoding="utf-8")
+    """Note a job. A background thread writes it: a file append must not delay the job."""
+    global _writer
+    _pending.put(entry)
+    with _write_lock:
+        if _writer is None:
+            _writer = threading.Thread(target=_write_forever, name="celery_nb-journal", daemon=True)
+            _writer.start()
+            atexit.register(_write_pending)
+
+
+def _write_forever() -> None:
+    while True:
+        _pending.put(_pending.get())  # wait for an entry, then write it with any that came meanwhile
+        _write_pending()
+
+
+def _write_pending() -> None:
+    with _write_lock:
+        lines = []
+        while not _pending.empty():
+            lines.append(json.dumps(asdict(_pending.get_nowait())) + "\n")
+        if not lines:
+            return
+        path = journal_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            size = f.tell()
+        if size > _MAX_BYTES:
+            kept = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            path.write_text("".join(kept[len(kept) // 2:]), encoding="utf-8")
 
 
 def entries(broker_url: str) -> list[JournalEntry]:
     """Jobs sent to ``broker_url`` whose events may still be readable, oldest first."""
+    _write_pending()
     try:
         lines = journal_path().read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

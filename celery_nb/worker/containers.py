@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import mmap
 import os
 import socket
 import struct
@@ -188,11 +189,17 @@ class RuntimeContainer:
         finally:
             self.sock.settimeout(None)
 
-    def read_spooled(self, path: str) -> bytearray:
-        """Read and delete a result the job spooled to a file in the container."""
+    def read_spooled(self, path: str, copy: bool) -> bytearray | mmap.mmap:
+        """The result a job spooled to a file in the container (the file is deleted): mapped,
+        with no copy, or (``copy``) copied out, so that values the caller keeps for long do not
+        hold the container's memory (its /dev/shm counts against its limit)."""
         with open(f"{self.spool_root}{path}", "rb") as f:
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            f.readinto(data)
+            size = os.fstat(f.fileno()).st_size
+            if copy:
+                data: bytearray | mmap.mmap = bytearray(size)
+                f.readinto(data)
+            else:
+                data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
         os.unlink(f"{self.spool_root}{path}")
         return data
 
@@ -351,9 +358,10 @@ class ContainerPool:
             self._returned(runtime, was_returning)
         runtime.remove()
 
-    def checkin(self, runtime: RuntimeContainer, was_returning: bool = False) -> None:
-        """Keep a healthy container for later jobs, or remove it if the pool has no room."""
-        runtime.jobs_run += 1
+    def checkin(self, runtime: RuntimeContainer, was_returning: bool = False, ran: bool = True) -> None:
+        """Keep a healthy container for later jobs, or remove it if the pool has no room.
+        ``ran``: whether a job ran in it (one that was checked out for nothing: False)."""
+        runtime.jobs_run += ran
         runtime.last_used = time.monotonic()
         with self._lock:
             idle = self._idle.setdefault(runtime.pool_key, [])

@@ -72,13 +72,11 @@ class JobRun:
     def emit(self, event: dict[str, Any], blob: bytes | None = None) -> None:
         self.store.append(self.job_id, {**event, "t": time.time()}, blob)
 
-    def _report_starting(self, *more: dict[str, Any]) -> None:
-        """The "starting" event (once), with any events that follow it, in one round trip:
-        a warm start is too quick to be worth a round trip of its own."""
-        events = [self._starting, *more] if self._starting else list(more)
-        self._starting = None
-        if events:
-            self.store.append_many(self.job_id, events)
+    def _report_starting(self) -> None:
+        """The "starting" event, once (a warm start reports it with its claim)."""
+        if self._starting:
+            self.store.append(self.job_id, self._starting)
+            self._starting = None
 
     def run(self) -> str:
         if not self.signer.verify(self.request):
@@ -88,8 +86,14 @@ class JobRun:
                 f"the kernel and the workers.")}
             return self._finish("failed")
         self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=False)
+        warm = self._warm_container()
         try:
-            claim = self.store.claim(self.job_id, self.run_id, LEASE)
+            # a warm start is reported with the claim, in one round trip
+            start_events = self._start_events("warm") if warm is not None else None
+            claim = self.store.claim(self.job_id, self.run_id, LEASE, then=start_events)
+            if claim.outcome != "run" and warm is not None:
+                self.pool.checkin(warm, ran=False)
+                warm = None
             if claim.outcome == "held":
                 claim = self._wait_for_holder(claim.holder)
             if claim.outcome == "done":  # a message delivered again after its job had ended
@@ -99,13 +103,34 @@ class JobRun:
             if claim.outcome == "cancelled":  # also covers a worker that missed the revoke broadcast
                 return self._finish("cancelled")
             self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=True)
-            self._starting["attempt"] = claim.attempt
+            if warm is not None:  # reported with the claim
+                self._starting = None
+                self.timings["started"] = start_events[-1]["t"]
+            else:
+                self._starting["attempt"] = claim.attempt
             if claim.attempt > 1:
                 log.warning("celery_nb: job %s runs again (attempt %d): its previous run's worker stopped",
                             self.job_id, claim.attempt)
-            return self._run()
+            return self._run(warm)
         finally:
             self.leases.drop(self.run_id)
+
+    def _warm_container(self) -> containers.RuntimeContainer | None:
+        """An idle container of the pool for this job, if there is one (and the job may run)."""
+        if self.request.get("fresh"):
+            return None
+        try:
+            limits = self.policy.limits_for(self.request["image"], self.request.get("limits", {}))
+        except CeleryNBError:
+            return None  # refused: reported once the job is claimed
+        return self.pool.checkout(containers.pool_key(self.request["image"], limits))
+
+    def _start_events(self, container: str) -> list[dict[str, Any]]:
+        """The "starting" event (unless reported) and "running", timed now: the request goes
+        to the container next."""
+        running = {"type": "status", "status": "running", "worker": self.worker, "container": container,
+                   "t": time.time()}
+        return [self._starting, running] if self._starting else [running]
 
     def _wait_for_holder(self, holder: str) -> Claim:
         """The job was delivered twice and another run holds it: wait until that run ends the
@@ -117,30 +142,28 @@ class JobRun:
             if claim.outcome != "held":
                 return claim
 
-    def _run(self) -> str:
-        runtime, reusable = None, False
+    def _run(self, runtime: containers.RuntimeContainer | None) -> str:
+        """Run the claimed job: in ``runtime`` (a warm container whose start is already
+        reported) or in a container started now."""
+        reusable = False
         fresh = bool(self.request.get("fresh"))
         try:
             image = self.request["image"]
             limits = self.policy.limits_for(image, self.request.get("limits", {}))
-            key = containers.pool_key(image, limits)
-            runtime = None if fresh else self.pool.checkout(key)
-            container = "warm"
             if runtime is not None:
                 runtime.send(self._request_for(runtime))
             else:
-                container = "cold"
                 self._report_starting()  # a container start takes a while: say so now
                 client = containers.connect()
                 containers.ensure_image(client, image, self.policy.pull)
                 runtime = containers.start_container(
-                    client, image, limits, pool_key=key,
+                    client, image, limits, pool_key=containers.pool_key(image, limits),
                     labels={containers.LABEL_JOB: self.job_id, containers.LABEL_TASK: self.job_id,
                             containers.LABEL_WORKER: self.worker})
                 runtime.send(self._request_for(runtime))
-            self.timings["started"] = time.time()
-            self._report_starting({"type": "status", "status": "running", "worker": self.worker,
-                                   "container": container, "t": self.timings["started"]})
+                events = self._start_events("cold")
+                self.timings["started"] = events[-1]["t"]
+                self.store.append_many(self.job_id, events)
             status, reusable = self._supervise(runtime, limits.timeout)
             return status
         except CeleryNBError as exc:
@@ -256,7 +279,9 @@ class JobRun:
         elif kind == protocol.FRAME_RESULT:
             self._result = body
         elif kind == protocol.FRAME_RESULT_FILE:
-            self._result = runtime.read_spooled(json.loads(body)["path"])
+            # a worker that sends it on to Redis needs no copy; a kernel's own (embedded) worker
+            # copies it, as the kernel keeps the values
+            self._result = runtime.read_spooled(json.loads(body)["path"], copy=self.store.local)
         elif kind == protocol.FRAME_ERROR:
             self._error = json.loads(body)
 
