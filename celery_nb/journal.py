@@ -65,7 +65,7 @@ def record(entry: JournalEntry) -> None:
 
 
 def _write_forever() -> None:
-    while True:
+    while True:  # at once: the journal is for kernels that die, maybe right after sending a job
         _pending.put(_pending.get())  # wait for an entry, then write it with any that came meanwhile
         _write_pending()
 

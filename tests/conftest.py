@@ -6,6 +6,8 @@ never a silent skip.
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
 import sys
 import time
@@ -83,6 +85,19 @@ def start_worker(broker_url: str, queue: str, name: str, env: dict[str, str] | N
             return proc
     proc.kill()
     raise RuntimeError(f"worker {name} did not answer a ping within 60 s; see {log.name}")
+
+
+def free_port(ports: range) -> int:
+    """A port of ``ports`` (picked at random) that is free now. Keep such ranges below the
+    ephemeral ports (32768+ here), which outgoing connections take at any time."""
+    for port in random.sample(ports, len(ports)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports}")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import docker
 import nbformat
 import pytest
 
-from tests.conftest import IMAGE, NOTEBOOK_IMAGES, ROOT, _unavailable, stop_process
+from tests.conftest import IMAGE, NOTEBOOK_IMAGES, ROOT, _unavailable, free_port, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
@@ -40,17 +39,6 @@ CELL_STATE_JS = """cell => {
             bar: bar ? parseFloat(bar.style.width) : null, timings: text('.celery-nb-timings'),
             title: text('.celery-nb-title'), output: text('.jp-OutputArea') || ''};
 }"""
-
-
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def _api(url: str, token: str, path: str, method: str = "GET") -> object:
@@ -77,7 +65,7 @@ def jupyter_lab(docker_client: docker.DockerClient, tmp_path_factory: pytest.Tem
     for images in NOTEBOOK_IMAGES.values():
         env.update(images)
     env.pop("CELERY_NB_BROKER_URL", None)  # the embedded default
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(PORTS), secrets.token_hex(16)
     log = open(root / "jupyterlab.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--port-retries=0",

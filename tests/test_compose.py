@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import secrets
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,13 +22,14 @@ import redis
 from celery_nb import Client
 from celery_nb.worker.containers import LABEL_WORKER
 from tests import quickstart as checks
-from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, _unavailable
+from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, _unavailable, free_port
 
 # Stand-ins for python:3.12-slim and redis:7 (no registry here).
 STACK_IMAGES = {"BASE_IMAGE": os.environ.get("CELERY_NB_TEST_STACK_BASE_IMAGE", "local/py311-pip"),
                 "REDIS_IMAGE": os.environ.get("CELERY_NB_TEST_REDIS_IMAGE", "local/redis")}
 SERVICES = {"redis", "worker", "jupyterlab", "flower"}
 PROJECT_LABEL = "com.docker.compose.project"
+PORTS = range(20000, 32000)  # for the stack's published ports
 
 
 def _compose_command() -> list[str]:
@@ -41,12 +41,6 @@ def _compose_command() -> list[str]:
         except FileNotFoundError:
             pass
     _unavailable("neither `docker compose` nor `docker-compose` is installed (scripts/setup.sh installs it)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -103,7 +97,7 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
     # Built from the layers images/build.sh cached as local/celery-nb.
     image = f"local/celery-nb:{project}"
     env = {**os.environ, **STACK_IMAGES, "CELERY_NB_IMAGE": image,
-           "REDIS_PORT": str(_free_port()), "JUPYTER_PORT": str(_free_port()), "FLOWER_PORT": str(_free_port()),
+           "REDIS_PORT": str(free_port(PORTS)), "JUPYTER_PORT": str(free_port(PORTS)), "FLOWER_PORT": str(free_port(PORTS)),
            "REDIS_PASSWORD": secrets.token_hex(8), "JUPYTER_TOKEN": secrets.token_hex(8),
            "FLOWER_PASSWORD": secrets.token_hex(8)}
     stack = Stack([*_compose_command(), "-f", str(ROOT / "compose.yaml"), "-p", project], env, docker_client)
