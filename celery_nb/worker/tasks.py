@@ -22,7 +22,7 @@ from celery_nb.signing import Signer, digest
 from celery_nb.jobstore import Claim, JobStore
 from celery_nb.worker import containers
 from celery_nb.worker.leases import LEASE, LeaseKeeper
-from celery_nb.worker.policy import WorkerPolicy
+from celery_nb.worker.policy import ContainerLimits, WorkerPolicy
 from celery_nb_runtime import protocol
 
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
@@ -86,13 +86,24 @@ class JobRun:
                 f"the kernel and the workers.")}
             return self._finish("failed")
         self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=False)
-        warm = self._warm_container()
+        limits: ContainerLimits | CeleryNBError
+        try:
+            limits = self.policy.limits_for(self.request["image"], self.request.get("limits", {}))
+        except CeleryNBError as refusal:
+            limits = refusal  # reported once the job is claimed
+        warm = (self.pool.checkout(containers.pool_key(self.request["image"], limits))
+                if isinstance(limits, ContainerLimits) and not self.request.get("fresh") else None)
         try:
             # a warm start is reported with the claim, in one round trip
             start_events = self._start_events("warm") if warm is not None else None
-            claim = self.store.claim(self.job_id, self.run_id, LEASE, then=start_events)
+            try:
+                claim = self.store.claim(self.job_id, self.run_id, LEASE, then=start_events)
+            except BaseException:
+                if warm is not None:
+                    self.pool.checkin(warm, ran=False)  # back to the pool, not lost with this run
+                raise
             if claim.outcome != "run" and warm is not None:
-                self.pool.checkin(warm, ran=False)
+                self.pool.checkin(warm, ran=False)  # not this run's to use
                 warm = None
             if claim.outcome == "held":
                 claim = self._wait_for_holder(claim.holder)
@@ -111,19 +122,9 @@ class JobRun:
             if claim.attempt > 1:
                 log.warning("celery_nb: job %s runs again (attempt %d): its previous run's worker stopped",
                             self.job_id, claim.attempt)
-            return self._run(warm)
+            return self._run(limits, warm)
         finally:
             self.leases.drop(self.run_id)
-
-    def _warm_container(self) -> containers.RuntimeContainer | None:
-        """An idle container of the pool for this job, if there is one (and the job may run)."""
-        if self.request.get("fresh"):
-            return None
-        try:
-            limits = self.policy.limits_for(self.request["image"], self.request.get("limits", {}))
-        except CeleryNBError:
-            return None  # refused: reported once the job is claimed
-        return self.pool.checkout(containers.pool_key(self.request["image"], limits))
 
     def _start_events(self, container: str) -> list[dict[str, Any]]:
         """The "starting" event (unless reported) and "running", timed now: the request goes
@@ -142,14 +143,15 @@ class JobRun:
             if claim.outcome != "held":
                 return claim
 
-    def _run(self, runtime: containers.RuntimeContainer | None) -> str:
-        """Run the claimed job: in ``runtime`` (a warm container whose start is already
-        reported) or in a container started now."""
+    def _run(self, limits: ContainerLimits | CeleryNBError, runtime: containers.RuntimeContainer | None) -> str:
+        """Run the claimed job with ``limits`` (or report the policy's refusal): in ``runtime``
+        (a warm container whose start is already reported) or in a container started now."""
         reusable = False
         fresh = bool(self.request.get("fresh"))
         try:
+            if isinstance(limits, CeleryNBError):
+                raise limits
             image = self.request["image"]
-            limits = self.policy.limits_for(image, self.request.get("limits", {}))
             if runtime is not None:
                 runtime.send(self._request_for(runtime))
             else:
