@@ -20,7 +20,6 @@ from celery_nb.jobstore import START, Event, JobStore, Waker
 if TYPE_CHECKING:
     from celery_nb.client import Client
 
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 _READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
 
 
