@@ -3,7 +3,7 @@
 The worker writes REQUEST frames to the container's stdin. For each, the server forks: the
 child runs the job, so modules the server imported are warm while the job's globals, threads
 and subprocesses die with it; the server then writes an END frame saying how the child ended
-and waits for the next request. A container used once (cold) simply gets one request.
+and waits for the next request. A one-shot server (a --fresh container) runs a single job.
 
 fd 1 carries frames only; a job's fd 1 and 2 (and so any subprocess it starts) are pipes
 whose bytes are relayed as log frames. A job's last frame is its RESULT or ERROR.
@@ -11,18 +11,18 @@ whose bytes are relayed as log frames. A job's last frame is its RESULT or ERROR
 from __future__ import annotations
 
 import builtins
-import importlib.abc
 import json
 import linecache
 import gc
 import os
+import pickle
 import select
 import signal
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import celery_nb_runtime
 from celery_nb_runtime import protocol, rich_output
@@ -76,7 +76,7 @@ class FrameWriter:
         self.write(protocol.FRAME_EVENT, json.dumps(obj, separators=(",", ":")).encode())
 
 
-class _ImportPatches(importlib.abc.MetaPathFinder):
+class _ImportPatches:
     """When the job imports one of these modules, patch it once loaded: tqdm's bars also send
     progress events, pyplot's show() and IPython's display() send display events.
 
@@ -200,10 +200,25 @@ def _run_call(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, A
                         _format_remote_traceback(exc)) from None
 
 
-def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
-    import cloudpickle  # copied into the container next to this package
+def _dumps(value: Any, protocol: int, buffer_callback: Callable[[pickle.PickleBuffer], None]) -> bytes:
+    """Plain pickle where it works (as cloudpickle would for importable things), cloudpickle for
+    what only it can pickle (functions and classes the job defined): a cold container then
+    never imports cloudpickle for plain results."""
+    buffers: List[pickle.PickleBuffer] = []  # handed on only from the pickling that succeeds
+    try:
+        stream = pickle.dumps(value, protocol=protocol, buffer_callback=buffers.append)
+    except Exception:
+        import cloudpickle  # copied into the container next to this package
 
-    writer = protocol.ValueWriter(cloudpickle.dumps)
+        buffers.clear()
+        stream = cloudpickle.dumps(value, protocol=protocol, buffer_callback=buffers.append)
+    for buffer in buffers:
+        buffer_callback(buffer)
+    return stream
+
+
+def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
+    writer = protocol.ValueWriter(_dumps)
     index = {}
     for name, value in outputs.items():
         try:
@@ -214,15 +229,18 @@ def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
     return protocol.pack_bundle({"outputs": index}, writer.sections)
 
 
-def _run_child(request: memoryview, frames: FrameWriter) -> None:
-    """The job, in the forked child, whose fd 1/2 are already the log pipes."""
+def _prepare_child(frames: FrameWriter) -> None:
+    """What the job's process needs whatever the job, done before its request arrives."""
     os.setsid()  # its own process group, so the server can kill whatever the job left running
-    outer, (payload,) = protocol.unpack_bundle(request)
-    os.environ.update(outer["env"])
-    if "MPLBACKEND" not in outer["env"]:
-        os.environ["MPLBACKEND"] = "Agg"  # figures are drawn to PNG here and shown in the notebook
+    os.environ["MPLBACKEND"] = "Agg"  # figures are drawn to PNG and shown in the notebook (the job's env may differ)
     celery_nb_runtime._emit_event = frames.event
     sys.meta_path.insert(0, _ImportPatches())
+
+
+def _run_child(request: memoryview, frames: FrameWriter) -> None:
+    """The job, in the forked child, whose fd 1/2 are already the log pipes."""
+    outer, (payload,) = protocol.unpack_bundle(request)
+    os.environ.update(outer["env"])
     try:
         header, sections = protocol.unpack_bundle(payload)
         run = _run_cell if header["kind"] == "cell" else _run_call
@@ -388,23 +406,32 @@ def _next_request(fd: int) -> Optional[bytes]:
 
 
 def _warm_up() -> None:
-    """Touch what every job touches, so the copy-on-write faults after fork are paid before
-    the request arrives rather than while the kernel waits."""
-    header, sections = protocol.unpack_bundle(b"".join(protocol.pack_bundle({"warm": 1}, [b"x"])))
-    exec(compile("warm = 1", CELL_FILENAME, "exec"), {})
-    _encode_result({"warm": header, "sections": bytes(sections[0])})
+    """Rehearse a job (its output thrown away), so that the copy-on-write faults after fork
+    are paid before the request arrives rather than while the kernel waits."""
+    cell = {"v": protocol.PROTOCOL_VERSION, "kind": "cell", "source": "warm = 1", "first_line": 1, "inputs": {},
+            "outputs": ["warm"], "outputs_explicit": False, "python": list(sys.version_info[:2])}
+    payload = b"".join(protocol.pack_bundle(cell, []))
+    request = b"".join(protocol.pack_bundle({"env": {}, "spool": None}, [payload]))
+    with open(os.devnull, "wb") as devnull:
+        _run_child(memoryview(request), FrameWriter(devnull.fileno()))
 
 
 _EXIT_NO_MORE_REQUESTS = 99
 
 
-def serve(requests_fd: int = 0) -> int:
+def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
     """Keep one forked child on standby: it warms up, takes the next request from stdin, runs
-    it and exits; this process relays its output, reports how it ended, and forks the next."""
-    frames = FrameWriter(os.dup(1))
-    import cloudpickle  # noqa: F401  (imported once here, warm in every job)
+    it and exits; this process relays its output, reports how it ended, and forks the next.
 
-    gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
+    ``one_shot``: a container for a single job, so nothing is prepared for later jobs; after the
+    job the server waits for stdin to close, keeping the container (and a result spooled in
+    its /dev/shm) there until the worker is done with it.
+    """
+    frames = FrameWriter(os.dup(1))
+    if not one_shot:
+        import cloudpickle  # noqa: F401  (imported once here, warm in every job)
+
+        gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
     while True:
         oom_before = _oom_kills()
         stdout_r, stdout_w = os.pipe()
@@ -420,12 +447,15 @@ def serve(requests_fd: int = 0) -> int:
                 os.dup2(stderr_w, 2)
                 os.close(stdout_w)
                 os.close(stderr_w)
-                _warm_up()
+                frames_writer = FrameWriter(frames_w)
+                _prepare_child(frames_writer)
+                if not one_shot:
+                    _warm_up()
                 request = _next_request(requests_fd)
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:
-                    _run_child(memoryview(request), FrameWriter(frames_w))
+                    _run_child(memoryview(request), frames_writer)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
                 code = 70
@@ -447,3 +477,7 @@ def serve(requests_fd: int = 0) -> int:
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
             "oom_kills": _oom_kills() - oom_before,
         }).encode())
+        if one_shot:
+            while os.read(requests_fd, _READ_CHUNK):
+                pass
+            return 0

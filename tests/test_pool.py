@@ -55,6 +55,22 @@ def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client
     assert_container_removed(docker_client, job.id)
 
 
+def test_fresh_container_brings_back_big_results_and_what_the_cell_defined(
+        redis_client: Client, docker_client: docker.DockerClient) -> None:
+    """A --fresh container runs its one job in a lean runtime (cloudpickle is not loaded up
+    front): a big result still comes through the container's /dev/shm, and functions and
+    classes the cell defined still travel (by value, with cloudpickle)."""
+    cell = ("def double(x):\n    return 2 * x\n"
+            "class Box:\n    pass\n"
+            "box = Box()\nbox.v = 3\nbig = bytes(3 * 2**20)\nn = double(21)\n")
+    job = redis_client.submit_cell(cell, {}, image=IMAGE, memory="256m", fresh=True)
+    out = job.result(timeout=60)
+    assert out["n"] == 42 and out["double"](4) == 8 and out["box"].v == 3 and type(out["box"]).__name__ == "Box"
+    assert out["big"] == bytes(3 * 2**20)
+    assert job.container == "cold"
+    assert_container_removed(docker_client, job.id)
+
+
 @pytest.fixture
 def pool_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[tuple[subprocess.Popen, str]]:
     name = "pool"

@@ -38,31 +38,35 @@ LABEL_OWNER = "celery_nb.owner"  # host:pid of the process that created the cont
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 SPOOL_DIR = "/dev/shm"
 
-# Runs in the container: import the runtime (and cloudpickle) from the sources in argv[1].
+# Runs in the container: import the runtime (and cloudpickle) from the sources in argv[1], then
+# serve jobs ("serve") or run exactly one ("one-shot"). Only cheap stdlib modules here: importlib.abc
+# and base64 would add ~20 ms to every cold start.
 _BOOTSTRAP = """\
-import base64, importlib.abc, importlib.util, json, sys, zlib
-sources = json.loads(zlib.decompress(base64.b64decode(sys.argv.pop(1))))
-class SourceImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+import binascii, importlib.machinery, json, sys, zlib
+sources = json.loads(zlib.decompress(binascii.a2b_base64(sys.argv.pop(1))))
+class SourceImporter:
     def find_spec(self, name, path, target=None):
         stem = name.replace(".", "/")
         for filename in (stem + "/__init__.py", stem + ".py"):
             if filename in sources:
-                spec = importlib.util.spec_from_loader(
+                spec = importlib.machinery.ModuleSpec(
                     name, self, origin="/celery_nb/" + filename, is_package=filename.endswith("__init__.py"))
                 spec.has_location = True
                 return spec
+    def create_module(self, spec):
+        return None
     def exec_module(self, module):
         source = sources[module.__spec__.origin[len("/celery_nb/"):]]
         exec(compile(source, module.__spec__.origin, "exec"), module.__dict__)
 sys.meta_path.insert(0, SourceImporter())
 from celery_nb_runtime.runner import serve
-sys.exit(serve())
+sys.exit(serve(one_shot=sys.argv[1] == "one-shot"))
 """
 
 
 @functools.lru_cache(maxsize=1)
-def runtime_command() -> tuple[str, ...]:
-    """python3 -c BOOTSTRAP <compressed sources of celery_nb_runtime and cloudpickle>."""
+def _packed_sources() -> str:
+    """The sources of celery_nb_runtime and cloudpickle, compressed for the command line."""
     sources = {}
     for package in (celery_nb_runtime, cloudpickle):
         folder = os.path.dirname(package.__file__)
@@ -70,8 +74,13 @@ def runtime_command() -> tuple[str, ...]:
             if name.endswith(".py"):
                 with open(os.path.join(folder, name), encoding="utf-8") as f:
                     sources[f"{package.__name__}/{name}"] = f.read()
-    packed = base64.b64encode(zlib.compress(json.dumps(sources).encode(), 9)).decode("ascii")
-    return ("python3", "-u", "-c", _BOOTSTRAP, packed)
+    return base64.b64encode(zlib.compress(json.dumps(sources).encode(), 9)).decode("ascii")
+
+
+def runtime_command(one_shot: bool) -> list[str]:
+    """python3 -c BOOTSTRAP <packed sources> serve|one-shot. A one-shot runtime (a --fresh
+    container) skips what only pays off over many jobs and exits after its job."""
+    return ["python3", "-u", "-c", _BOOTSTRAP, _packed_sources(), "one-shot" if one_shot else "serve"]
 
 
 _docker_client: docker.DockerClient | None = None
@@ -138,7 +147,8 @@ class RuntimeContainer:
     image: str
     limits: ContainerLimits
     pool_key: str
-    spool_root: str | None = None  # the container's root seen from here, if this process can read it
+    one_shot: bool = False  # runs one job, then exits (never pooled)
+    spools: bool = False  # whether this process reads the container's /dev/shm (big results spooled there)
     jobs_run: int = 0
     last_used: float = field(default_factory=time.monotonic)
     stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
@@ -193,14 +203,15 @@ class RuntimeContainer:
         """The result a job spooled to a file in the container (the file is deleted): mapped,
         with no copy, or (``copy``) copied out, so that values the caller keeps for long do not
         hold the container's memory (its /dev/shm counts against its limit)."""
-        with open(f"{self.spool_root}{path}", "rb") as f:
+        path = f"{_root_seen_from_here(self.container)}{path}"  # the container is alive: its job's server waits
+        with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if copy:
                 data: bytearray | mmap.mmap = bytearray(size)
                 f.readinto(data)
             else:
                 data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        os.unlink(f"{self.spool_root}{path}")
+        os.unlink(path)
         return data
 
     def kill(self) -> None:
@@ -231,36 +242,51 @@ def device_requests(gpus: str | None) -> list[docker.types.DeviceRequest] | None
     return [docker.types.DeviceRequest(count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]])]
 
 
-def start_container(client: docker.DockerClient, image: str, limits: ContainerLimits,
-                    labels: dict[str, str], pool_key: str) -> RuntimeContainer:
-    try:
-        container = client.containers.create(
+def start_container(client: docker.DockerClient, image: str, limits: ContainerLimits, labels: dict[str, str],
+                    pool_key: str, pull: str, one_shot: bool) -> RuntimeContainer:
+    """A started container of the runtime for ``image``, pulled first if missing and ``pull`` allows.
+    ``one_shot``: for one job only (--fresh). The low-level API spares the inspections the
+    high-level one makes after each call: a cold start pays only create, attach and start."""
+    host_config = client.api.create_host_config(
+        mem_limit=limits.memory,
+        memswap_limit=limits.memory,  # no swap: exceeding the limit is an OOM kill
+        nano_cpus=limits.nano_cpus,
+        pids_limit=limits.pids,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        privileged=False,
+        log_config=docker.types.LogConfig(type="none"),  # output is streamed by attach, not stored
+        shm_size=limits.memory,  # big results are spooled to /dev/shm (counted in the memory limit)
+        network_mode=limits.network,
+        read_only=limits.read_only,
+        tmpfs={"/tmp": ""} if limits.read_only else None,
+        device_requests=device_requests(limits.gpus),
+    )
+
+    def create() -> str:
+        return client.api.create_container(
             image,
-            command=list(runtime_command()),
+            command=runtime_command(one_shot),
             labels={**labels, LABEL_POOL_KEY: pool_key, LABEL_OWNER: OWNER},
             environment={"PYTHONDONTWRITEBYTECODE": "1"},
             stdin_open=True,  # requests arrive on stdin
-            mem_limit=limits.memory,
-            memswap_limit=limits.memory,  # no swap: exceeding the limit is an OOM kill
-            nano_cpus=limits.nano_cpus,
-            pids_limit=limits.pids,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            privileged=False,
-            log_config=docker.types.LogConfig(type="none"),  # output is streamed by attach, not stored
-            shm_size=limits.memory,  # big results are spooled to /dev/shm (counted in the memory limit)
-            network_mode=limits.network,
-            read_only=limits.read_only,
-            tmpfs={"/tmp": ""} if limits.read_only else None,
             user=limits.user,
-            device_requests=device_requests(limits.gpus),
+            host_config=host_config,
             detach=True,
-        )
+        )["Id"]
+
+    try:
+        try:
+            container_id = create()
+        except docker.errors.ImageNotFound:  # checked only now: the image is there nearly always
+            ensure_image(client, image, pull)
+            container_id = create()
     except docker.errors.APIError as exc:
         raise ContainerError(f"could not create a container of image {image!r}: {exc.explanation or exc}") from None
+    container = client.containers.prepare_model({"Id": container_id})
     # attach before start so nothing the container writes is missed
-    attached = client.api.attach_socket(container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-    runtime = RuntimeContainer(container, getattr(attached, "_sock", attached), image, limits, pool_key)
+    attached = client.api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+    runtime = RuntimeContainer(container, getattr(attached, "_sock", attached), image, limits, pool_key, one_shot)
     runtime._attached = attached  # keeps the HTTP response (and with it the socket) alive
     try:
         container.start()
@@ -275,12 +301,26 @@ def start_container(client: docker.DockerClient, image: str, limits: ContainerLi
             raise ContainerError(f"image {image!r} has no python3 on its PATH; celery_nb needs an image with "
                                  f"Python 3.9 or newer") from None
         raise ContainerError(f"could not start the container of image {image!r}: {explanation}") from None
-    container.reload()
-    root = f"/proc/{container.attrs['State']['Pid']}/root"
-    # a worker on the container's host, as root, reads spooled results directly
-    if os.access(f"{root}{SPOOL_DIR}", os.R_OK | os.W_OK):
-        runtime.spool_root = root
+    runtime.spools = _reads_spool(container)
     return runtime
+
+
+_spool_readable: bool | None = None  # the answer of _reads_spool, the same for every container
+
+
+def _reads_spool(container: docker.models.containers.Container) -> bool:
+    """Whether this process can read containers' /dev/shm: a worker on the containers' host, as
+    root. Asked of the first container only, so later cold starts skip the inspection."""
+    global _spool_readable
+    if _spool_readable is None:
+        _spool_readable = os.access(f"{_root_seen_from_here(container)}{SPOOL_DIR}", os.R_OK | os.W_OK)
+    return _spool_readable
+
+
+def _root_seen_from_here(container: docker.models.containers.Container) -> str:
+    """The running container's root directory, as this process sees it."""
+    container.reload()
+    return f"/proc/{container.attrs['State']['Pid']}/root"
 
 
 @dataclass(frozen=True)

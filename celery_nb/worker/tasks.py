@@ -147,7 +147,6 @@ class JobRun:
         """Run the claimed job with ``limits`` (or report the policy's refusal): in ``runtime``
         (a warm container whose start is already reported) or in a container started now."""
         reusable = False
-        fresh = bool(self.request.get("fresh"))
         try:
             if isinstance(limits, CeleryNBError):
                 raise limits
@@ -156,12 +155,11 @@ class JobRun:
                 runtime.send(self._request_for(runtime))
             else:
                 self._report_starting()  # a container start takes a while: say so now
-                client = containers.connect()
-                containers.ensure_image(client, image, self.policy.pull)
                 runtime = containers.start_container(
-                    client, image, limits, pool_key=containers.pool_key(image, limits),
+                    containers.connect(), image, limits, pool_key=containers.pool_key(image, limits),
                     labels={containers.LABEL_JOB: self.job_id, containers.LABEL_TASK: self.job_id,
-                            containers.LABEL_WORKER: self.worker})
+                            containers.LABEL_WORKER: self.worker},
+                    pull=self.policy.pull, one_shot=bool(self.request.get("fresh")) or not self.pool.settings.size)
                 runtime.send(self._request_for(runtime))
                 events = self._start_events("cold")
                 self.timings["started"] = events[-1]["t"]
@@ -177,7 +175,7 @@ class JobRun:
             return self._finish("failed")
         finally:
             if runtime is not None:
-                if reusable and not fresh:
+                if reusable and not runtime.one_shot:
                     self.pool.checkin(runtime, was_returning=self._returning)
                 else:
                     self.pool.discard(runtime, was_returning=self._returning)
@@ -203,7 +201,7 @@ class JobRun:
                 self._relay(runtime, kind, body)
                 if status is None and (self._result is not None or self._error is not None):
                     self.timings["exited"] = time.time()
-                    if not self.request.get("fresh"):
+                    if not runtime.one_shot:
                         self.pool.returning(runtime)  # a job arriving meanwhile waits for it
                         self._returning = True
                     status = self._finish("succeeded" if self._result is not None else "failed")
@@ -264,7 +262,7 @@ class JobRun:
                                      f"signed request: it was altered; nothing ran")
         else:
             payload = base64.b64decode(self.request["payload"])
-        spool = containers.SPOOL_DIR if runtime.spool_root else None
+        spool = containers.SPOOL_DIR if runtime.spools else None
         return b"".join(protocol.pack_bundle({"env": self.request.get("env", {}), "spool": spool}, [payload]))
 
     def _relay(self, runtime: containers.RuntimeContainer, kind: int, body: bytes) -> None:
