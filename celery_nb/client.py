@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import functools
 import os
 import socket
 import threading
@@ -29,7 +30,7 @@ from celery_nb.errors import BrokerUnavailableError, InputError, UnknownJobError
 from celery_nb.job import Job, JobFollower
 from celery_nb.signing import Signer, digest
 from celery_nb.jobstore import DEFAULT_TTL, START, JobStore, MemoryJobStore, RedisJobStore
-from celery_nb.worker.app import TASK_NAME, make_app
+from celery_nb.worker.app import TASK_NAME, commands_before_publish, make_app
 from celery_nb.worker.containers import connect
 from celery_nb_runtime import map_chunk
 from celery_nb_runtime.runner import CELL_BUILTINS
@@ -174,13 +175,21 @@ class Client:
                 request["payload"] = base64.b64encode(data).decode("ascii")
             request = self.signer.sign(request)
             wake = self._follower.follow(job)
-            self.store.append(job.id, {"type": "status", "status": "queued", "image": image, "queue": queue,
-                                       "kind": kind, "label": label, "t": job.submitted_at}, wake=wake)
+            queued = {"type": "status", "status": "queued", "image": image, "queue": queue, "kind": kind,
+                      "label": label, "t": job.submitted_at}
             # Flower and the worker's log show the job by its label (shadow) and its image and limits
             # (argsrepr), not as celery_nb.run_job with the payload
-            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=queue,
-                               shadow=f"{kind}: {label[:80]}",
-                               argsrepr=repr({"image": image, **{k: v for k, v in limits.items() if v is not None}}))
+            publish = functools.partial(
+                self.app.send_task, TASK_NAME, args=[request], task_id=job.id, queue=queue,
+                shadow=f"{kind}: {label[:80]}",
+                argsrepr=repr({"image": image, **{k: v for k, v in limits.items() if v is not None}}))
+            if isinstance(self.store, RedisJobStore) and self.app.celery_nb_publishes_with_commands:
+                store = self.store
+                with commands_before_publish(lambda pipe: store.append_in(pipe, job.id, queued, wake)):
+                    publish()  # the job's first event and its message: one round trip
+            else:
+                self.store.append(job.id, queued, wake=wake)
+                publish()
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
             self._follower.forget(job)
             raise BrokerUnavailableError(

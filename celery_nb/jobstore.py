@@ -277,14 +277,22 @@ class RedisJobStore:
         self._xadd(job_id, [{"e": json.dumps(event)} for event in events])
 
     def _xadd(self, job_id: str, entries: list[dict[str, Any]], wake: Waker | None = None) -> None:
-        key = self._events_key(job_id)
         pipe = self._redis.pipeline(transaction=False)
+        self._xadd_in(pipe, job_id, entries, wake)
+        pipe.execute()
+
+    def append_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event, wake: Waker) -> None:
+        """``append``'s commands, added to ``pipe`` (of a client of the same Redis) to run with others."""
+        self._xadd_in(pipe, job_id, [{"e": json.dumps(event)}], wake)
+
+    def _xadd_in(self, pipe: redis.client.Pipeline, job_id: str, entries: list[dict[str, Any]],
+                 wake: Waker | None) -> None:
+        key = self._events_key(job_id)
         for fields in entries:
             pipe.xadd(key, fields)
         pipe.expire(key, self._ttl)
         if isinstance(wake, _RedisWaker):
             wake.ring_in(pipe)
-        pipe.execute()
 
     def read(self, job_id: str, cursor: str, timeout: float) -> tuple[list[Event], str]:
         return self.read_many({job_id: cursor}, timeout, self.waker()).get(job_id, ([], cursor))

@@ -50,6 +50,7 @@ class JournalEntry:
 
 _pending: queue.SimpleQueue[JournalEntry] = queue.SimpleQueue()
 _write_lock = threading.Lock()
+_writer_lock = threading.Lock()  # not _write_lock: a job must not wait for the previous one's write
 _writer: threading.Thread | None = None
 
 
@@ -57,7 +58,7 @@ def record(entry: JournalEntry) -> None:
     """Note a job. A background thread writes it: a file append must not delay the job."""
     global _writer
     _pending.put(entry)
-    with _write_lock:
+    with _writer_lock:
         if _writer is None:
             _writer = threading.Thread(target=_write_forever, name="celery_nb-journal", daemon=True)
             _writer.start()

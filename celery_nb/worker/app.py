@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import redis
 
 from celery import Celery, Task
 from kombu.transport import redis as kombu_redis
@@ -39,6 +44,26 @@ def visibility_timeout() -> float:
     return value
 
 
+class _Riders(threading.local):
+    commands: Callable[[redis.client.Pipeline], None] | None = None
+
+
+_riders = _Riders()
+
+
+@contextmanager
+def commands_before_publish(commands: Callable[[redis.client.Pipeline], None]) -> Iterator[None]:
+    """The next task message this thread publishes goes to Redis in one round trip with the
+    Redis commands that ``commands`` adds to a pipeline, and after them (a job's first event
+    and its message: the worker's events always come after). Only for an app whose
+    ``celery_nb_publishes_with_commands`` is true (a redis:// broker)."""
+    _riders.commands = commands
+    try:
+        yield
+    finally:
+        _riders.commands = None
+
+
 def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
     """kombu's Redis transport whose plain commands retry for ``patience`` s while Redis is away.
 
@@ -46,6 +71,8 @@ def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
     command: were that one to fail, the message would be lost. Acks, publishes and restores go
     through the same connections. The consumer's own (BRPOP) connection still fails at once,
     so that the worker notices and reconnects.
+
+    A message published within commands_before_publish goes in one pipeline with the commands.
     """
     retry = redis_retry(patience)
 
@@ -55,6 +82,21 @@ def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
             if not asynchronous:
                 params["retry"] = retry
             return params
+
+        def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+            commands, _riders.commands = _riders.commands, None
+            if commands is None:
+                return super()._put(queue, message, **kwargs)
+            # kombu's own _put for what it does beyond one LPUSH (batches, queue expiry)
+            plain = kwargs.get("_publish_batch") is None and not (self._expires and queue in self._expires)
+            with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+                commands(pipe)
+                if plain:
+                    pipe.lpush(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)),
+                               kombu_redis.dumps(message))
+                pipe.execute()
+            if not plain:
+                super()._put(queue, message, **kwargs)
 
     class Transport(kombu_redis.Transport):
         pass
@@ -73,6 +115,7 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
     ``app.celery_nb_pool`` is the worker's warm container pool.
     """
     app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
+    app.celery_nb_publishes_with_commands = False  # see commands_before_publish
     app.conf.update(
         # JSON only: the worker never unpickles what arrives from the broker
         task_serializer="json",
@@ -104,6 +147,7 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
         }
         if broker_url.startswith("redis://"):  # (rediss:// and sentinel:// have transports of their own)
             app.conf.broker_transport = patient_redis_transport(broker_patience)
+            app.celery_nb_publishes_with_commands = True
         unacked = UnackedIndex(connect_redis(broker_url), "unacked_index")  # kombu's key (no key prefix set)
     pool = ContainerPool(worker_name or "", PoolSettings.from_env())
     services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool, signer or Signer(),
