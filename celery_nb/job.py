@@ -73,8 +73,10 @@ class Job:
                 self._output.append(("display", {"data": event["data"], "metadata": event.get("metadata", {})}))
             elif kind == "progress":
                 self.progress = {k: event.get(k) for k in ("n", "total", "desc")}
-            elif kind == "done":
+            elif kind == "done":  # a warm job that ended at once reported no start: this says it all
                 self.worker = event.get("worker", self.worker)
+                self.container = event.get("container") or self.container
+                self.attempts = event.get("attempt") or self.attempts
                 self.timings.update(event.get("timings", {}))
                 self.timings["collected"] = time.time()
                 self.timings["transfer"] = self.timings["collected"] - self.timings.get("finished", self.timings["collected"])

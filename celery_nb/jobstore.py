@@ -68,12 +68,10 @@ class JobStore(Protocol):
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
-    def claim(self, job_id: str, holder: str, lease: float, then: list[Event] | None = None) -> Claim:
+    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
         """Take the job's lease for ``lease`` seconds, unless a live run holds it or the job
         is finished or cancelled; each new holder counts as one more attempt. A message the
-        broker delivers twice (a worker that died, an ack lost with the broker) runs once.
-        ``then``: events to append, in the same round trip, if the lease is taken (the first
-        one gets the attempt number)."""
+        broker delivers twice (a worker that died, an ack lost with the broker) runs once."""
 
     def renew(self, leases: dict[str, str], lease: float) -> set[str]:
         """Extend the leases {job id: holder} by ``lease`` seconds; returns the jobs whose lease
@@ -146,15 +144,13 @@ class MemoryJobStore:
         return job_id in self._cancelled
 
     # The memory transport never delivers a message twice: one claim per job, nothing to renew.
-    def claim(self, job_id: str, holder: str, lease: float, then: list[Event] | None = None) -> Claim:
+    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
         with self._changed:
             if job_id in self._finished:
                 return Claim("done")
             if job_id in self._cancelled:
                 return Claim("cancelled")
             self._attempts[job_id] = attempt = self._attempts.get(job_id, 0) + 1
-        for i, event in enumerate(then or []):
-            self.append(job_id, {"attempt": attempt, **event} if i == 0 else event)
         return Claim("run", attempt)
 
     def renew(self, leases: dict[str, str], lease: float) -> set[str]:
@@ -196,25 +192,18 @@ class _RedisWaker:
         pipe.expire(self.key, 3600)
 
 
-# KEYS: done, cancel, lease, attempts, events; ARGV: holder, lease ms, ttl s, events json...
-#   -> {outcome, attempt, holder}
+# KEYS: done, cancel, lease, attempts; ARGV: holder, lease ms, ttl s -> {outcome, attempt, holder}
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'done', 0, ''} end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return {'held', 0, holder} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancelled', 0, ''} end
 local attempt
-if holder then  -- our own claim, sent again after a lost reply (its events are in already)
+if holder then  -- our own claim, sent again after a lost reply
   attempt = tonumber(redis.call('GET', KEYS[4]) or 1)
 else
   attempt = redis.call('INCR', KEYS[4])
   redis.call('EXPIRE', KEYS[4], ARGV[3])
-  for i = 4, #ARGV do  -- the events to append: JSON objects, the first one given the attempt
-    local event = ARGV[i]
-    if i == 4 then event = '{"attempt":' .. attempt .. ',' .. string.sub(event, 2) end
-    redis.call('XADD', KEYS[5], '*', 'e', event)
-  end
-  if #ARGV >= 4 then redis.call('EXPIRE', KEYS[5], ARGV[3]) end
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return {'run', attempt, ''}
@@ -328,11 +317,11 @@ class RedisJobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self._redis.exists(self._cancel_key(job_id)))
 
-    def claim(self, job_id: str, holder: str, lease: float, then: list[Event] | None = None) -> Claim:
+    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
         outcome, attempt, held_by = self._claim(
             keys=[f"celery_nb:done:{job_id}", self._cancel_key(job_id), f"celery_nb:lease:{job_id}",
-                  f"celery_nb:attempts:{job_id}", self._events_key(job_id)],
-            args=[holder, int(lease * 1000), self._ttl, *(json.dumps(event) for event in then or [])])
+                  f"celery_nb:attempts:{job_id}"],
+            args=[holder, int(lease * 1000), self._ttl])
         return Claim(outcome.decode(), int(attempt), held_by.decode())
 
     def renew(self, leases: dict[str, str], lease: float) -> set[str]:

@@ -27,6 +27,7 @@ from celery_nb_runtime import protocol
 
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
 _END_GRACE = 5.0  # s a job's process may take to exit after its result, before its container is dropped
+_HELD_BACK_FOR = 0.02  # s a warm job runs before its start is reported (if it has not ended by then)
 _RELAYED_EVENT_TYPES = {"progress", "display"}  # display: rich output, at most ~1 MiB each (the runtime sees to it)
 _HELD_POLL_INTERVAL = 1.0  # s; how often a job delivered twice checks on the run that holds it
 log = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class JobRun:
         self.timings: dict[str, float] = {"received": time.time()}
         self._starting: dict[str, Any] | None = {"type": "status", "status": "starting", "worker": worker,
                                                  "t": self.timings["received"]}
+        # a warm job's start, reported only once it has run for a moment (most end within milliseconds,
+        # and their "done" says the same): one event batch, and one wake of the kernel, less per job
+        self._held_back: list[dict[str, Any]] | None = None
+        self._container: str | None = None  # "warm" or "cold", once it has one
+        self._attempt: int | None = None
         self._result: Any = None  # the result bundle (bytes-like)
         self._returning = False  # announced to the pool as coming back
         self._error: dict[str, Any] | None = None
@@ -70,13 +76,20 @@ class JobRun:
                           protocol.FRAME_STDERR: ("stderr", codecs.getincrementaldecoder("utf-8")("replace"))}
 
     def emit(self, event: dict[str, Any], blob: bytes | None = None) -> None:
+        self._report_held_back()
         self.store.append(self.job_id, {**event, "t": time.time()}, blob)
 
     def _report_starting(self) -> None:
-        """The "starting" event, once (a warm start reports it with its claim)."""
+        """The "starting" event, once."""
         if self._starting:
             self.store.append(self.job_id, self._starting)
             self._starting = None
+
+    def _report_held_back(self) -> None:
+        """A warm job's start events, once it turns out not to be over at once."""
+        if self._held_back:
+            self.store.append_many(self.job_id, self._held_back)
+            self._held_back = None
 
     def run(self) -> str:
         if not self.signer.verify(self.request):
@@ -94,10 +107,8 @@ class JobRun:
         warm = (self.pool.checkout(containers.pool_key(self.request["image"], limits))
                 if isinstance(limits, ContainerLimits) and not self.request.get("fresh") else None)
         try:
-            # a warm start is reported with the claim, in one round trip
-            start_events = self._start_events("warm") if warm is not None else None
             try:
-                claim = self.store.claim(self.job_id, self.run_id, LEASE, then=start_events)
+                claim = self.store.claim(self.job_id, self.run_id, LEASE)
             except BaseException:
                 if warm is not None:
                     self.pool.checkin(warm, ran=False)  # back to the pool, not lost with this run
@@ -114,11 +125,10 @@ class JobRun:
             if claim.outcome == "cancelled":  # also covers a worker that missed the revoke broadcast
                 return self._finish("cancelled")
             self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=True)
-            if warm is not None:  # reported with the claim
+            self._attempt = self._starting["attempt"] = claim.attempt
+            if warm is not None:
+                self._held_back = self._start_events("warm")
                 self._starting = None
-                self.timings["started"] = start_events[-1]["t"]
-            else:
-                self._starting["attempt"] = claim.attempt
             if claim.attempt > 1:
                 log.warning("celery_nb: job %s runs again (attempt %d): its previous run's worker stopped",
                             self.job_id, claim.attempt)
@@ -129,8 +139,10 @@ class JobRun:
     def _start_events(self, container: str) -> list[dict[str, Any]]:
         """The "starting" event (unless reported) and "running", timed now: the request goes
         to the container next."""
+        self._container = container
         running = {"type": "status", "status": "running", "worker": self.worker, "container": container,
                    "t": time.time()}
+        self.timings["started"] = running["t"]
         return [self._starting, running] if self._starting else [running]
 
     def _wait_for_holder(self, holder: str) -> Claim:
@@ -161,9 +173,7 @@ class JobRun:
                             containers.LABEL_WORKER: self.worker},
                     pull=self.policy.pull, one_shot=bool(self.request.get("fresh")) or not self.pool.settings.size)
                 runtime.send(self._request_for(runtime))
-                events = self._start_events("cold")
-                self.timings["started"] = events[-1]["t"]
-                self.store.append_many(self.job_id, events)
+                self.store.append_many(self.job_id, self._start_events("cold"))
             status, reusable = self._supervise(runtime, limits.timeout)
             return status
         except CeleryNBError as exc:
@@ -191,7 +201,7 @@ class JobRun:
         end: dict[str, Any] | None = None
         while end is None:
             try:
-                frames = runtime.read_frames(CANCEL_POLL_INTERVAL)
+                frames = runtime.read_frames(_HELD_BACK_FOR if self._held_back else CANCEL_POLL_INTERVAL)
             except containers.ContainerExited:
                 break
             for kind, body in frames:
@@ -208,6 +218,8 @@ class JobRun:
                     deadline = time.monotonic() + _END_GRACE
             if end is not None:
                 break
+            if status is None:
+                self._report_held_back()  # still running
             if status is None and self.store.cancel_requested(self.job_id):
                 runtime.kill()
                 return self._finish("cancelled"), False
@@ -287,8 +299,10 @@ class JobRun:
 
     def _finish(self, status: str) -> str:
         self._report_starting()
+        self._held_back = None  # the done event tells the same
         self.timings["finished"] = time.time()
-        done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings}
+        done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings,
+                "container": self._container, "attempt": self._attempt}
         result = self._result if status == "succeeded" else None
         if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
             done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})["sig"]
