@@ -7,6 +7,7 @@ parameters are not mistaken for kernel variables); statement order from the AST 
 from __future__ import annotations
 
 import ast
+import functools
 import symtable
 from dataclasses import dataclass
 from typing import Collection, Iterator
@@ -27,6 +28,7 @@ def parse_cell(source: str, first_line: int = 1) -> ast.Module:
     return ast.parse("\n" * (first_line - 1) + source, CELL_FILENAME)
 
 
+@functools.lru_cache(maxsize=256)  # a cell is often run again unchanged: parse it once
 def analyse_cell(source: str, first_line: int = 1) -> CellNames:
     tree = parse_cell(source, first_line)
     table = symtable.symtable("\n" * (first_line - 1) + source, CELL_FILENAME, "exec")
