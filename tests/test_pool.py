@@ -1,5 +1,6 @@
 """The warm container pool through the real stack: reuse, isolation between warm jobs,
---fresh, max jobs per container, reaping of idle containers, cleanup at shutdown and start."""
+--fresh, max jobs per container (replaced in the background), reaping of idle containers,
+cleanup at shutdown and start."""
 from __future__ import annotations
 
 import subprocess
@@ -89,15 +90,20 @@ def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, dock
     # a container left by an earlier run of a worker with this name is removed at start
     _wait_until(lambda: leftover_id not in {c.id for c in worker_containers(docker_client, worker)}, 10,
                 "leftover container not removed at worker start")
-    jobs = []
-    for _ in range(3):  # one after the other, so they share one container until max jobs (2)
-        jobs.append(redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq"))
-        jobs[-1].result(timeout=60)
-        time.sleep(0.2)  # back in the pool once the job's process has exited
-    hosts = [job.result()["host"] for job in jobs]
+    jobs = [redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq")]
+    jobs[0].result(timeout=60)
+    worn = {c.id for c in worker_containers(docker_client, worker)}
+    time.sleep(0.2)  # back in the pool once the job's process has exited
+    jobs.append(redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq"))  # in the same container
+    jobs[-1].result(timeout=60)
+    # it has run its max jobs (2): a replacement starts in the background and takes its place
+    containers = lambda: {c.id for c in worker_containers(docker_client, worker)}  # noqa: E731
+    _wait_until(lambda: containers() and not containers() & worn, 30, "worn-out container not replaced")
+    jobs.append(redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq"))
+    hosts = [job.result(timeout=60)["host"] for job in jobs]
     assert hosts[0] == hosts[1] != hosts[2]
-    assert [job.container for job in jobs] == ["cold", "warm", "cold"]
-    assert len(worker_containers(docker_client, worker)) == 1  # the replaced one is gone
+    assert [job.container for job in jobs] == ["cold", "warm", "warm"]  # no job waited for the replacement
+    assert len(worker_containers(docker_client, worker)) == 1
     # idle for longer than CELERY_NB_POOL_IDLE_TIMEOUT=2: reaped
     _wait_until(lambda: not worker_containers(docker_client, worker), 10, "idle container not reaped")
     redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq").result(timeout=60)

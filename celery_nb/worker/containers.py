@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import mmap
 import os
 import socket
@@ -26,7 +27,7 @@ import docker
 import docker.errors
 
 import celery_nb_runtime
-from celery_nb.errors import ContainerError, DockerUnavailableError, ImageNotFoundError
+from celery_nb.errors import CeleryNBError, ContainerError, DockerUnavailableError, ImageNotFoundError
 from celery_nb.worker.policy import ContainerLimits
 from celery_nb_runtime import protocol
 
@@ -37,6 +38,7 @@ LABEL_POOL_KEY = "celery_nb.pool_key"
 LABEL_OWNER = "celery_nb.owner"  # host:pid of the process that created the container
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 SPOOL_DIR = "/dev/shm"
+log = logging.getLogger(__name__)
 
 # Runs in the container: import the runtime (and cloudpickle) from the sources in argv[1], then
 # serve jobs ("serve") or run exactly one ("one-shot"). Only cheap stdlib modules here: importlib.abc
@@ -150,6 +152,8 @@ class RuntimeContainer:
     one_shot: bool = False  # runs one job, then exits (never pooled)
     spools: bool = False  # whether this process reads the container's /dev/shm (big results spooled there)
     jobs_run: int = 0
+    replacing: bool = False  # it has run its max jobs and serves on while its replacement starts
+    retired: bool = False  # its replacement is in the pool: removed when its job ends
     last_used: float = field(default_factory=time.monotonic)
     stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
     _attached: object = None
@@ -329,7 +333,9 @@ class PoolSettings:
 
     size: int = 4  # CELERY_NB_POOL_SIZE: idle containers kept per (image, limits); 0 turns the pool off
     idle_timeout: float = 300.0  # CELERY_NB_POOL_IDLE_TIMEOUT: seconds before an idle container is removed
-    max_jobs: int = 100  # CELERY_NB_POOL_MAX_JOBS: jobs a container runs before it is replaced
+    # CELERY_NB_POOL_MAX_JOBS: jobs a container runs before it is replaced (it serves on while its
+    # replacement starts, so that no job waits for a container start because of this limit)
+    max_jobs: int = 100
     # CELERY_NB_ORPHAN_INTERVAL: seconds between two looks for containers of dead processes on this
     # host (a worker killed mid-job leaves its job running in them)
     orphan_interval: float = 30.0
@@ -400,19 +406,50 @@ class ContainerPool:
 
     def checkin(self, runtime: RuntimeContainer, was_returning: bool = False, ran: bool = True) -> None:
         """Keep a healthy container for later jobs, or remove it if the pool has no room.
-        ``ran``: whether a job ran in it (one that was checked out for nothing: False)."""
+        ``ran``: whether a job ran in it (one that was checked out for nothing: False). One
+        that has run its max jobs is kept until a replacement has started in the background."""
         runtime.jobs_run += ran
         runtime.last_used = time.monotonic()
         with self._lock:
             idle = self._idle.setdefault(runtime.pool_key, [])
-            keep = (not self._stopped.is_set() and runtime.jobs_run < self.settings.max_jobs
-                    and len(idle) < self.settings.size)
+            replace = (runtime.jobs_run >= self.settings.max_jobs and not runtime.replacing
+                       and not self._stopped.is_set())
+            runtime.replacing |= replace
+            keep = (not self._stopped.is_set() and not runtime.retired and len(idle) < self.settings.size
+                    and (runtime.jobs_run < self.settings.max_jobs or runtime.replacing))
             if keep:
                 idle.append(runtime)
                 self._start_reaper()
             self._returned(runtime, was_returning)
+        if replace:
+            threading.Thread(target=self._replace, args=(runtime,), name="celery_nb-pool-replace", daemon=True).start()
         if not keep:
             runtime.remove()
+
+    def _replace(self, worn: RuntimeContainer) -> None:
+        """Start a container like ``worn`` and put it in the pool in ``worn``'s place."""
+        try:
+            fresh = start_container(connect(), worn.image, worn.limits, labels={LABEL_WORKER: self.worker},
+                                    pool_key=worn.pool_key, pull="never", one_shot=False)
+        except (CeleryNBError, docker.errors.DockerException) as exc:
+            log.warning("celery_nb: could not start a replacement for a worn-out container of image %r: %s",
+                        worn.image, exc)
+            fresh = None
+        with self._lock:
+            idle = self._idle.setdefault(worn.pool_key, [])
+            worn_idle = worn in idle
+            if worn_idle:
+                idle.remove(worn)
+            else:
+                worn.retired = True  # running a job: removed when it ends
+            keep = fresh is not None and not self._stopped.is_set() and len(idle) < self.settings.size
+            if keep:
+                idle.append(fresh)
+                self._lock.notify_all()
+        if worn_idle:
+            worn.remove()
+        if fresh is not None and not keep:
+            fresh.remove()
 
     def reap(self) -> int:
         """Remove containers idle for longer than the idle timeout; returns how many."""
