@@ -452,6 +452,10 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 if not one_shot:
                     _warm_up()
                 request = _next_request(requests_fd)
+                # the job reads no further from the worker's channel (the next job's request)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, requests_fd)
+                os.close(devnull)
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:

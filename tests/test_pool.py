@@ -47,6 +47,19 @@ def test_warm_jobs_do_not_share_globals_env_or_processes(client: Client) -> None
     assert job.container == "warm"
 
 
+def test_a_job_cannot_read_the_next_jobs_request(client: Client) -> None:
+    """A warm container's requests arrive on its stdin: a job (or a process it leaves behind)
+    reading stdin gets end of file, not the next job's request."""
+    memory = "112m"
+    first = client.submit_cell("import subprocess, sys\nsubprocess.Popen(['sh', '-c', 'cat > /tmp/stolen'])\n"
+                               "data = sys.stdin.read()\n", {}, image=IMAGE, memory=memory)
+    assert first.result(timeout=30) == {"data": ""}
+    time.sleep(0.5)  # back in the pool
+    second = client.submit_cell("stolen = open('/tmp/stolen', 'rb').read()\n", {}, image=IMAGE, memory=memory)
+    assert second.result(timeout=30) == {"stolen": b""}
+    assert second.container == "warm"
+
+
 def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client: docker.DockerClient) -> None:
     memory = "96m"
     host = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory).result(timeout=60)["host"]
