@@ -301,6 +301,8 @@ class JobFollower:
                 finished = [job for job in active if job.finished]
                 for job in finished:
                     del self._jobs[job.id]
+            if finished:
+                time.sleep(0)  # let a thread waiting for a result (woken by _apply) run before the bookkeeping
             for job in active:
                 job._notify(job._listeners)
             for job in finished:
