@@ -29,7 +29,7 @@ from celery_nb.config import parse_gpus, parse_memory, settings
 from celery_nb.errors import BrokerUnavailableError, InputError, UnknownJobError
 from celery_nb.job import Job, JobFollower
 from celery_nb.signing import Signer, digest
-from celery_nb.jobstore import DEFAULT_TTL, START, JobStore, MemoryJobStore, RedisJobStore
+from celery_nb.jobstore import DEFAULT_TTL, FIRST_EVENT_ID, START, JobStore, MemoryJobStore, RedisJobStore
 from celery_nb.worker.app import TASK_NAME, commands_before_publish, make_app
 from celery_nb.worker.containers import connect
 from celery_nb_runtime import map_chunk
@@ -174,7 +174,6 @@ class Client:
             else:
                 request["payload"] = base64.b64encode(data).decode("ascii")
             request = self.signer.sign(request)
-            wake = self._follower.follow(job)
             queued = {"type": "status", "status": "queued", "image": image, "queue": queue, "kind": kind,
                       "label": label, "t": job.submitted_at}
             # Flower and the worker's log show the job by its label (shadow) and its image and limits
@@ -184,10 +183,14 @@ class Client:
                 shadow=f"{kind}: {label[:80]}",
                 argsrepr=repr({"image": image, **{k: v for k, v in limits.items() if v is not None}}))
             if isinstance(self.store, RedisJobStore) and self.app.celery_nb_publishes_with_commands:
+                # the job's first event and its message in one round trip; the follower reads on
+                # from after that event (the Job already says what it says)
+                wake = self._follower.follow(job, cursor=FIRST_EVENT_ID)
                 store = self.store
-                with commands_before_publish(lambda pipe: store.append_in(pipe, job.id, queued, wake)):
-                    publish()  # the job's first event and its message: one round trip
+                with commands_before_publish(lambda pipe: store.first_event_in(pipe, job.id, queued, wake)):
+                    publish()
             else:
+                wake = self._follower.follow(job)
                 self.store.append(job.id, queued, wake=wake)
                 publish()
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:

@@ -208,6 +208,14 @@ end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return {'run', attempt, ''}
 """
+FIRST_EVENT_ID = "0-1"  # a job's first event, written by its kernel: the lowest id a stream entry can have
+# KEYS: events; ARGV: id, event json, ttl s
+_FIRST_EVENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+"""
 # KEYS: lease and done key of each job; ARGV: lease ms, then each job's holder -> indexes of lost leases
 _RENEW = """
 local lost = {}
@@ -266,20 +274,20 @@ class RedisJobStore:
         self._xadd(job_id, [{"e": json.dumps(event)} for event in events])
 
     def _xadd(self, job_id: str, entries: list[dict[str, Any]], wake: Waker | None = None) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        self._xadd_in(pipe, job_id, entries, wake)
-        pipe.execute()
-
-    def append_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event, wake: Waker) -> None:
-        """``append``'s commands, added to ``pipe`` (of a client of the same Redis) to run with others."""
-        self._xadd_in(pipe, job_id, [{"e": json.dumps(event)}], wake)
-
-    def _xadd_in(self, pipe: redis.client.Pipeline, job_id: str, entries: list[dict[str, Any]],
-                 wake: Waker | None) -> None:
         key = self._events_key(job_id)
+        pipe = self._redis.pipeline(transaction=False)
         for fields in entries:
             pipe.xadd(key, fields)
         pipe.expire(key, self._ttl)
+        if isinstance(wake, _RedisWaker):
+            wake.ring_in(pipe)
+        pipe.execute()
+
+    def first_event_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event, wake: Waker) -> None:
+        """Add to ``pipe`` (of a client of the same Redis, to run with other commands) the
+        commands that make ``event`` the job's first event, with id FIRST_EVENT_ID (once,
+        however often the pipeline is retried), and ring ``wake``."""
+        pipe.eval(_FIRST_EVENT, 1, self._events_key(job_id), FIRST_EVENT_ID, json.dumps(event), self._ttl)
         if isinstance(wake, _RedisWaker):
             wake.ring_in(pipe)
 
