@@ -5,9 +5,9 @@ import os
 import socket
 import threading
 import time
-from queue import Empty
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from queue import Empty
 from typing import Any
 
 import redis
