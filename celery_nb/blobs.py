@@ -2,14 +2,19 @@
 
 Redis (the broker's server) by default: a blob is stored in chunks with an expiry, written
 and read with pipelining, and read into one preallocated buffer, so a 100 MiB result costs
-the kernel one 100 MiB buffer that the unpickled arrays then use in place. The embedded
-default keeps blobs in memory. Blobs are deleted once their result has been collected.
+the kernel one 100 MiB buffer that the unpickled arrays then use in place. An S3-compatible
+store instead, for workers on many hosts: CELERY_NB_BLOB_URL=s3://bucket/prefix (see
+S3BlobStore). The embedded default keeps blobs in memory. Blobs are deleted once their
+result has been collected.
 """
 from __future__ import annotations
 
+import io
 import mmap
+import os
 import socket
 import threading
+import urllib.parse
 import uuid
 from typing import Any, Protocol
 
@@ -33,6 +38,22 @@ class BlobStore(Protocol):
 
 class MissingBlobError(KeyError):
     """The blob expired or was deleted."""
+
+
+def blob_store_for(broker_url: str, patience: float = DEFAULT_PATIENCE) -> BlobStore:
+    """The blob store of the kernels and workers of ``broker_url``: $CELERY_NB_BLOB_URL
+    (s3://bucket/prefix?endpoint_url=..., or redis://...), else the broker's Redis.
+    ``patience``: seconds a Redis store keeps retrying while Redis is away."""
+    url = os.environ.get("CELERY_NB_BLOB_URL") or broker_url
+    if url.startswith("s3://"):
+        return S3BlobStore(url)
+    return RedisBlobStore(url, patience=patience)
+
+
+def _buffer(size: int) -> memoryview:
+    """A zeroed buffer whose pages are mapped in one go (a bytearray would take a fault for
+    each 4 KiB as it is filled)."""
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
 
 
 def _chunks(pieces: list[Any], size: int) -> list[memoryview]:
@@ -80,8 +101,7 @@ class RedisBlobStore:
         return self._retry.call_with_retry(lambda: self._get(ref), lambda _error: None)
 
     def _get(self, ref: dict[str, Any]) -> memoryview:
-        # pages mapped in one go: a fresh bytearray would take a fault for each 4 KiB as it is filled
-        buffer = memoryview(mmap.mmap(-1, ref["size"], flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
+        buffer = _buffer(ref["size"])
         try:
             with _RespConnection(self._redis.connection_pool.connection_kwargs) as conn:
                 conn.send(*(("GET", f"{ref['key']}:{i}") for i in range(ref["chunks"])))
@@ -165,6 +185,100 @@ class _RespConnection:
             if not received:
                 raise redis.ConnectionError("Redis closed the connection")
             view = view[received:]
+
+
+class S3BlobStore:
+    """Blobs as objects under s3://BUCKET/PREFIX on S3 or any S3-compatible store (MinIO, Ceph,
+    ...), uploaded and downloaded in parallel 8 MiB parts. The URL's query may set
+    ``endpoint_url`` and ``region``; credentials come the usual boto3 way (AWS_ACCESS_KEY_ID
+    and AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role). Objects have no expiry of their own:
+    give the bucket a lifecycle rule for PREFIX (e.g. one day) for blobs never collected."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig
+        except ImportError:
+            raise ImportError(f"CELERY_NB_BLOB_URL={url} needs boto3: pip install 'celery_nb[s3]'") from None
+        parts = urllib.parse.urlsplit(url)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        self._bucket = parts.netloc
+        self._prefix = parts.path.strip("/")
+        self._s3 = boto3.client("s3", endpoint_url=query.get("endpoint_url"), region_name=query.get("region"))
+        self._transfer = TransferConfig(multipart_threshold=CHUNK_SIZE, multipart_chunksize=CHUNK_SIZE,
+                                        max_concurrency=8)
+
+    def put(self, pieces: list[Any]) -> dict[str, Any]:
+        key = f"{self._prefix}/{uuid.uuid4().hex}".lstrip("/")
+        reader = _PiecesReader(pieces)
+        self._s3.upload_fileobj(reader, self._bucket, key, Config=self._transfer)
+        return {"s3_key": key, "size": reader.size}
+
+    def get(self, ref: dict[str, Any]) -> memoryview:
+        """The object, downloaded in parallel parts straight into one buffer."""
+        import botocore.exceptions
+
+        buffer = _buffer(ref["size"])
+        try:
+            self._s3.download_fileobj(self._bucket, ref["s3_key"], _BufferWriter(buffer), Config=self._transfer)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise MissingBlobError(f"blob s3://{self._bucket}/{ref['s3_key']} has expired or was deleted") from None
+            raise
+        return buffer
+
+    def delete(self, ref: dict[str, Any]) -> None:
+        self._s3.delete_object(Bucket=self._bucket, Key=ref["s3_key"])
+
+
+class _PiecesReader(io.RawIOBase):
+    """The concatenation of bytes-like ``pieces`` as a readable file, without joining them."""
+
+    def __init__(self, pieces: list[Any]) -> None:
+        self._views = [memoryview(piece).cast("B") for piece in pieces]
+        self.size = sum(view.nbytes for view in self._views)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        filled = 0
+        while self._views and filled < out.nbytes:
+            take = min(self._views[0].nbytes, out.nbytes - filled)
+            out[filled:filled + take] = self._views[0][:take]
+            filled += take
+            self._views[0] = self._views[0][take:]
+            if not self._views[0].nbytes:
+                self._views.pop(0)
+        return filled
+
+
+class _BufferWriter(io.RawIOBase):
+    """A seekable file writing into a preallocated buffer (parts may arrive in any order)."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        self._buffer = buffer
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._buffer.nbytes}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._buffer[self._pos:self._pos + view.nbytes] = view
+        self._pos += view.nbytes
+        return view.nbytes
 
 
 class MemoryBlobStore:

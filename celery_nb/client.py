@@ -23,7 +23,7 @@ from celery._state import _set_task_join_will_block
 from celery.worker import WorkController
 
 from celery_nb import analysis, payload
-from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, RedisBlobStore
+from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, blob_store_for
 from celery_nb import journal
 from celery_nb.config import parse_gpus, parse_memory, settings
 from celery_nb.errors import BrokerUnavailableError, InputError, UnknownJobError
@@ -60,7 +60,7 @@ class Client:
         self.broker_url = broker_url
         self.signer = Signer(secret)
         self.store: JobStore = RedisJobStore(broker_url) if broker_url else MemoryJobStore()
-        self.blobs: BlobStore = RedisBlobStore(broker_url) if broker_url else MemoryBlobStore()
+        self.blobs: BlobStore = blob_store_for(broker_url) if broker_url else MemoryBlobStore()
         self.app = make_app(broker_url, self.store, self.blobs, worker_name=None if broker_url else EMBEDDED_WORKER,
                             signer=self.signer)
         self._follower = JobFollower(self.store)

@@ -9,7 +9,7 @@ import os
 import sys
 
 from celery_nb.config import DEFAULT_QUEUE
-from celery_nb.blobs import RedisBlobStore
+from celery_nb.blobs import blob_store_for
 from celery_nb.jobstore import RedisJobStore
 from celery_nb.worker.app import make_app
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no broker: pass --broker redis://HOST:6379/0 or set CELERY_NB_BROKER_URL")
     # a job's events and blobs wait out a Redis restart rather than fail the job
     app = make_app(args.broker, RedisJobStore(args.broker, patience=WORKER_PATIENCE),
-                   RedisBlobStore(args.broker, patience=WORKER_PATIENCE), broker_patience=WORKER_PATIENCE)
+                   blob_store_for(args.broker, patience=WORKER_PATIENCE), broker_patience=WORKER_PATIENCE)
     # Jobs wait on Docker, not on the CPU: threads are enough and start instantly. Gossip and
     # mingle (worker-to-worker chatter at start and on every event) cost every job latency and
     # celery_nb needs neither.
