@@ -31,9 +31,7 @@ def cell_payload(source: str, first_line: int, inputs: Mapping[str, Any],
             f"container: {exc}. Leave it out with --in, or turn it into plain data first."))
         for name, value in inputs.items()
     }
-    header = {"v": protocol.PROTOCOL_VERSION, "kind": "cell", "source": source, "first_line": first_line,
-              "inputs": index, "outputs": list(outputs), "outputs_explicit": outputs_explicit,
-              "python": list(sys.version_info[:2])}
+    header = protocol.cell_header(source, first_line, index, list(outputs), outputs_explicit)
     return b"".join(protocol.pack_bundle(header, writer.sections))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 PROTOCOL_VERSION = 1
@@ -53,6 +54,20 @@ def pack_bundle(header: Dict[str, Any], sections: List[Buffer]) -> List[Buffer]:
     pieces.extend(_SECTION_LEN.pack(memoryview(s).nbytes) for s in sections)
     pieces.extend(sections)
     return pieces
+
+
+def cell_header(source: str, first_line: int, inputs: Dict[str, List[int]], outputs: List[str],
+                outputs_explicit: bool) -> Dict[str, Any]:
+    """The header of a cell's payload bundle (its sections: the pickled inputs)."""
+    return {"v": PROTOCOL_VERSION, "kind": "cell", "source": source, "first_line": first_line, "inputs": inputs,
+            "outputs": list(outputs), "outputs_explicit": outputs_explicit,
+            "python": list(sys.version_info[:2])}
+
+
+def pack_request(payload: Buffer, env: Dict[str, str], spool: Optional[str]) -> bytes:
+    """The body of a REQUEST frame: the job's environment, where to spool a big result (None:
+    nowhere), and its payload bundle."""
+    return b"".join(pack_bundle({"env": env, "spool": spool}, [payload]))
 
 
 def unpack_bundle(data: Buffer) -> Tuple[Dict[str, Any], List[memoryview]]:

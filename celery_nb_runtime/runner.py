@@ -408,10 +408,8 @@ def _next_request(fd: int) -> Optional[bytes]:
 def _warm_up() -> None:
     """Rehearse a job (its output thrown away), so that the copy-on-write faults after fork
     are paid before the request arrives rather than while the kernel waits."""
-    cell = {"v": protocol.PROTOCOL_VERSION, "kind": "cell", "source": "warm = 1", "first_line": 1, "inputs": {},
-            "outputs": ["warm"], "outputs_explicit": False, "python": list(sys.version_info[:2])}
-    payload = b"".join(protocol.pack_bundle(cell, []))
-    request = b"".join(protocol.pack_bundle({"env": {}, "spool": None}, [payload]))
+    payload = b"".join(protocol.pack_bundle(protocol.cell_header("warm = 1", 1, {}, ["warm"], False), []))
+    request = protocol.pack_request(payload, {}, None)
     with open(os.devnull, "wb") as devnull:
         _run_child(memoryview(request), FrameWriter(devnull.fileno()))
 

@@ -157,7 +157,7 @@ class JobRun:
 
     def _run(self, limits: ContainerLimits | CeleryNBError, runtime: containers.RuntimeContainer | None) -> str:
         """Run the claimed job with ``limits`` (or report the policy's refusal): in ``runtime``
-        (a warm container whose start is already reported) or in a container started now."""
+        (a warm container, its start events held back) or in a container started now."""
         reusable = False
         try:
             if isinstance(limits, CeleryNBError):
@@ -275,7 +275,7 @@ class JobRun:
         else:
             payload = base64.b64decode(self.request["payload"])
         spool = containers.SPOOL_DIR if runtime.spools else None
-        return b"".join(protocol.pack_bundle({"env": self.request.get("env", {}), "spool": spool}, [payload]))
+        return protocol.pack_request(payload, self.request.get("env", {}), spool)
 
     def _relay(self, runtime: containers.RuntimeContainer, kind: int, body: bytes) -> None:
         """One frame of the runtime as an event (or the kept result/error)."""
