@@ -9,6 +9,7 @@ result has been collected.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -16,6 +17,7 @@ import socket
 import threading
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import redis
@@ -100,16 +102,21 @@ class RedisBlobStore:
         self._retry.call_with_retry(lambda: self._put(key, chunks), lambda _error: None)
         return {"key": key, "size": sum(c.nbytes for c in chunks), "chunks": len(chunks)}
 
-    def _put(self, key: str, chunks: list[memoryview]) -> None:
+    @contextlib.contextmanager
+    def _bare_connection(self, doing: str) -> Iterator[_RespConnection]:
         try:
             with _RespConnection(self._redis.connection_pool.connection_kwargs) as conn:
-                conn.send(*(("SET", f"{key}:{i}", chunk, "EX", str(self._ttl)) for i, chunk in enumerate(chunks)))
-                for _ in chunks:
-                    reply = conn.read_line()
-                    if reply != b"+OK":
-                        raise redis.ResponseError(f"Redis refused blob {key}: {reply.decode(errors='replace')}")
+                yield conn
         except OSError as exc:  # as redis-py reports it, so that its retry applies
-            raise redis.ConnectionError(f"lost Redis while writing blob {key}: {exc}") from None
+            raise redis.ConnectionError(f"lost Redis while {doing}: {exc}") from None
+
+    def _put(self, key: str, chunks: list[memoryview]) -> None:
+        with self._bare_connection(f"writing blob {key}") as conn:
+            conn.send(*(("SET", f"{key}:{i}", chunk, "EX", str(self._ttl)) for i, chunk in enumerate(chunks)))
+            for _ in chunks:
+                reply = conn.read_line()
+                if reply != b"+OK":
+                    raise redis.ResponseError(f"Redis refused blob {key}: {reply.decode(errors='replace')}")
 
     def get(self, ref: dict[str, Any]) -> memoryview:
         """All chunks, pipelined, received straight into one buffer (no intermediate copies)."""
@@ -117,19 +124,16 @@ class RedisBlobStore:
 
     def _get(self, ref: dict[str, Any]) -> memoryview:
         buffer = _buffer(ref["size"])
-        try:
-            with _RespConnection(self._redis.connection_pool.connection_kwargs) as conn:
-                conn.send(*(("GET", f"{ref['key']}:{i}") for i in range(ref["chunks"])))
-                pos = 0
-                for _ in range(ref["chunks"]):
-                    size = conn.read_bulk_header()
-                    if size < 0:
-                        raise MissingBlobError(f"blob {ref['key']} has expired or was deleted")
-                    conn.read_into(buffer[pos:pos + size])
-                    conn.read_line()  # the CRLF after the value
-                    pos += size
-        except OSError as exc:  # as redis-py reports it, so that its retry applies
-            raise redis.ConnectionError(f"lost Redis while reading blob {ref['key']}: {exc}") from None
+        with self._bare_connection(f"reading blob {ref['key']}") as conn:
+            conn.send(*(("GET", f"{ref['key']}:{i}") for i in range(ref["chunks"])))
+            pos = 0
+            for _ in range(ref["chunks"]):
+                size = conn.read_bulk_header()
+                if size < 0:
+                    raise MissingBlobError(f"blob {ref['key']} has expired or was deleted")
+                conn.read_into(buffer[pos:pos + size])
+                conn.read_line()  # the CRLF after the value
+                pos += size
         return buffer
 
     def delete(self, ref: dict[str, Any]) -> None:
