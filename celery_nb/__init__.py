@@ -13,19 +13,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery_nb import widgets  # noqa: F401  (shows Jobs as live widgets in notebooks)
 from celery_nb.client import Client, RemoteFunction, default_client, remote, submit
 from celery_nb.config import CeleryNB, use_settings
-from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError, ImageNotFoundError,
-                              InputError, JobCancelled, JobTimeoutError, OutOfMemoryError, OutputError,
-                              PolicyError, PythonVersionError, RemoteError, SignatureError, UnknownJobError)
+from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError,
+                              ImageNotFoundError, InputError, JobCancelled, JobTimeoutError, OptionError,
+                              OutOfMemoryError, OutputError, PolicyError, PythonVersionError, RemoteError,
+                              SignatureError, UnknownJobError)
 from celery_nb.job import Job
+from celery_nb.options import JobOptions
 from celery_nb_runtime import progress
 
 __all__ = [
-    "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "ImageNotFoundError", "InputError",
-    "Job", "JobCancelled", "JobTimeoutError", "OutOfMemoryError", "OutputError", "PolicyError",
-    "PythonVersionError", "RemoteError", "RemoteFunction", "SignatureError", "UnknownJobError", "default_client", "progress", "remote",
-    "submit",
+    "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError",
+    "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobOptions", "JobTimeoutError", "OptionError",
+    "OutOfMemoryError", "OutputError", "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction",
+    "SignatureError", "UnknownJobError", "default_client", "progress", "remote", "submit",
 ]
 
 

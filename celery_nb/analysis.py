@@ -12,7 +12,7 @@ import symtable
 from dataclasses import dataclass
 from typing import Collection, Iterator
 
-CELL_FILENAME = "<cell>"
+from celery_nb_runtime.protocol import CELL_FILENAME
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,10 @@ from typing import Any, Protocol
 
 import redis
 
-from celery_nb.jobstore import DEFAULT_PATIENCE, redis_retry
+from celery_nb.jobstore import DEFAULT_PATIENCE, DEFAULT_TTL, redis_retry
 
 BLOB_THRESHOLD = 1 << 20  # payloads and results above this travel as blobs
 CHUNK_SIZE = 8 << 20
-DEFAULT_TTL = 24 * 3600
 
 
 class BlobStore(Protocol):

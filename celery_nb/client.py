@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import atexit
 import base64
+import dataclasses
 import functools
+import math
 import os
 import socket
 import threading
-import math
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -22,16 +23,16 @@ import redis
 from celery._state import _set_task_join_will_block
 from celery.worker import WorkController
 
-from celery_nb import analysis, payload
+from celery_nb import analysis, journal, payload
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, blob_store_for
-from celery_nb import journal
-from celery_nb.config import parse_gpus, parse_memory, settings
-from celery_nb.errors import BrokerUnavailableError, InputError, UnknownJobError
+from celery_nb.broker import TASK_NAME, celery_app, commands_before_publish
+from celery_nb.config import settings
+from celery_nb.errors import BrokerUnavailableError, InputError, SignatureError, UnknownJobError
 from celery_nb.job import Job, JobFollower
-from celery_nb.signing import Signer, digest
 from celery_nb.jobstore import DEFAULT_TTL, FIRST_EVENT_ID, START, JobStore, MemoryJobStore, RedisJobStore
-from celery_nb.worker.app import TASK_NAME, commands_before_publish, make_app
-from celery_nb.worker.containers import connect
+from celery_nb.options import JobOptions
+from celery_nb.signing import Signer, digest
+from celery_nb.worker.app import worker_app
 from celery_nb_runtime import map_chunk
 from celery_nb_runtime.runner import CELL_BUILTINS
 
@@ -40,16 +41,6 @@ from celery_nb_runtime.runner import CELL_BUILTINS
 EMBEDDED_WORKER = f"embedded-{os.getpid()}@{socket.gethostname()}"
 _embedded_owner: Client | None = None  # the client whose embedded worker runs in this process
 _embedded_lock = threading.Lock()
-
-
-def _limits(memory: str | int | None, cpus: float | None, timeout: float | None,
-            network: str | None, gpus: str | int | None) -> dict[str, Any]:
-    if cpus is not None and cpus <= 0:
-        raise ValueError(f"--cpus must be positive, got {cpus}")
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"--timeout must be positive, got {timeout}")
-    return {"memory": parse_memory(memory) if memory is not None else None, "cpus": cpus, "timeout": timeout,
-            "network": network, "gpus": parse_gpus(gpus) if gpus is not None else None}
 
 
 class Client:
@@ -61,8 +52,9 @@ class Client:
         self.signer = Signer(secret)
         self.store: JobStore = RedisJobStore(broker_url) if broker_url else MemoryJobStore()
         self.blobs: BlobStore = blob_store_for(broker_url) if broker_url else MemoryBlobStore()
-        self.app = make_app(broker_url, self.store, self.blobs, worker_name=None if broker_url else EMBEDDED_WORKER,
-                            signer=self.signer)
+        # a kernel on a broker only publishes; the embedded worker's app also runs the jobs
+        self.app = (celery_app(broker_url) if broker_url else
+                    worker_app(None, self.store, self.blobs, worker_name=EMBEDDED_WORKER, signer=self.signer))
         self._follower = JobFollower(self.store)
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
@@ -92,7 +84,7 @@ class Client:
             hostname=EMBEDDED_WORKER, queues=[settings().default_queue],
             without_heartbeat=True, without_mingle=True, without_gossip=True,
             send_events=False, loglevel="WARNING", ready_callback=lambda _consumer: ready.set())
-        self.app.celery_nb_pool.remove_leftovers(connect)  # of kernels that were killed
+        self.app.celery_nb_pool.remove_leftovers()  # of kernels that were killed
         threading.Thread(target=self._embedded.start, name="celery_nb-embedded-worker", daemon=True).start()
         atexit.register(self.shutdown)
         if not ready.wait(30):
@@ -112,17 +104,16 @@ class Client:
                 _embedded_owner = None
 
     # -- submitting ---------------------------------------------------------------------
-    def submit_cell(self, source: str, namespace: Mapping[str, Any], *, image: str | None = None,
-                    inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
-                    first_line: int = 1, hidden: Collection[str] = (), memory: str | int | None = None,
-                    cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-                    env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None,
-                    gpus: str | int | None = None) -> Job:
+    def submit_cell(self, source: str, namespace: Mapping[str, Any], *, inputs: Sequence[str] | None = None,
+                    outputs: Sequence[str] | None = None, first_line: int = 1, hidden: Collection[str] = (),
+                    options: JobOptions | None = None, **option_fields: Any) -> Job:
         """Run cell ``source`` in a container; inputs come from ``namespace``.
 
-        ``inputs``/``outputs`` override the automatic detection. Raises SyntaxError and
-        InputError locally, before anything is submitted.
+        ``inputs``/``outputs`` override the automatic detection. The job's options are
+        ``options`` with ``option_fields`` (any JobOptions field: image=, memory=, ...) on top.
+        Raises SyntaxError, OptionError and InputError locally, before anything is submitted.
         """
+        job_options = JobOptions.build(options, **option_fields)
         names = analysis.analyse_cell(source, first_line)
         if inputs is None:
             # a cell's display() is the container's, not the kernel's (which may be in the namespace)
@@ -136,36 +127,29 @@ class Client:
                                     outputs if outputs is not None else names.assigns,
                                     outputs_explicit=outputs is not None)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
-        return self._send("cell", data, image, queue, env, _limits(memory, cpus, timeout, network, gpus), label, fresh)
+        return self._send("cell", data, job_options, label)
 
-    def submit(self, fn: Callable[..., Any], *args: Any, image: str | None = None,
-               kwargs: Mapping[str, Any] | None = None, memory: str | int | None = None,
-               cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-               env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None,
-               gpus: str | int | None = None) -> Job:
-        """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor version).
-
-        ``fresh=True``: a brand-new container rather than a warm one from the worker's pool.
-        ``network="none"``: no network in the container (the worker's policy says what is allowed).
-        ``gpus``: GPUs for the container, as ``docker run --gpus`` takes them: ``"all"``, a count
-        or ``"device=0,1"`` (refused by a worker whose policy has no GPUs).
-        """
+    def submit(self, fn: Callable[..., Any], *args: Any, kwargs: Mapping[str, Any] | None = None,
+               options: JobOptions | None = None, **option_fields: Any) -> Job:
+        """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor
+        version). The job's options are ``options`` with ``option_fields`` (any JobOptions
+        field: image=, memory=, fresh=, network=, gpus=, ...) on top."""
+        job_options = JobOptions.build(options, **option_fields)
         data = payload.call_payload(fn, args, kwargs or {})
         if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
             label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
         else:
             label = f"{_function_name(fn)}()"
-        return self._send("call", data, image, queue, env, _limits(memory, cpus, timeout, network, gpus), label, fresh)
+        return self._send("call", data, job_options, label)
 
-    def _send(self, kind: str, data: bytes, image: str | None, queue: str | None,
-              env: Mapping[str, str] | None, limits: dict[str, Any], label: str, fresh: bool) -> Job:
+    def _send(self, kind: str, data: bytes, options: JobOptions, label: str) -> Job:
         config = settings()
-        image = image or config.default_image
-        # the embedded worker consumes only the default queue: every job runs here
-        queue = config.default_queue if self.embedded or not queue else queue
-        job = Job(self, uuid.uuid4().hex, kind, image, queue, label)
-        request = {"job_id": job.id, "kind": kind, "image": image, "limits": limits,
-                   "env": dict(env or {}), "fresh": fresh}
+        options = options.with_defaults(config.job_defaults())
+        if self.embedded:  # the embedded worker consumes only the default queue: every job runs here
+            options = dataclasses.replace(options, queue=config.default_queue)
+        assert options.image is not None and options.queue is not None  # the defaults set them
+        job = Job(self, uuid.uuid4().hex, kind, options.image, options.queue, label)
+        request: dict[str, Any] = {"job_id": job.id, "kind": kind, "options": options.to_request()}
         try:
             if len(data) > BLOB_THRESHOLD:  # big inputs stay out of the Celery message
                 request["payload_ref"] = self.blobs.put([data])
@@ -173,26 +157,7 @@ class Client:
                     request["payload_digest"] = digest(data)
             else:
                 request["payload"] = base64.b64encode(data).decode("ascii")
-            request = self.signer.sign(request)
-            queued = {"type": "status", "status": "queued", "image": image, "queue": queue, "kind": kind,
-                      "label": label, "t": job.submitted_at}
-            # Flower and the worker's log show the job by its label (shadow) and its image and limits
-            # (argsrepr), not as celery_nb.run_job with the payload
-            publish = functools.partial(
-                self.app.send_task, TASK_NAME, args=[request], task_id=job.id, queue=queue,
-                shadow=f"{kind}: {label[:80]}",
-                argsrepr=repr({"image": image, **{k: v for k, v in limits.items() if v is not None}}))
-            if isinstance(self.store, RedisJobStore) and self.app.celery_nb_publishes_with_commands:
-                # the job's first event and its message in one round trip; the follower reads on
-                # from after that event (the Job already says what it says)
-                wake = self._follower.follow(job, cursor=FIRST_EVENT_ID)
-                store = self.store
-                with commands_before_publish(lambda pipe: store.first_event_in(pipe, job.id, queued, wake)):
-                    publish()
-            else:
-                wake = self._follower.follow(job)
-                self.store.append(job.id, queued, wake=wake)
-                publish()
+            self._publish(job, self.signer.sign(request), options)
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
             self._follower.forget(job)
             raise BrokerUnavailableError(
@@ -200,9 +165,31 @@ class Client:
                 f"CELERY_NB_BROKER_URL to run jobs on the embedded worker in this kernel.") from None
         self.jobs.append(job)
         if not self.embedded:  # a restarted kernel finds it again (embedded jobs end with their kernel)
-            journal.record(journal.JournalEntry(job.id, journal.public_url(self.broker_url), kind, image, queue,
-                                                label, job.submitted_at, os.getpid()))
+            journal.record(journal.JournalEntry(job.id, journal.public_url(self.broker_url), kind, job.image,
+                                                job.queue, label, job.submitted_at, os.getpid()))
         return job
+
+    def _publish(self, job: Job, request: dict[str, Any], options: JobOptions) -> None:
+        """The job's first event ("queued") and its task message, and follow the job."""
+        queued = {"type": "status", "status": "queued", "image": job.image, "queue": job.queue, "kind": job.kind,
+                  "label": job.label, "t": job.submitted_at}
+        # Flower and the worker's log show the job by its label (shadow) and its options
+        # (argsrepr; its environment variables left out), not as celery_nb.run_job with the payload
+        shown = {k: v for k, v in options.to_request().items() if k not in ("env", "queue")}
+        publish = functools.partial(
+            self.app.send_task, TASK_NAME, args=[request], task_id=job.id, queue=job.queue,
+            shadow=f"{job.kind}: {job.label[:80]}", argsrepr=repr(shown))
+        if isinstance(self.store, RedisJobStore) and self.app.celery_nb_publishes_with_commands:
+            # the job's first event and its message in one round trip; the follower reads on
+            # from after that event (the Job already says what it says)
+            wake = self._follower.follow(job, cursor=FIRST_EVENT_ID)
+            store = self.store
+            with commands_before_publish(lambda pipe: store.first_event_in(pipe, job.id, queued, wake)):
+                publish()
+        else:
+            wake = self._follower.follow(job)
+            self.store.append(job.id, queued, wake=wake)
+            publish()
 
     def attach(self, job_id: str) -> Job:
         """See ``Job.attach``."""
@@ -243,9 +230,23 @@ class Client:
                     continue  # its events expired
         return sorted(jobs.values(), key=lambda job: job.submitted_at)
 
-    def remote(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+    def remote(self, fn: Callable[..., Any] | None = None, *, options: JobOptions | None = None,
+               **option_fields: Any) -> Any:
         """Like ``celery_nb.remote`` but submitting through this client."""
-        return _remote_decorator(fn, options, self)
+        return _remote_decorator(fn, JobOptions.build(options, **option_fields), self)
+
+    def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None, signature: str | None) -> Any:
+        """A finished job's result bundle (see JobBackend.collect)."""
+        if ref is not None:
+            data = self.blobs.get(ref)
+            self.blobs.delete(ref)
+        else:
+            data = inline
+        if self.signer.enabled and not self.signer.verify({"job_id": job_id, "digest": digest(data), "sig": signature}):
+            raise SignatureError(
+                f"the result of job {job_id} is not signed with this kernel's CELERY_NB_SECRET, or was altered "
+                f"on the way; it was not unpickled. Check that kernel and workers share the same secret.")
+        return data
 
     def cancel(self, job_id: str) -> None:
         # The flag stops a running job (its worker checks it while the container runs); the
@@ -265,7 +266,7 @@ def _function_name(fn: Callable[..., Any]) -> str:
 class RemoteFunction:
     """A function that runs in a container: call it, ``.submit()`` it, or ``.map()`` it."""
 
-    def __init__(self, fn: Callable[..., Any], options: dict[str, Any], client: Client | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], options: JobOptions, client: Client | None = None) -> None:
         self.fn = fn
         self.options = options
         self.client = client  # None: the default client at call time
@@ -274,7 +275,7 @@ class RemoteFunction:
         self.__name__ = getattr(fn, "__name__", "remote")
 
     def submit(self, *args: Any, **kwargs: Any) -> Job:
-        return (self.client or default_client()).submit(self.fn, *args, kwargs=kwargs, **self.options)
+        return (self.client or default_client()).submit(self.fn, *args, kwargs=kwargs, options=self.options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run remotely and wait for the return value."""
@@ -287,7 +288,7 @@ class RemoteFunction:
         items = list(items)
         size = chunksize or max(1, math.ceil(len(items) / _DEFAULT_MAP_JOBS))
         client = self.client or default_client()
-        return [client.submit(map_chunk, self.fn, items[i:i + size], **self.options)
+        return [client.submit(map_chunk, self.fn, items[i:i + size], options=self.options)
                 for i in range(0, len(items), size)]
 
     def imap(self, items: Iterable[Any], chunksize: int | None = None) -> Iterator[Any]:
@@ -314,26 +315,23 @@ def default_client() -> Client:
         return _default_client
 
 
-def submit(fn: Callable[..., Any], *args: Any, image: str | None = None, kwargs: Mapping[str, Any] | None = None,
-           memory: str | int | None = None, cpus: float | None = None, timeout: float | None = None,
-           queue: str | None = None, env: Mapping[str, str] | None = None, fresh: bool = False,
-           network: str | None = None, gpus: str | int | None = None) -> Job:
-    """Run ``fn(*args, **kwargs)`` in a container of ``image``; returns a Job at once."""
-    return default_client().submit(fn, *args, image=image, kwargs=kwargs, memory=memory, cpus=cpus,
-                                   timeout=timeout, queue=queue, env=env, fresh=fresh, network=network, gpus=gpus)
+def submit(fn: Callable[..., Any], *args: Any, kwargs: Mapping[str, Any] | None = None,
+           options: JobOptions | None = None, **option_fields: Any) -> Job:
+    """Run ``fn(*args, **kwargs)`` in a container; returns a Job at once. Options: ``options``
+    with ``option_fields`` (any JobOptions field: image=, memory=, ...) on top."""
+    return default_client().submit(fn, *args, kwargs=kwargs, options=options, **option_fields)
 
 
-def remote(fn: Callable[..., Any] | None = None, *, image: str | None = None, memory: str | int | None = None,
-           cpus: float | None = None, timeout: float | None = None, queue: str | None = None,
-           env: Mapping[str, str] | None = None, fresh: bool = False, network: str | None = None,
-           gpus: str | int | None = None) -> Any:
-    """Decorator: ``@remote(image="python:3.11-slim")`` makes calls run in containers."""
-    options = {"image": image, "memory": memory, "cpus": cpus, "timeout": timeout, "queue": queue, "env": env,
-               "fresh": fresh, "network": network, "gpus": gpus}
-    return _remote_decorator(fn, options, None)
+def remote(fn: Callable[..., Any] | None = None, *, options: JobOptions | None = None, **option_fields: Any) -> Any:
+    """Decorator: ``@remote(image="python:3.11-slim")`` makes calls run in containers. The
+    options (any JobOptions field) are checked now, not at the first call."""
+    return _remote_decorator(fn, JobOptions.build(options, **option_fields), None)
 
 
-def _remote_decorator(fn: Callable[..., Any] | None, options: dict[str, Any], client: Client | None) -> Any:
+def _remote_decorator(fn: Callable[..., Any] | None, options: JobOptions, client: Client | None) -> Any:
     if fn is None:
         return lambda f: RemoteFunction(f, options, client)
     return RemoteFunction(fn, options, client)
+
+
+Job.default_backend = default_client

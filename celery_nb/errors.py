@@ -13,6 +13,10 @@ class CeleryNBError(Exception):
         return f"{type(self).__name__}: {self}".split("\n")
 
 
+class OptionError(CeleryNBError, ValueError):
+    """A job option is malformed (``--memory lots``); nothing was submitted."""
+
+
 class InputError(CeleryNBError):
     """An input could not be shipped (unpicklable, missing from the kernel); nothing was submitted."""
 

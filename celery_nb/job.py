@@ -10,23 +10,40 @@ import html
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, ClassVar, Protocol
 
 from celery_nb import payload
-from celery_nb.errors import CeleryNBError, JobCancelled, SignatureError, error_from_event
-from celery_nb.signing import digest
+from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
 from celery_nb.jobstore import START, Event, JobStore, Waker
 
-if TYPE_CHECKING:
-    from celery_nb.client import Client
-
 _READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
+
+
+class JobBackend(Protocol):
+    """What a Job needs of whoever sent it (a celery_nb Client)."""
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the worker to stop the job."""
+
+    def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None,
+                signature: str | None) -> Any:
+        """The job's result bundle (bytes-like): ``inline``, or fetched by ``ref`` from the blob
+        store and deleted there; checked against ``signature`` (SignatureError) before anything
+        unpickles it."""
+
+    def attach(self, job_id: str) -> Job:
+        """Follow an earlier job again (see Job.attach)."""
 
 
 class Job:
     """A submitted job. ``result()`` waits and returns the outputs or raises the job's error."""
 
-    def __init__(self, client: Client, job_id: str, kind: str, image: str, queue: str, label: str) -> None:
+    # set from outside, so that this module imports neither of them: how a notebook shows a job
+    # (celery_nb.widgets), and the backend of Job.attach without one (celery_nb.client)
+    live_view: ClassVar[Callable[[Job], None] | None] = None
+    default_backend: ClassVar[Callable[[], JobBackend] | None] = None
+
+    def __init__(self, backend: JobBackend, job_id: str, kind: str, image: str, queue: str, label: str) -> None:
         self.id = job_id
         self.kind = kind  # "cell" or "call"
         self.image = image
@@ -41,7 +58,7 @@ class Job:
         self.error: CeleryNBError | None = None
         self.submitted_at = time.time()
         self.finished_at: float | None = None
-        self._client = client
+        self._backend = backend
         # what the job printed and displayed, in order: ("stdout"|"stderr", text) or ("display", bundle)
         self._output: list[tuple[str, Any]] = []
         self._result_blob: bytes | None = None
@@ -119,13 +136,15 @@ class Job:
         callback(self)
 
     @classmethod
-    def attach(cls, job_id: str, client: Client | None = None) -> Job:
+    def attach(cls, job_id: str, client: JobBackend | None = None) -> Job:
         """Follow a job again, e.g. one sent before the kernel restarted: its events replay
         from the start (logs, progress, status) and it is followed live; ``result()`` collects
-        its outputs. ``job_id`` may be the first characters of the id, as widgets show it."""
-        from celery_nb.client import default_client
-
-        return (client or default_client()).attach(job_id)
+        its outputs. ``job_id`` may be the first characters of the id, as widgets show it.
+        ``client``: the Client to follow it with (default: celery_nb.default_client())."""
+        if client is None:
+            assert cls.default_backend is not None, "celery_nb.client sets Job.default_backend when imported"
+            client = cls.default_backend()
+        return client.attach(job_id)
 
     # -- future-like API --------------------------------------------------------------
     def done(self) -> bool:
@@ -144,7 +163,7 @@ class Job:
     def cancel(self) -> None:
         """Ask the worker to stop the job (kills its container); returns at once."""
         if not self.finished:
-            self._client.cancel(self.id)
+            self._backend.cancel(self.id)
 
     def result(self, timeout: float | None = None) -> Any:
         """The job's outputs: a dict of variables for a cell, the return value for a call.
@@ -161,25 +180,13 @@ class Job:
         with self._lock:
             if self._outputs is None:
                 decode_started = time.time()
-                if self._result_ref is not None:
-                    data = self._client.blobs.get(self._result_ref)
-                    self._client.blobs.delete(self._result_ref)
-                    self._result_ref = None
-                else:
-                    data = self._result_blob
-                self._check_signature(data)
+                data = self._backend.collect(self.id, self._result_blob, self._result_ref, self._result_sig)
+                self._result_ref = None
                 self._outputs = payload.load_result(data)
                 # from the worker's end of the job to usable values in the kernel
                 self.timings["transfer"] += time.time() - decode_started
                 self._result_blob = None
         return self._outputs if self.kind == "cell" else self._outputs["return"]
-
-    def _check_signature(self, data: Any) -> None:
-        signer = self._client.signer
-        if signer.enabled and not signer.verify({"job_id": self.id, "digest": digest(data), "sig": self._result_sig}):
-            raise SignatureError(
-                f"the result of job {self.id} is not signed with this kernel's CELERY_NB_SECRET, or was altered "
-                f"on the way; it was not unpickled. Check that kernel and workers share the same secret.")
 
     # -- what a person reads ------------------------------------------------------------
     @property
@@ -241,10 +248,11 @@ class Job:
         return f"<Job {self.id[:12]} {self.kind} image={self.image!r} status={self.status}>"
 
     def _ipython_display_(self) -> None:
-        """In a notebook: the live widget, whose saved text is brought up to date when the job ends."""
-        from celery_nb.widgets import JobView
-
-        JobView(self, blocking=False)
+        """In a notebook: the live view (celery_nb.widgets), else the summary."""
+        if Job.live_view is not None:
+            Job.live_view(self)
+        else:
+            print(self.summary())
 
     def _repr_html_(self) -> str:
         return f"<code>{html.escape(self.summary())}</code>"

@@ -24,6 +24,28 @@ START = "0"  # cursor before the first event
 DEFAULT_TTL = 24 * 3600  # seconds a finished job's events stay readable
 DEFAULT_PATIENCE = 5.0  # s a kernel retries while Redis is away (its job follower then keeps trying)
 _RETRY_CAP = 1.0  # s between two attempts to reach a Redis that went away, at most
+LEASE = 6.0  # s a job's lease outlives its worker's last renewal: how soon another worker takes over
+RENEW_INTERVAL = 1.5  # s between a live worker's renewals of its jobs' leases
+
+
+def events_key(job_id: str) -> str:
+    return f"celery_nb:events:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"celery_nb:cancel:{job_id}"
+
+
+def lease_key(job_id: str) -> str:
+    return f"celery_nb:lease:{job_id}"
+
+
+def done_key(job_id: str) -> str:
+    return f"celery_nb:done:{job_id}"
+
+
+def attempts_key(job_id: str) -> str:
+    return f"celery_nb:attempts:{job_id}"
 
 
 def redis_retry(patience: float) -> Retry:
@@ -256,14 +278,6 @@ class RedisJobStore:
         self._renew = self._redis.register_script(_RENEW)
         self._finish = self._redis.register_script(_FINISH)
 
-    @staticmethod
-    def _events_key(job_id: str) -> str:
-        return f"celery_nb:events:{job_id}"
-
-    @staticmethod
-    def _cancel_key(job_id: str) -> str:
-        return f"celery_nb:cancel:{job_id}"
-
     def append(self, job_id: str, event: Event, blob: bytes | None = None, wake: Waker | None = None) -> None:
         fields: dict[str, Any] = {"e": json.dumps(event)}
         if blob is not None:
@@ -274,7 +288,7 @@ class RedisJobStore:
         self._xadd(job_id, [{"e": json.dumps(event)} for event in events])
 
     def _xadd(self, job_id: str, entries: list[dict[str, Any]], wake: Waker | None = None) -> None:
-        key = self._events_key(job_id)
+        key = events_key(job_id)
         pipe = self._redis.pipeline(transaction=False)
         for fields in entries:
             pipe.xadd(key, fields)
@@ -287,7 +301,7 @@ class RedisJobStore:
         """Add to ``pipe`` (of a client of the same Redis, to run with other commands) the
         commands that make ``event`` the job's first event, with id FIRST_EVENT_ID (once,
         however often the pipeline is retried), and ring ``wake``."""
-        pipe.eval(_FIRST_EVENT, 1, self._events_key(job_id), FIRST_EVENT_ID, json.dumps(event), self._ttl)
+        pipe.eval(_FIRST_EVENT, 1, events_key(job_id), FIRST_EVENT_ID, json.dumps(event), self._ttl)
         if isinstance(wake, _RedisWaker):
             wake.ring_in(pipe)
 
@@ -296,7 +310,7 @@ class RedisJobStore:
 
     def read_many(self, cursors: dict[str, str], timeout: float, wake: Waker) -> dict[str, tuple[list[Event], str]]:
         assert isinstance(wake, _RedisWaker)
-        streams = {self._events_key(job_id): cursor for job_id, cursor in cursors.items()}
+        streams = {events_key(job_id): cursor for job_id, cursor in cursors.items()}
         streams[wake.key] = wake.cursor
         # one blocking read for every job: one connection however many jobs run (BLOCK 0 would never return)
         reply = self._redis.xread(streams, block=max(1, int(timeout * 1000)))
@@ -306,7 +320,7 @@ class RedisJobStore:
             if key == wake.key:
                 wake.cursor = entries[-1][0].decode()
                 continue
-            job_id = key[len("celery_nb:events:"):]
+            job_id = key[len(events_key("")):]
             events = []
             for _entry_id, fields in entries:
                 event = json.loads(fields[b"e"])
@@ -320,15 +334,14 @@ class RedisJobStore:
         return _RedisWaker(self._redis)
 
     def request_cancel(self, job_id: str) -> None:
-        self._redis.set(self._cancel_key(job_id), 1, ex=self._ttl)
+        self._redis.set(cancel_key(job_id), 1, ex=self._ttl)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self._redis.exists(self._cancel_key(job_id)))
+        return bool(self._redis.exists(cancel_key(job_id)))
 
     def claim(self, job_id: str, holder: str, lease: float) -> Claim:
         outcome, attempt, held_by = self._claim(
-            keys=[f"celery_nb:done:{job_id}", self._cancel_key(job_id), f"celery_nb:lease:{job_id}",
-                  f"celery_nb:attempts:{job_id}"],
+            keys=[done_key(job_id), cancel_key(job_id), lease_key(job_id), attempts_key(job_id)],
             args=[holder, int(lease * 1000), self._ttl])
         return Claim(outcome.decode(), int(attempt), held_by.decode())
 
@@ -336,7 +349,7 @@ class RedisJobStore:
         if not leases:
             return set()
         jobs = list(leases)
-        keys = [key for job_id in jobs for key in (f"celery_nb:lease:{job_id}", f"celery_nb:done:{job_id}")]
+        keys = [key for job_id in jobs for key in (lease_key(job_id), done_key(job_id))]
         lost = self._renew(keys=keys, args=[int(lease * 1000), *leases.values()])
         return {jobs[i - 1] for i in lost}
 
@@ -344,5 +357,4 @@ class RedisJobStore:
         args: list[Any] = [self._ttl, json.dumps(event)]
         if blob is not None:
             args.append(blob)
-        return bool(self._finish(keys=[f"celery_nb:done:{job_id}", self._events_key(job_id),
-                                       f"celery_nb:lease:{job_id}"], args=args))
+        return bool(self._finish(keys=[done_key(job_id), events_key(job_id), lease_key(job_id)], args=args))

@@ -2,17 +2,22 @@
 (no Celery or Docker here)."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from celery_nb.client import default_client
 from celery_nb.job import Job
+from celery_nb.options import JobOptions
 from celery_nb.widgets import JobView, jobs_view
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def _names(value: str | None) -> list[str] | None:
+
+def names_flag(value: str | None) -> list[str] | None:
+    """``--in a,b`` / ``--out c,d``: variable names."""
     if value is None:
         return None
     names = [n.strip() for n in value.split(",") if n.strip()]
@@ -22,40 +27,22 @@ def _names(value: str | None) -> list[str] | None:
     return names
 
 
-def _env(pairs: list[str] | None) -> dict[str, str]:
-    env = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--env {pair!r} is not KEY=VALUE")
-        env[key] = value
-    return env
+def job_option_flags(func: F) -> F:
+    """The magic's flags for every JobOptions field (generated from the fields' metadata)."""
+    for flags, kwargs in reversed(JobOptions.magic_arguments()):
+        func = argument(*flags, **kwargs)(func)
+    return func
 
 
 @magics_class
 class CeleryDockerMagics(Magics):
     @magic_arguments()
-    @argument("--image", "-i", help="Docker image to run the cell in (default: CeleryNB.default_image). "
-                                    "Any image with python3 (3.9+) works; nothing needs to be installed in it.")
     @argument("--in", dest="inputs", metavar="A,B",
               help="kernel variables to send (default: the names the cell reads that the kernel has)")
     @argument("--out", dest="outputs", metavar="C,D",
               help="variables to bring back (default: every name the cell assigns); a name the cell "
                    "never assigns is an error")
-    @argument("--timeout", "-t", type=float, metavar="SECONDS", help="kill the container after this long")
-    @argument("--memory", "-m", metavar="SIZE", help="memory limit, e.g. 512m or 2g (default: the worker's)")
-    @argument("--cpus", type=float, help="CPU limit, e.g. 1.5")
-    @argument("--queue", "-q", help="Celery queue, to pick a group of workers, e.g. gpu for workers started "
-                                    "with `celery-nb worker -Q gpu` (default: CeleryNB.default_queue)")
-    @argument("--env", "-e", action="append", metavar="K=V", help="environment variable in the container; repeatable")
-    @argument("--network", choices=["bridge", "none"],
-              help="the container's network: none cuts it off (the worker's policy may require none)")
-    @argument("--gpus", metavar="GPUS",
-              help="GPUs for the container, as `docker run --gpus` takes them: all, a count (2) or "
-                   "device=0,1; only a worker whose policy allows GPUs (CELERY_NB_GPUS) runs such a job: "
-                   "send it to their queue with --queue")
-    @argument("--fresh", action="store_true",
-              help="run in a brand-new container instead of a warm one from the worker's pool")
+    @job_option_flags
     @argument("--no-wait", action="store_true",
               help="return the Job at once; its outputs land in the namespace when it finishes")
     @cell_magic
@@ -78,10 +65,8 @@ class CeleryDockerMagics(Magics):
         args = parse_argstring(self.celery_docker, line)
         shell = self.shell
         job = default_client().submit_cell(
-            cell, shell.user_ns, image=args.image, inputs=_names(args.inputs), outputs=_names(args.outputs),
-            first_line=2, hidden=shell.user_ns_hidden, memory=args.memory, cpus=args.cpus,
-            timeout=args.timeout, queue=args.queue, env=_env(args.env), fresh=args.fresh,
-            network=args.network, gpus=args.gpus)
+            cell, shell.user_ns, inputs=names_flag(args.inputs), outputs=names_flag(args.outputs), first_line=2,
+            hidden=shell.user_ns_hidden, options=JobOptions.from_flags(vars(args)))
         return self._show_and_collect(job, args.no_wait)
 
     @magic_arguments()

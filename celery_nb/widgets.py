@@ -292,3 +292,12 @@ class JobView:
                 self.job.cancel()
                 self.job.wait(5)
             raise
+
+
+def _show_live(job: Job) -> None:
+    """How a Job displays in a notebook: the live widget, whose saved text is brought up to date
+    when the job ends."""
+    JobView(job, blocking=False)
+
+
+Job.live_view = _show_live

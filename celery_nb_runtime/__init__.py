@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+
+from celery_nb_runtime import events
+from celery_nb_runtime.rich_output import display
 
 T = TypeVar("T")
 
-# Set by the runner inside a container; None elsewhere, which makes progress() a pass-through.
-_emit_event: Optional[Callable[[Dict[str, Any]], None]] = None
 _bar_ids = itertools.count(1)
 MIN_INTERVAL = 0.1  # seconds between progress events of one bar
 
@@ -35,12 +36,12 @@ class ProgressReporter:
         self._last_sent = 0.0
 
     def update(self, n: float, force: bool = False) -> None:
-        if _emit_event is None:
+        if events.sink is None:  # outside a container: progress() is a pass-through
             return
         now = time.monotonic()
         if force or now - self._last_sent >= MIN_INTERVAL:
             self._last_sent = now
-            _emit_event({"type": "progress", "bar": self.bar, "n": n,
+            events.sink({"type": "progress", "bar": self.bar, "n": n,
                          "total": self.total, "desc": self.desc})
 
 
@@ -67,7 +68,5 @@ def map_chunk(fn: Callable[[Any], Any], items: list) -> list:
     """Run ``fn`` over one chunk of a map, counting items on the progress bar."""
     return [fn(item) for item in progress(items)]
 
-
-from celery_nb_runtime.rich_output import display  # noqa: E402  (it reads _emit_event above)
 
 __all__ = ["display", "map_chunk", "progress"]

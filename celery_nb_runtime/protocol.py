@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 PROTOCOL_VERSION = 1
 PICKLE_PROTOCOL = 5
+CELL_FILENAME = "<cell>"  # a cell's code object's filename, in tracebacks (kernel and container alike)
 
 _BUNDLE_MAGIC = b"CNB\x01"
 _BUNDLE_HEAD = struct.Struct(">4sII")  # magic, header length, section count

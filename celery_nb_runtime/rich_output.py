@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, Dict, Optional, Tuple
 
-import celery_nb_runtime
+from celery_nb_runtime import events
 
 # A display travels in the job's event stream (and stays in the kernel's Job): keep it small.
 MAX_BUNDLE_BYTES = 1 << 20
@@ -93,7 +93,7 @@ def publish(data: Dict[str, Any], metadata: Optional[Dict[str, Any]] = None) -> 
     """Send one MIME bundle to the notebook, after what the job printed before it."""
     sys.stdout.flush()
     sys.stderr.flush()
-    emit = celery_nb_runtime._emit_event
+    emit = events.sink
     if emit is None:
         print(data.get("text/plain", ""))
         return
@@ -103,7 +103,7 @@ def publish(data: Dict[str, Any], metadata: Optional[Dict[str, Any]] = None) -> 
 def display(*objs: Any, raw: bool = False, metadata: Optional[Dict[str, Any]] = None, **_ignored: Any) -> None:
     """Show objects in the notebook cell, as IPython's ``display`` does (``raw=True``: the
     objects are MIME bundles already). Other IPython options (display_id, ...) are ignored."""
-    if celery_nb_runtime._emit_event is None and "IPython" in sys.modules:  # outside a container, in IPython
+    if events.sink is None and "IPython" in sys.modules:  # outside a container, in IPython
         from IPython.display import display as ipython_display
 
         ipython_display(*objs, raw=raw, metadata=metadata)

@@ -25,9 +25,8 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 import celery_nb_runtime
-from celery_nb_runtime import protocol, rich_output
+from celery_nb_runtime import events, protocol, rich_output
 
-CELL_FILENAME = "<cell>"
 CELL_BUILTINS = ("display",)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
 _READ_CHUNK = 65536
@@ -160,8 +159,8 @@ def _run_cell(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, A
     # Pad with blank lines for what precedes the cell body (the magic line) so that line
     # numbers in tracebacks match the notebook editor.
     source = "\n" * (header["first_line"] - 1) + header["source"]
-    linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
-    code = compile(source, CELL_FILENAME, "exec")
+    linecache.cache[protocol.CELL_FILENAME] = (len(source), None, source.splitlines(True), protocol.CELL_FILENAME)
+    code = compile(source, protocol.CELL_FILENAME, "exec")
     namespace = {name: getattr(rich_output, name) for name in CELL_BUILTINS}
     namespace.update(_load_inputs(header, sections))
     namespace.update({"__name__": "__main__", "__builtins__": builtins})
@@ -233,7 +232,7 @@ def _prepare_child(frames: FrameWriter) -> None:
     """What the job's process needs whatever the job, done before its request arrives."""
     os.setsid()  # its own process group, so the server can kill whatever the job left running
     os.environ["MPLBACKEND"] = "Agg"  # figures are drawn to PNG and shown in the notebook (the job's env may differ)
-    celery_nb_runtime._emit_event = frames.event
+    events.sink = frames.event
     sys.meta_path.insert(0, _ImportPatches())
 
 

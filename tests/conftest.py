@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from celery_nb import Client
-from celery_nb.worker.containers import LABEL_JOB, LABEL_WORKER
+from celery_nb.worker.docker_api import LABEL_JOB, LABEL_WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from celery_nb import Client
-from celery_nb.worker.containers import LABEL_WORKER
+from celery_nb.worker.docker_api import LABEL_WORKER
 from tests import quickstart as checks
 from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, _unavailable, free_port
 

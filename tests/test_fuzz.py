@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
 
-from celery_nb.config import parse_memory
-from celery_nb.magics import CeleryDockerMagics, _env, _names
+from celery_nb.magics import CeleryDockerMagics, names_flag
+from celery_nb.options import JobOptions
 from celery_nb_runtime import protocol, runner
 
 FUZZ = settings(max_examples=300, deadline=None)
@@ -67,11 +67,9 @@ def test_the_runtime_relays_frames_intact_however_they_are_split(frames: list, c
 def test_magic_arguments_give_usage_errors_only(line: str) -> None:
     try:
         args = parse_argstring(CeleryDockerMagics.celery_docker, line)
-        _names(args.inputs)
-        _names(args.outputs)
-        _env(args.env)
-        if args.memory is not None:
-            parse_memory(args.memory)
+        names_flag(args.inputs)
+        names_flag(args.outputs)
+        JobOptions.from_flags(vars(args))
     except (UsageError, ValueError):
         pass
 
@@ -80,5 +78,5 @@ def test_magic_arguments_give_usage_errors_only(line: str) -> None:
 def test_bad_magic_lines_are_explained(line: str) -> None:
     with pytest.raises((UsageError, ValueError)):
         args = parse_argstring(CeleryDockerMagics.celery_docker, line)
-        _names(args.inputs)
-        _env(args.env)
+        names_flag(args.inputs)
+        JobOptions.from_flags(vars(args))

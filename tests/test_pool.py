@@ -11,7 +11,7 @@ import docker
 import pytest
 
 from celery_nb import Client
-from celery_nb.worker.containers import LABEL_OWNER, LABEL_WORKER
+from celery_nb.worker.docker_api import LABEL_OWNER, LABEL_WORKER
 from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process, worker_containers
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"

@@ -20,7 +20,7 @@ import redis
 
 from celery_nb import Client
 from celery_nb.widgets import JobWidget
-from celery_nb.worker.containers import LABEL_OWNER, LABEL_WORKER
+from celery_nb.worker.docker_api import LABEL_OWNER, LABEL_WORKER
 from tests.conftest import IMAGE, ROOT, _unavailable, start_worker, stop_process, worker_containers
 
 # short, so that a dead worker's jobs come back within seconds (the default is minutes)

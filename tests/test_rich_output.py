@@ -58,10 +58,9 @@ def test_ipython_display_in_the_image_sends_display_events() -> None:
     """The runtime patches IPython's display when a job imports it (this venv has IPython)."""
     code = """
 import json, sys
-import celery_nb_runtime
-from celery_nb_runtime import runner
+from celery_nb_runtime import events as channel, runner
 events = []
-celery_nb_runtime._emit_event = events.append
+channel.sink = events.append
 sys.meta_path.insert(0, runner._ImportPatches())
 from IPython.display import display, HTML
 display(HTML("<p>via IPython</p>"))

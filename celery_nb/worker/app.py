@@ -1,214 +1,41 @@
-"""The Celery app shared by kernels (to send jobs) and workers (to run them)."""
+"""A worker's Celery app: the shared app (celery_nb.broker) plus the task that runs jobs, the
+warm pool, the policy, the leases and the signal handlers that look after them. Kernels on a
+broker never build this; the embedded worker does.
+"""
 from __future__ import annotations
 
-import os
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from queue import Empty
 from typing import Any
 
-import redis
-
 from celery import Celery, Task
-from kombu.transport import memory as kombu_memory
-from kombu.transport import redis as kombu_redis
 from celery.signals import celeryd_after_setup, task_revoked, worker_shutdown
 
-from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.blobs import BlobStore
-from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore, connect_redis, redis_retry
+from celery_nb.broker import TASK_NAME, celery_app
+from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore, connect_redis
 from celery_nb.signing import Signer
-from celery_nb.worker.containers import ContainerPool, PoolSettings, connect
-from celery_nb.worker.leases import RENEW_INTERVAL, LeaseKeeper, UnackedIndex
+from celery_nb.worker.leases import LeaseKeeper, UnackedIndex
 from celery_nb.worker.policy import WorkerPolicy
+from celery_nb.worker.pool import ContainerPool
+from celery_nb.worker.settings import WorkerSettings
 from celery_nb.worker.tasks import WorkerServices, report_revoked, run_job
 
-TASK_NAME = "celery_nb.run_job"
-EMBEDDED_BROKER = "memory://"
-# A job whose worker died runs again elsewhere after about this long: a live worker keeps its
-# jobs' messages younger than this (celery_nb.worker.leases), however long they run, so it only
-# bounds how soon a crash is noticed. Generous: the clocks of kernels and workers may differ.
-DEFAULT_VISIBILITY_TIMEOUT = 300.0
 
-
-def visibility_timeout() -> float:
-    """CELERY_NB_VISIBILITY_TIMEOUT (s): set the same on workers and kernels (any of them may
-    hand a message back to the queue)."""
-    raw = os.environ.get("CELERY_NB_VISIBILITY_TIMEOUT", str(DEFAULT_VISIBILITY_TIMEOUT))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={raw!r} is not a number of seconds") from None
-    if value < 2 * RENEW_INTERVAL + 1:
-        raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={value:g} is too short: a live worker renews its jobs "
-                         f"every {RENEW_INTERVAL:g} s; use at least {2 * RENEW_INTERVAL + 1:g} s")
-    return value
-
-
-class _Riders(threading.local):
-    commands: Callable[[redis.client.Pipeline], None] | None = None
-
-
-_riders = _Riders()
-
-
-@contextmanager
-def commands_before_publish(commands: Callable[[redis.client.Pipeline], None]) -> Iterator[None]:
-    """The next task message this thread publishes goes to Redis in one round trip with the
-    Redis commands that ``commands`` adds to a pipeline, and after them (a job's first event
-    and its message: the worker's events always come after). Only for an app whose
-    ``celery_nb_publishes_with_commands`` is true (a redis:// broker)."""
-    _riders.commands = commands
-    try:
-        yield
-    finally:
-        _riders.commands = None
-
-
-def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
-    """kombu's Redis transport whose plain commands retry for ``patience`` s while Redis is away.
-
-    kombu takes a message off the queue (BRPOP), then records it as unacked with a second
-    command: were that one to fail, the message would be lost. Acks, publishes and restores go
-    through the same connections. The consumer's own (BRPOP) connection still fails at once,
-    so that the worker notices and reconnects.
-
-    A message published within commands_before_publish goes in one pipeline with the commands.
-    """
-    retry = redis_retry(patience)
-
-    class Channel(kombu_redis.Channel):
-        def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-            params = super()._connparams(asynchronous)
-            if not asynchronous:
-                params["retry"] = retry
-            return params
-
-        def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-            commands, _riders.commands = _riders.commands, None
-            if commands is None:
-                return super()._put(queue, message, **kwargs)
-            # kombu's own _put for what it does beyond one LPUSH (batches, queue expiry)
-            plain = kwargs.get("_publish_batch") is None and not (self._expires and queue in self._expires)
-            with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-                commands(pipe)
-                if plain:
-                    pipe.lpush(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)),
-                               kombu_redis.dumps(message))
-                pipe.execute()
-            if not plain:
-                super()._put(queue, message, **kwargs)
-
-    class Transport(kombu_redis.Transport):
-        pass
-
-    Transport.Channel = Channel
-    return Transport
-
-
-class _Arrivals(threading.Condition):
-    """Rings when a message is put on, or acked from, the in-memory queues of this process."""
-
-    count = 0
-
-    def ring(self) -> None:
-        with self:
-            self.count += 1
-            self.notify_all()
-
-
-_arrivals = _Arrivals()  # process-wide, as kombu's in-memory queues are
-
-
-class _PromptMemoryChannel(kombu_memory.Channel):
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        super()._put(queue, message, **kwargs)
-        _arrivals.ring()
-
-    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str | None = None,
-                    **kwargs: Any) -> None:
-        super()._put_fanout(exchange, message, routing_key, **kwargs)
-        _arrivals.ring()
-
-    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
-        super().basic_ack(delivery_tag, multiple)
-        _arrivals.ring()  # a consumer held back by its prefetch limit may take the next one
-
-
-class PromptMemoryTransport(kombu_memory.Transport):
-    """kombu's in-memory transport (the embedded worker's), whose consumer is woken when a
-    message arrives instead of polling the queues: polling every 5 ms cost a round trip 2.5 ms
-    on average and an idle kernel 1% of a core. polling_interval remains the longest wait
-    between two looks."""
-
-    Channel = _PromptMemoryChannel
-
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with _arrivals:
-                seen = _arrivals.count
-            try:
-                self.cycle.get(self._deliver, timeout=timeout)
-                return
-            except Empty:
-                remaining = self.polling_interval if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout() from None
-                with _arrivals:
-                    _arrivals.wait_for(lambda: _arrivals.count != seen, min(remaining, self.polling_interval))
-
-
-def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: WorkerPolicy | None = None,
-             worker_name: str | None = None, signer: Signer | None = None,
-             broker_patience: float = DEFAULT_PATIENCE) -> Celery:
-    """A Celery app on ``broker_url`` (None: in-process memory transport for the embedded worker).
+def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settings: WorkerSettings | None = None,
+               worker_name: str | None = None, signer: Signer | None = None,
+               broker_patience: float = DEFAULT_PATIENCE) -> Celery:
+    """A Celery app on ``broker_url`` (None: the embedded worker's memory transport) whose
+    workers run celery_nb jobs.
 
     ``worker_name`` is what jobs report as their worker (default: the Celery node name).
     ``broker_patience``: seconds its broker commands retry while Redis is away.
     ``app.celery_nb_pool`` is the worker's warm container pool.
     """
-    app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
-    if broker_url is None:
-        app.conf.broker_transport = PromptMemoryTransport
-    app.celery_nb_publishes_with_commands = False  # see commands_before_publish
-    app.conf.update(
-        # JSON only: the worker never unpickles what arrives from the broker
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,  # results travel in the job's event stream
-        task_default_queue=DEFAULT_QUEUE,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        # a lost broker connection must not stop running jobs: their messages come back after
-        # the visibility timeout, and the job store drops those of finished jobs (JobStore.claim)
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_prefetch_multiplier=1,  # a long cell must not hold back jobs another worker could run
-        # task events (for Flower) cost round trips on every job: on with `celery-nb worker -E`
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=broker_url is not None,
-    )
-    unacked = None
-    if broker_url is None:
-        app.conf.broker_transport_options = {"polling_interval": 0.1}  # see PromptMemoryTransport
-    else:
-        timeout = visibility_timeout()
-        app.conf.broker_transport_options = {
-            "visibility_timeout": timeout,
-            # kombu looks for messages to hand out again every interval x throttle s (100 s by default)
-            "unacked_restore_interval": max(1.0, min(10.0, timeout / 5)),
-            "unacked_restore_throttle": 1,
-        }
-        if broker_url.startswith("redis://"):  # (rediss:// and sentinel:// have transports of their own)
-            app.conf.broker_transport = patient_redis_transport(broker_patience)
-            app.celery_nb_publishes_with_commands = True
-        unacked = UnackedIndex(connect_redis(broker_url), "unacked_index")  # kombu's key (no key prefix set)
-    pool = ContainerPool(worker_name or "", PoolSettings.from_env())
-    services = WorkerServices(store, blobs, policy or WorkerPolicy.from_env(), pool, signer or Signer(),
+    settings = settings or WorkerSettings()
+    app = celery_app(broker_url, broker_patience)
+    # kombu's index of delivered, unacked messages (its key: no key prefix is set)
+    unacked = UnackedIndex(connect_redis(broker_url), "unacked_index") if broker_url else None
+    pool = ContainerPool(worker_name or "", settings)
+    services = WorkerServices(store, blobs, WorkerPolicy.from_settings(settings), pool, signer or Signer(),
                               LeaseKeeper(store, unacked))
     app.celery_nb_pool = pool
 
@@ -216,6 +43,14 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
     def run(task: Task, request: dict[str, Any]) -> dict[str, Any]:
         delivery_tag = (task.request.properties or {}).get("delivery_tag")
         return run_job(request, services, worker=worker_name or task.request.hostname, delivery_tag=delivery_tag)
+
+    _connect_signals(app, services, worker_name)
+    return app
+
+
+def _connect_signals(app: Celery, services: WorkerServices, worker_name: str | None) -> None:
+    """Cancelled queued jobs are reported, and the pool is named, swept and emptied with the worker."""
+    pool = services.pool
 
     @task_revoked.connect(weak=False)
     def _report_revoked(sender: Any, request: Any, **_kwargs: Any) -> None:
@@ -228,12 +63,10 @@ def make_app(broker_url: str | None, store: JobStore, blobs: BlobStore, policy: 
     def _name_pool(sender: str, instance: Any, **_kwargs: Any) -> None:
         if instance.app is app and not worker_name:
             pool.worker = sender
-            pool.remove_leftovers(connect)  # from an earlier run of a worker with this name
-            pool.watch_for_orphans(connect)
+            pool.remove_leftovers()  # from an earlier run of a worker with this name
+            pool.watch_for_orphans()
 
     @worker_shutdown.connect(weak=False)
     def _empty_pool(sender: Any, **_kwargs: Any) -> None:
         if getattr(sender, "app", app) is app:
             pool.shutdown()
-
-    return app

@@ -8,10 +8,11 @@ import argparse
 import os
 import sys
 
-from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.blobs import blob_store_for
+from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.jobstore import RedisJobStore
-from celery_nb.worker.app import make_app
+from celery_nb.worker.app import worker_app
+from celery_nb.worker.settings import WorkerSettings
 
 WORKER_PATIENCE = 300.0  # s a worker keeps retrying while Redis is away
 
@@ -29,12 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("-c", "--concurrency", type=int, default=4,
                         help="jobs (containers) run at once (default: 4)")
     worker.add_argument("-l", "--loglevel", default="INFO")
+    worker.add_argument("--help-all", action="store_true",
+                        help="list the worker's settings (environment variables) and exit")
     args, celery_args = parser.parse_known_args(argv)
+    if args.help_all:
+        print(f"{worker.format_help()}\nWorker settings (environment variables on the worker host):\n\n"
+              f"{WorkerSettings.env_help()}")
+        return 0
     if not args.broker:
         parser.error("no broker: pass --broker redis://HOST:6379/0 or set CELERY_NB_BROKER_URL")
     # a job's events and blobs wait out a Redis restart rather than fail the job
-    app = make_app(args.broker, RedisJobStore(args.broker, patience=WORKER_PATIENCE),
-                   blob_store_for(args.broker, patience=WORKER_PATIENCE), broker_patience=WORKER_PATIENCE)
+    app = worker_app(args.broker, RedisJobStore(args.broker, patience=WORKER_PATIENCE),
+                     blob_store_for(args.broker, patience=WORKER_PATIENCE), broker_patience=WORKER_PATIENCE)
     # Jobs wait on Docker, not on the CPU: threads are enough and start instantly. Gossip and
     # mingle (worker-to-worker chatter at start and on every event) cost every job latency and
     # celery_nb needs neither.

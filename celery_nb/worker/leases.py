@@ -15,10 +15,8 @@ import time
 
 import redis
 
-from celery_nb.jobstore import JobStore
+from celery_nb.jobstore import LEASE, RENEW_INTERVAL, JobStore
 
-LEASE = 6.0  # s a job's lease outlives its worker's last renewal: how soon another worker takes over
-RENEW_INTERVAL = 1.5  # s
 log = logging.getLogger(__name__)
 
 

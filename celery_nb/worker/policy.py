@@ -1,47 +1,52 @@
-"""What a worker allows. Configured on the worker (env variables), never by the client:
-a client may ask for limits, the worker's policy decides.
-
-| env variable                 | meaning                                   | default     |
-|------------------------------|-------------------------------------------|-------------|
-| CELERY_NB_ALLOWED_IMAGES     | comma-separated fnmatch patterns          | *           |
-| CELERY_NB_DEFAULT_MEMORY     | memory limit when the job names none      | 2g          |
-| CELERY_NB_MAX_MEMORY         | largest memory limit a job may ask for    | unlimited   |
-| CELERY_NB_MAX_CPUS           | most CPUs a job may ask for               | unlimited   |
-| CELERY_NB_MAX_TIMEOUT        | longest --timeout (s); also the default   | unlimited   |
-| CELERY_NB_PIDS_LIMIT         | processes per container                   | 512         |
-| CELERY_NB_PULL               | pull missing images: missing or never     | missing     |
-| CELERY_NB_NETWORKS           | network modes jobs may ask for; the first | bridge,none |
-|                              | is the default                            |             |
-| CELERY_NB_READ_ONLY          | 1: read-only root filesystem, tmpfs /tmp  | 0           |
-| CELERY_NB_USER               | run jobs as this user (e.g. 65534:65534)  | the image's |
-| CELERY_NB_GPUS               | GPUs a job may ask for (--gpus): all or a | none        |
-|                              | count; unset or 0 refuses every request   |             |
+"""What a worker allows: its settings (celery_nb.worker.settings) applied to a job's
+``JobOptions``. A client may ask for anything; the policy decides, and a ``PolicyError`` names
+the rule a request breaks.
 
 Whatever the request, containers never run privileged, get no host mounts and no devices but
 the GPUs the policy allows, drop all capabilities and set no-new-privileges (see
-containers.start_container).
+docker_api.start_container).
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import os
+import hashlib
 from dataclasses import dataclass
-from typing import Any
 
-from celery_nb.config import format_memory, gpu_count, parse_gpus, parse_memory
-from celery_nb.errors import PolicyError
+from celery_nb.errors import OptionError, PolicyError
+from celery_nb.options import JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
+from celery_nb.worker.settings import WorkerSettings
 
 
 @dataclass(frozen=True)
-class ContainerLimits:
+class ContainerSpec:
+    """Everything a container is created with: two containers of the same spec are
+    interchangeable, so the spec is the warm pool's key."""
+
+    image: str
     memory: int
     nano_cpus: int | None
     pids: int
+    network: str
+    read_only: bool
+    user: str | None
+    gpus: str | None  # an options.parse_gpus spec: docker's device request
+
+    @property
+    def pool_key(self) -> str:
+        fields = "|".join(f"{name}={value!r}" for name, value in dataclasses.asdict(self).items())
+        return hashlib.sha256(fields.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """How one job runs: in a container of ``container``, for at most ``timeout`` s, in a
+    brand-new container (``fresh``) or a warm one, with ``env`` in its process's environment."""
+
+    container: ContainerSpec
     timeout: float | None
-    network: str = "bridge"
-    read_only: bool = False
-    user: str | None = None
-    gpus: str | None = None  # a config.parse_gpus spec: docker's device request
+    fresh: bool
+    env: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -52,60 +57,63 @@ class WorkerPolicy:
     max_cpus: float | None = None
     max_timeout: float | None = None
     pids_limit: int = 512
-    pull: str = "missing"
+    pull: str = "missing"  # or "never": images missing on this host are not pulled
     networks: tuple[str, ...] = ("bridge", "none")
     read_only: bool = False
     user: str | None = None
     max_gpus: int | None = 0  # None: any request, even --gpus all
 
     @classmethod
-    def from_env(cls) -> WorkerPolicy:
-        env = os.environ
-
-        def optional(name: str, parse: Any) -> Any:
-            return parse(env[name]) if env.get(name) else None
+    def from_settings(cls, settings: WorkerSettings) -> WorkerPolicy:
+        def parse(name: str, value: str) -> int:
+            try:
+                return parse_memory(name, value)
+            except OptionError as exc:
+                raise ValueError(str(exc)) from None
 
         return cls(
-            allowed_images=tuple(p.strip() for p in env.get("CELERY_NB_ALLOWED_IMAGES", "*").split(",") if p.strip()),
-            default_memory=parse_memory(env.get("CELERY_NB_DEFAULT_MEMORY", "2g"), "CELERY_NB_DEFAULT_MEMORY"),
-            max_memory=optional("CELERY_NB_MAX_MEMORY", lambda v: parse_memory(v, "CELERY_NB_MAX_MEMORY")),
-            max_cpus=optional("CELERY_NB_MAX_CPUS", float),
-            max_timeout=optional("CELERY_NB_MAX_TIMEOUT", float),
-            pids_limit=int(env.get("CELERY_NB_PIDS_LIMIT", "512")),
-            pull=env.get("CELERY_NB_PULL", "missing"),
-            networks=tuple(n.strip() for n in env.get("CELERY_NB_NETWORKS", "bridge,none").split(",") if n.strip()),
-            read_only=env.get("CELERY_NB_READ_ONLY", "0") not in ("", "0", "false", "no"),
-            user=env.get("CELERY_NB_USER") or None,
-            max_gpus=_max_gpus(env.get("CELERY_NB_GPUS", "")),
+            allowed_images=_words(settings.allowed_images),
+            default_memory=parse("CELERY_NB_DEFAULT_MEMORY", settings.default_memory),
+            max_memory=parse("CELERY_NB_MAX_MEMORY", settings.max_memory) if settings.max_memory else None,
+            max_cpus=settings.max_cpus,
+            max_timeout=settings.max_timeout,
+            pids_limit=settings.pids_limit,
+            pull=settings.pull,
+            networks=_words(settings.networks),
+            read_only=settings.read_only,
+            user=settings.user or None,
+            max_gpus=_max_gpus(settings.gpus),
         )
 
-    def limits_for(self, image: str, requested: dict[str, Any]) -> ContainerLimits:
-        """The limits a job runs with; PolicyError names the rule a request breaks."""
-        if not any(fnmatch.fnmatchcase(image, pattern) for pattern in self.allowed_images):
+    def plan(self, options: JobOptions) -> JobPlan:
+        """How the job of ``options`` runs here; PolicyError names the rule it breaks."""
+        image = options.image
+        if image is None or not any(fnmatch.fnmatchcase(image, pattern) for pattern in self.allowed_images):
             raise PolicyError(f"image {image!r} is not allowed on this worker (allowed: "
                               f"{', '.join(self.allowed_images)}); ask the worker's operator or pick another image")
-        memory = requested.get("memory") or min(self.default_memory, self.max_memory or self.default_memory)
+        memory = options.memory or min(self.default_memory, self.max_memory or self.default_memory)
         if self.max_memory is not None and memory > self.max_memory:
             raise PolicyError(f"--memory {format_memory(memory)} exceeds this worker's maximum of "
                               f"{format_memory(self.max_memory)}")
-        cpus = requested.get("cpus")
+        cpus = options.cpus
         if cpus is not None and self.max_cpus is not None and cpus > self.max_cpus:
             raise PolicyError(f"--cpus {cpus:g} exceeds this worker's maximum of {self.max_cpus:g}")
-        timeout = requested.get("timeout") or self.max_timeout
+        timeout = options.timeout or self.max_timeout
         if timeout is not None and self.max_timeout is not None and timeout > self.max_timeout:
             raise PolicyError(f"--timeout {timeout:g}s exceeds this worker's maximum of {self.max_timeout:g}s")
-        network = requested.get("network") or self.networks[0]
+        network = options.network or self.networks[0]
         if network not in self.networks:
             raise PolicyError(f"--network {network} is not allowed on this worker (allowed: {', '.join(self.networks)})")
-        gpus = self._check_gpus(requested["gpus"]) if requested.get("gpus") else None
-        return ContainerLimits(memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None,
-                               pids=self.pids_limit, timeout=timeout, network=network,
-                               read_only=self.read_only, user=self.user, gpus=gpus)
+        container = ContainerSpec(
+            image=image, memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None, pids=self.pids_limit,
+            network=network, read_only=self.read_only, user=self.user,
+            gpus=self._check_gpus(options.gpus) if options.gpus else None)
+        return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh), env=options.env)
 
     def _check_gpus(self, requested: str) -> str:
         try:
-            gpus = parse_gpus(requested)
-        except ValueError as exc:
+            gpus = parse_gpus("--gpus", requested)
+        except OptionError as exc:
             raise PolicyError(str(exc)) from None
         if self.max_gpus == 0:
             raise PolicyError(f"--gpus {gpus}: this worker allows no GPUs (CELERY_NB_GPUS is unset or 0); "
@@ -117,8 +125,12 @@ class WorkerPolicy:
         return gpus
 
 
+def _words(value: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in value.split(",") if word.strip())
+
+
 def _max_gpus(value: str) -> int | None:
-    """CELERY_NB_GPUS: 'all' (None), a count, or unset/0 (no GPUs)."""
+    """CELERY_NB_GPUS: 'all' (None), a count, or 0 (no GPUs)."""
     value = value.strip().lower() or "0"
     if value == "all":
         return None

@@ -16,13 +16,15 @@ from typing import Any
 from dataclasses import dataclass
 
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
-from celery_nb.config import format_memory
 from celery_nb.errors import CeleryNBError, SignatureError, error_kind
+from celery_nb.jobstore import LEASE, Claim, JobStore
+from celery_nb.options import JobOptions, format_memory
 from celery_nb.signing import Signer, digest
-from celery_nb.jobstore import Claim, JobStore
-from celery_nb.worker import containers
-from celery_nb.worker.leases import LEASE, LeaseKeeper
-from celery_nb.worker.policy import ContainerLimits, WorkerPolicy
+from celery_nb.worker import docker_api
+from celery_nb.worker.channel import SPOOL_DIR, ContainerExited, ExitStatus, RuntimeContainer
+from celery_nb.worker.leases import LeaseKeeper
+from celery_nb.worker.policy import JobPlan, WorkerPolicy
+from celery_nb.worker.pool import ContainerPool
 from celery_nb_runtime import protocol
 
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
@@ -40,7 +42,7 @@ class WorkerServices:
     store: JobStore
     blobs: BlobStore
     policy: WorkerPolicy
-    pool: containers.ContainerPool
+    pool: ContainerPool
     signer: Signer
     leases: LeaseKeeper
 
@@ -99,25 +101,13 @@ class JobRun:
                 f"the kernel and the workers.")}
             return self._finish("failed")
         self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=False)
-        limits: ContainerLimits | CeleryNBError
         try:
-            limits = self.policy.limits_for(self.request["image"], self.request.get("limits", {}))
+            plan: JobPlan | CeleryNBError = self.policy.plan(JobOptions.from_request(self.request["options"]))
         except CeleryNBError as refusal:
-            limits = refusal  # reported once the job is claimed
-        warm = (self.pool.checkout(containers.pool_key(self.request["image"], limits))
-                if isinstance(limits, ContainerLimits) and not self.request.get("fresh") else None)
+            plan = refusal  # reported once the job is claimed
+        warm = self.pool.checkout(plan.container) if isinstance(plan, JobPlan) and not plan.fresh else None
         try:
-            try:
-                claim = self.store.claim(self.job_id, self.run_id, LEASE)
-            except BaseException:
-                if warm is not None:
-                    self.pool.checkin(warm, ran=False)  # back to the pool, not lost with this run
-                raise
-            if claim.outcome != "run" and warm is not None:
-                self.pool.checkin(warm, ran=False)  # not this run's to use
-                warm = None
-            if claim.outcome == "held":
-                claim = self._wait_for_holder(claim.holder)
+            claim, warm = self._claim(warm)
             if claim.outcome == "done":  # a message delivered again after its job had ended
                 log.info("celery_nb: job %s has already finished; its message delivered again is dropped", self.job_id)
                 drop_payload(self.blobs, self.request)
@@ -132,9 +122,25 @@ class JobRun:
             if claim.attempt > 1:
                 log.warning("celery_nb: job %s runs again (attempt %d): its previous run's worker stopped",
                             self.job_id, claim.attempt)
-            return self._run(limits, warm)
+            return self._run(plan, warm)
         finally:
             self.leases.drop(self.run_id)
+
+    def _claim(self, warm: RuntimeContainer | None) -> tuple[Claim, RuntimeContainer | None]:
+        """Take the job's lease (waiting for a run that holds it); a warm container checked out
+        for a job this run does not get goes back to the pool, not lost with this run."""
+        try:
+            claim = self.store.claim(self.job_id, self.run_id, LEASE)
+        except BaseException:
+            if warm is not None:
+                self.pool.checkin(warm, ran=False)
+            raise
+        if claim.outcome != "run" and warm is not None:
+            self.pool.checkin(warm, ran=False)
+            warm = None
+        if claim.outcome == "held":
+            claim = self._wait_for_holder(claim.holder)
+        return claim, warm
 
     def _start_events(self, container: str) -> list[dict[str, Any]]:
         """The "starting" event (unless reported) and "running", timed now: the request goes
@@ -155,26 +161,24 @@ class JobRun:
             if claim.outcome != "held":
                 return claim
 
-    def _run(self, limits: ContainerLimits | CeleryNBError, runtime: containers.RuntimeContainer | None) -> str:
-        """Run the claimed job with ``limits`` (or report the policy's refusal): in ``runtime``
+    def _run(self, plan: JobPlan | CeleryNBError, runtime: RuntimeContainer | None) -> str:
+        """Run the claimed job as ``plan`` says (or report the policy's refusal): in ``runtime``
         (a warm container, its start events held back) or in a container started now."""
         reusable = False
         try:
-            if isinstance(limits, CeleryNBError):
-                raise limits
-            image = self.request["image"]
+            if isinstance(plan, CeleryNBError):
+                raise plan
             if runtime is not None:
-                runtime.send(self._request_for(runtime))
+                runtime.send(self._request_for(runtime, plan))
             else:
                 self._report_starting()  # a container start takes a while: say so now
-                runtime = containers.start_container(
-                    containers.connect(), image, limits, pool_key=containers.pool_key(image, limits),
-                    labels={containers.LABEL_JOB: self.job_id, containers.LABEL_TASK: self.job_id,
-                            containers.LABEL_WORKER: self.worker},
-                    pull=self.policy.pull, one_shot=bool(self.request.get("fresh")) or not self.pool.settings.size)
-                runtime.send(self._request_for(runtime))
+                runtime = docker_api.start_container(
+                    docker_api.connect(), plan.container,
+                    labels={docker_api.LABEL_JOB: self.job_id, docker_api.LABEL_WORKER: self.worker},
+                    pull=self.policy.pull, one_shot=plan.fresh or not self.pool.settings.pool_size)
+                runtime.send(self._request_for(runtime, plan))
                 self.store.append_many(self.job_id, self._start_events("cold"))
-            status, reusable = self._supervise(runtime, limits.timeout)
+            status, reusable = self._supervise(runtime, plan.timeout)
             return status
         except CeleryNBError as exc:
             self._error = {"kind": error_kind(exc), "message": str(exc)}
@@ -190,7 +194,7 @@ class JobRun:
                 else:
                     self.pool.discard(runtime, was_returning=self._returning)
 
-    def _supervise(self, runtime: containers.RuntimeContainer, timeout: float | None) -> tuple[str, bool]:
+    def _supervise(self, runtime: RuntimeContainer, timeout: float | None) -> tuple[str, bool]:
         """Relay frames until the job ends; returns (status, container reusable).
 
         The job is reported done as soon as its result or error frame arrives; the END frame
@@ -202,7 +206,7 @@ class JobRun:
         while end is None:
             try:
                 frames = runtime.read_frames(_HELD_BACK_FOR if self._held_back else CANCEL_POLL_INTERVAL)
-            except containers.ContainerExited:
+            except ContainerExited:
                 break
             for kind, body in frames:
                 if kind == protocol.FRAME_END:
@@ -245,27 +249,27 @@ class JobRun:
         # after an OOM kill the container is dropped too: no container outlives a timeout, OOM or cancel
         return self._finish("failed"), self._error["kind"] != "oom"
 
-    def _explain_end(self, runtime: containers.RuntimeContainer, end: dict[str, Any]) -> dict[str, Any]:
+    def _explain_end(self, runtime: RuntimeContainer, end: dict[str, Any]) -> dict[str, Any]:
         """The job's process ended without a result or an error report."""
         if end.get("oom_kills") or end.get("signal") == 9:
             return _out_of_memory(runtime, "the job's process was killed")
         how = f"signal {end['signal']}" if end.get("signal") else f"exit code {end.get('exit')}"
-        return {"kind": "container", "message": f"the job's process in image {runtime.image!r} ended with {how} "
+        return {"kind": "container", "message": f"the job's process in image {runtime.spec.image!r} ended with {how} "
                                                 f"without a result (see its output above)"}
 
-    def _explain_exit(self, runtime: containers.RuntimeContainer, status: containers.ExitStatus) -> dict[str, Any]:
+    def _explain_exit(self, runtime: RuntimeContainer, status: ExitStatus) -> dict[str, Any]:
         if status.oom_killed or status.code == 137:
             return _out_of_memory(runtime, f"its container was killed (exit code {status.code})")
         stderr = runtime.stderr_tail.decode("utf-8", "replace").strip()
         if status.code == 127:
             return {"kind": "container", "message": (
-                f"image {runtime.image!r} has no python3 on its PATH; celery_nb needs an image with "
+                f"image {runtime.spec.image!r} has no python3 on its PATH; celery_nb needs an image with "
                 f"Python 3.9 or newer")}
         return {"kind": "container", "message": (
-            f"the container of image {runtime.image!r} exited with code {status.code} without a "
+            f"the container of image {runtime.spec.image!r} exited with code {status.code} without a "
             f"result" + (f"; its last output:\n{stderr[-2000:]}" if stderr else ""))}
 
-    def _request_for(self, runtime: containers.RuntimeContainer) -> bytes:
+    def _request_for(self, runtime: RuntimeContainer, plan: JobPlan) -> bytes:
         """The REQUEST frame body: env, where to spool a big result, and the job's payload."""
         if "payload_ref" in self.request:
             payload = self.blobs.get(self.request["payload_ref"])
@@ -274,10 +278,10 @@ class JobRun:
                                      f"signed request: it was altered; nothing ran")
         else:
             payload = base64.b64decode(self.request["payload"])
-        spool = containers.SPOOL_DIR if runtime.spools else None
-        return protocol.pack_request(payload, self.request.get("env", {}), spool)
+        spool = SPOOL_DIR if runtime.spools else None
+        return protocol.pack_request(payload, plan.env, spool)
 
-    def _relay(self, runtime: containers.RuntimeContainer, kind: int, body: bytes) -> None:
+    def _relay(self, runtime: RuntimeContainer, kind: int, body: bytes) -> None:
         """One frame of the runtime as an event (or the kept result/error)."""
         if kind in self._decoders:
             stream, decoder = self._decoders[kind]
@@ -319,10 +323,10 @@ class JobRun:
         return status
 
 
-def _out_of_memory(runtime: containers.RuntimeContainer, what: str) -> dict[str, Any]:
+def _out_of_memory(runtime: RuntimeContainer, what: str) -> dict[str, Any]:
     return {"kind": "oom", "message": (
         f"the job ran out of memory: {what} for exceeding the --memory limit of "
-        f"{format_memory(runtime.limits.memory)}; raise --memory or process the data in smaller pieces")}
+        f"{format_memory(runtime.spec.memory)}; raise --memory or process the data in smaller pieces")}
 
 
 def drop_payload(blobs: BlobStore, request: dict[str, Any]) -> None:
@@ -343,4 +347,4 @@ def run_job(request: dict[str, Any], services: WorkerServices, worker: str,
             delivery_tag: str | None = None) -> dict[str, Any]:
     """Celery task body (registered by celery_nb.worker.app.make_app)."""
     status = JobRun(services, request, worker, delivery_tag).run()
-    return {"job_id": request["job_id"], "status": status, "image": request["image"]}
+    return {"job_id": request["job_id"], "status": status}

@@ -1,0 +1,197 @@
+"""The Celery app as kernels and workers both configure it: transports, serialisation, acks,
+and the one task name. A kernel on a broker only publishes with it; a worker adds the task
+(celery_nb.worker.app).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from queue import Empty
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.transport import memory as kombu_memory
+from kombu.transport import redis as kombu_redis
+
+from celery_nb.config import DEFAULT_QUEUE
+from celery_nb.jobstore import DEFAULT_PATIENCE, RENEW_INTERVAL, redis_retry
+
+TASK_NAME = "celery_nb.run_job"
+EMBEDDED_BROKER = "memory://"
+# A job whose worker died runs again elsewhere after about this long: a live worker keeps its
+# jobs' messages younger than this (celery_nb.worker.leases), however long they run, so it only
+# bounds how soon a crash is noticed. Generous: the clocks of kernels and workers may differ.
+DEFAULT_VISIBILITY_TIMEOUT = 300.0
+
+
+def visibility_timeout() -> float:
+    """CELERY_NB_VISIBILITY_TIMEOUT (s): set the same on workers and kernels (any of them may
+    hand a message back to the queue)."""
+    raw = os.environ.get("CELERY_NB_VISIBILITY_TIMEOUT", str(DEFAULT_VISIBILITY_TIMEOUT))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={raw!r} is not a number of seconds") from None
+    if value < 2 * RENEW_INTERVAL + 1:
+        raise ValueError(f"CELERY_NB_VISIBILITY_TIMEOUT={value:g} is too short: a live worker renews its jobs "
+                         f"every {RENEW_INTERVAL:g} s; use at least {2 * RENEW_INTERVAL + 1:g} s")
+    return value
+
+
+class _Riders(threading.local):
+    commands: Callable[[redis.client.Pipeline], None] | None = None
+
+
+_riders = _Riders()
+
+
+@contextmanager
+def commands_before_publish(commands: Callable[[redis.client.Pipeline], None]) -> Iterator[None]:
+    """The next task message this thread publishes goes to Redis in one round trip with the
+    Redis commands that ``commands`` adds to a pipeline, and after them (a job's first event
+    and its message: the worker's events always come after). Only for an app whose
+    ``celery_nb_publishes_with_commands`` is true (a redis:// broker)."""
+    _riders.commands = commands
+    try:
+        yield
+    finally:
+        _riders.commands = None
+
+
+def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
+    """kombu's Redis transport whose plain commands retry for ``patience`` s while Redis is away.
+
+    kombu takes a message off the queue (BRPOP), then records it as unacked with a second
+    command: were that one to fail, the message would be lost. Acks, publishes and restores go
+    through the same connections. The consumer's own (BRPOP) connection still fails at once,
+    so that the worker notices and reconnects.
+
+    A message published within commands_before_publish goes in one pipeline with the commands.
+    """
+    retry = redis_retry(patience)
+
+    class Channel(kombu_redis.Channel):
+        def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+            params = super()._connparams(asynchronous)
+            if not asynchronous:
+                params["retry"] = retry
+            return params
+
+        def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+            commands, _riders.commands = _riders.commands, None
+            if commands is None:
+                return super()._put(queue, message, **kwargs)
+            # kombu's own _put for what it does beyond one LPUSH (batches, queue expiry)
+            plain = kwargs.get("_publish_batch") is None and not (self._expires and queue in self._expires)
+            with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+                commands(pipe)
+                if plain:
+                    pipe.lpush(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)),
+                               kombu_redis.dumps(message))
+                pipe.execute()
+            if not plain:
+                super()._put(queue, message, **kwargs)
+
+    class Transport(kombu_redis.Transport):
+        pass
+
+    Transport.Channel = Channel
+    return Transport
+
+
+class _Arrivals(threading.Condition):
+    """Rings when a message is put on, or acked from, the in-memory queues of this process."""
+
+    count = 0
+
+    def ring(self) -> None:
+        with self:
+            self.count += 1
+            self.notify_all()
+
+
+_arrivals = _Arrivals()  # process-wide, as kombu's in-memory queues are
+
+
+class _PromptMemoryChannel(kombu_memory.Channel):
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        super()._put(queue, message, **kwargs)
+        _arrivals.ring()
+
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str | None = None,
+                    **kwargs: Any) -> None:
+        super()._put_fanout(exchange, message, routing_key, **kwargs)
+        _arrivals.ring()
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)
+        _arrivals.ring()  # a consumer held back by its prefetch limit may take the next one
+
+
+class PromptMemoryTransport(kombu_memory.Transport):
+    """kombu's in-memory transport (the embedded worker's), whose consumer is woken when a
+    message arrives instead of polling the queues: polling every 5 ms cost a round trip 2.5 ms
+    on average and an idle kernel 1% of a core. polling_interval remains the longest wait
+    between two looks."""
+
+    Channel = _PromptMemoryChannel
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with _arrivals:
+                seen = _arrivals.count
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                remaining = self.polling_interval if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout() from None
+                with _arrivals:
+                    _arrivals.wait_for(lambda: _arrivals.count != seen, min(remaining, self.polling_interval))
+
+
+def celery_app(broker_url: str | None, broker_patience: float = DEFAULT_PATIENCE) -> Celery:
+    """A Celery app on ``broker_url`` (None: the in-process memory transport of the embedded
+    worker). ``broker_patience``: seconds its broker commands retry while Redis is away.
+    ``app.celery_nb_publishes_with_commands``: see commands_before_publish."""
+    app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
+    app.celery_nb_publishes_with_commands = False
+    app.conf.update(
+        # JSON only: the worker never unpickles what arrives from the broker
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,  # results travel in the job's event stream
+        task_default_queue=DEFAULT_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # a lost broker connection must not stop running jobs: their messages come back after
+        # the visibility timeout, and the job store drops those of finished jobs (JobStore.claim)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_prefetch_multiplier=1,  # a long cell must not hold back jobs another worker could run
+        # task events (for Flower) cost round trips on every job: on with `celery-nb worker -E`
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=broker_url is not None,
+    )
+    if broker_url is None:
+        app.conf.broker_transport = PromptMemoryTransport
+        app.conf.broker_transport_options = {"polling_interval": 0.1}  # see PromptMemoryTransport
+        return app
+    timeout = visibility_timeout()
+    app.conf.broker_transport_options = {
+        "visibility_timeout": timeout,
+        # kombu looks for messages to hand out again every interval x throttle s (100 s by default)
+        "unacked_restore_interval": max(1.0, min(10.0, timeout / 5)),
+        "unacked_restore_throttle": 1,
+    }
+    if broker_url.startswith("redis://"):  # (rediss:// and sentinel:// have transports of their own)
+        app.conf.broker_transport = patient_redis_transport(broker_patience)
+        app.celery_nb_publishes_with_commands = True
+    return app

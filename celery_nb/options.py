@@ -1,0 +1,213 @@
+"""``JobOptions``: every option of a job, validated once, in one place.
+
+The magic's flags are generated from the fields' metadata; ``submit``, ``remote``, the
+``Executor`` and ``%config CeleryNB`` defaults all build a ``JobOptions``; the request carries
+it to the worker (``to_request`` / ``from_request``), whose policy decides what it allows.
+Stdlib only: the kernel, the worker and the tests import it cheaply.
+
+Adding an option: a field here (its flag, help and parser), and its handling on the worker
+(``celery_nb.worker.policy``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from celery_nb.errors import OptionError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_GPUS = re.compile(r"^(all|[1-9]\d*|device=\d+(?:,\d+)*)$")
+
+
+def parse_memory(what: str, value: str | int) -> int:
+    """'512m', '2g', '1.5GiB' or a number of bytes -> bytes (Docker's binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise OptionError(f"{what} {value!r} is not a size: use e.g. 512m or 2g")
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise OptionError(f"{what} {value!r} is not a size: use e.g. 512m or 2g")
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def format_memory(size: int) -> str:
+    for unit in ("t", "g", "m", "k"):
+        if size >= _UNITS[unit] and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{size}b"
+
+
+def parse_gpus(flag: str, value: str | int) -> str:
+    """GPUs a job asks for, as ``docker run --gpus`` takes them: 'all', a count, 'device=0,1'."""
+    spec = str(value).strip().strip('"').lower()
+    if not _GPUS.match(spec):
+        raise OptionError(f"{flag} {value!r} is not a GPU request: use all, a count (e.g. 2) or device=0,1")
+    return spec
+
+
+def gpu_count(spec: str) -> int | None:
+    """How many GPUs a parse_gpus spec asks for (None: all the host has)."""
+    if spec == "all":
+        return None
+    return len(spec[len("device="):].split(",")) if spec.startswith("device=") else int(spec)
+
+
+def _positive(flag: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{flag} {value!r} is not a number") from None
+    if not number > 0:
+        raise OptionError(f"{flag} must be positive, got {value!r}")
+    return number
+
+
+def _env(flag: str, value: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
+    """A mapping, or ``K=V`` strings as the magic's ``--env`` gives them."""
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        pairs = []
+        for pair in value:
+            key, sep, val = str(pair).partition("=")
+            if not sep:
+                raise OptionError(f"{flag} {pair!r} is not KEY=VALUE")
+            pairs.append((key, val))
+    env = {}
+    for key, val in pairs:
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise OptionError(f"{flag}: {key!r} is not an environment variable name")
+        if not isinstance(val, str):
+            raise OptionError(f"{flag} {key}: the value must be a string, got {type(val).__name__}")
+        env[key] = val
+    return env
+
+
+def _text(flag: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(f"{flag} {value!r}: give a non-empty name")
+    return value.strip()
+
+
+def _switch(flag: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"{flag} takes True or False, got {value!r}")
+    return value
+
+
+def _option(flag: str, help: str, parse: Callable[[str, Any], Any], *, short: str | None = None,
+            metavar: str | None = None, kind: str = "value", default: Any = None) -> Any:
+    """A JobOptions field: how the magic spells it, and ``parse(flag, value)``, which turns what
+    a user may give (a string from the magic, or a Python value) into the field's value or
+    raises OptionError. ``kind``: "value" (``--flag X``), "append" (repeatable, adds up),
+    "switch" (``--flag`` alone)."""
+    metadata = {"flag": flag, "short": short, "metavar": metavar, "help": help, "kind": kind, "parse": parse}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobOptions:
+    """What a job asks for. ``None`` (or empty) means "not set": a default fills it in
+    (``with_defaults``), and the worker's policy decides what is allowed."""
+
+    image: str | None = _option(
+        "--image", "Docker image to run in (default: CeleryNB.default_image). Any image with python3 "
+                   "(3.9+) works; nothing needs to be installed in it.", _text, short="-i")
+    memory: int | None = _option(
+        "--memory", "memory limit, e.g. 512m or 2g (default: the worker's)", parse_memory, short="-m",
+        metavar="SIZE")
+    cpus: float | None = _option("--cpus", "CPU limit, e.g. 1.5", _positive, metavar="N")
+    timeout: float | None = _option(
+        "--timeout", "kill the container after this long", _positive, short="-t", metavar="SECONDS")
+    queue: str | None = _option(
+        "--queue", "Celery queue, to pick a group of workers, e.g. gpu for workers started with "
+                   "`celery-nb worker -Q gpu` (default: CeleryNB.default_queue)", _text, short="-q")
+    env: dict[str, str] = _option(
+        "--env", "environment variable in the container; repeatable", _env, short="-e", metavar="K=V",
+        kind="append", default={})
+    network: str | None = _option(
+        "--network", "the container's network, e.g. none to cut it off; the worker's policy says which "
+                     "are allowed (CELERY_NB_NETWORKS)", _text, metavar="MODE")
+    gpus: str | None = _option(
+        "--gpus", "GPUs for the container, as `docker run --gpus` takes them: all, a count (2) or "
+                  "device=0,1; only a worker whose policy allows GPUs (CELERY_NB_GPUS) runs such a job: "
+                  "send it to their queue with --queue", parse_gpus, metavar="GPUS")
+    fresh: bool | None = _option(
+        "--fresh", "run in a brand-new container instead of a warm one from the worker's pool", _switch,
+        kind="switch")
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                object.__setattr__(self, field.name, field.metadata["parse"](field.metadata["flag"], value))
+
+    # -- building -----------------------------------------------------------------------
+    @classmethod
+    def build(cls, options: JobOptions | None = None, **fields: Any) -> JobOptions:
+        """``options`` with ``fields`` (keyword options of submit/remote) set on top."""
+        unknown = sorted(set(fields) - _FIELD_NAMES)
+        if unknown:
+            raise OptionError(f"unknown job option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                              f"the options are: {', '.join(sorted(_FIELD_NAMES))}")
+        given = {k: v for k, v in fields.items() if v is not None}
+        return dataclasses.replace(options, **given) if options is not None else cls(**given)
+
+    @classmethod
+    def from_flags(cls, parsed: Mapping[str, Any]) -> JobOptions:
+        """From the magic's parsed arguments (the flags ``magic_arguments`` generated)."""
+        return cls.build(**{name: parsed[name] for name in _FIELD_NAMES if parsed.get(name) is not None})
+
+    def with_defaults(self, defaults: JobOptions) -> JobOptions:
+        """Unset fields taken from ``defaults``; environment variables add up (these win)."""
+        merged = {}
+        for field in dataclasses.fields(self):
+            mine, theirs = getattr(self, field.name), getattr(defaults, field.name)
+            if isinstance(mine, dict):
+                merged[field.name] = {**theirs, **mine}
+            else:
+                merged[field.name] = theirs if mine is None else mine
+        return JobOptions(**merged)
+
+    # -- wire format --------------------------------------------------------------------
+    def to_request(self) -> dict[str, Any]:
+        """The set options as JSON values, for the job's request."""
+        return {field.name: value for field in dataclasses.fields(self)
+                if (value := getattr(self, field.name)) is not None and value != {}}
+
+    @classmethod
+    def from_request(cls, data: Mapping[str, Any]) -> JobOptions:
+        """Parse (and validate again: it came over the network) a request's options."""
+        if not isinstance(data, Mapping):
+            raise OptionError(f"the request's options are not an object: {data!r}")
+        return cls.build(**data)
+
+    # -- the magic's flags --------------------------------------------------------------
+    @classmethod
+    def magic_arguments(cls) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+        """``(flags, argparse keywords)`` per field, for IPython's ``@argument``."""
+        arguments = []
+        for field in dataclasses.fields(cls):
+            meta = field.metadata
+            flags = tuple(f for f in (meta["flag"], meta["short"]) if f)
+            kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"]}
+            if meta["kind"] == "switch":
+                kwargs.update(action="store_const", const=True, default=None)
+            else:
+                if meta["kind"] == "append":
+                    kwargs["action"] = "append"
+                if meta["metavar"]:
+                    kwargs["metavar"] = meta["metavar"]
+            arguments.append((flags, kwargs))
+        return arguments
+
+
+_FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(JobOptions))
+
