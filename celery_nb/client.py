@@ -144,7 +144,7 @@ class Client:
 
     def _send(self, kind: str, data: bytes, options: JobOptions, label: str) -> Job:
         config = settings()
-        options = options.with_defaults(config.job_defaults())
+        options = options.with_defaults(config.job_defaults(kind))
         if self.embedded:  # the embedded worker consumes only the default queue: every job runs here
             options = dataclasses.replace(options, queue=config.default_queue)
         assert options.image is not None and options.queue is not None  # the defaults set them

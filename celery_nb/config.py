@@ -1,13 +1,18 @@
-"""Settings: ``%config CeleryNB.default_image = "..."`` in IPython, env variables everywhere.
+"""Settings: ``%config CeleryNB.default_image = "..."`` in IPython, env variables everywhere,
+and a settings file for what a machine always wants (``celery-nb config``).
 
-Every setting is a traitlets trait tagged with its environment variable (``EnvConfigurable``):
-a value given to the constructor wins over IPython's config, which wins over the environment
-variable, which wins over the default. The worker's settings (celery_nb.worker.settings) work
-the same way.
+Every setting is a traitlets trait tagged with its environment variable (``EnvConfigurable``).
+A value given to the constructor wins over IPython's config, which wins over the environment
+variable, which wins over the settings file (``CELERY_NB_CONFIG``, default
+``~/.config/celery_nb/config.json``: ``{"CeleryNB": {"default_image": "..."}}``), which wins
+over the default. The worker's settings (celery_nb.worker.settings) work the same way.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from traitlets import Int, TraitError, Unicode
@@ -16,22 +21,48 @@ from traitlets.config import Configurable
 from celery_nb.options import JobOptions
 
 DEFAULT_IMAGE = "python:3.12-slim"
+# a function travels with cloudpickle: its image needs the kernel's Python minor version
+DEFAULT_FUNCTION_IMAGE = f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"
 DEFAULT_QUEUE = "celery_nb"
 
 
+def settings_file() -> Path:
+    return Path(os.environ.get("CELERY_NB_CONFIG") or Path.home() / ".config/celery_nb/config.json")
+
+
+def read_settings_file() -> dict[str, dict[str, Any]]:
+    """The settings file's sections ({} when there is none)."""
+    path = settings_file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise ValueError(f"the celery_nb settings file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"the celery_nb settings file {path} must hold {{\"CeleryNB\": {{...}}, ...}}")
+    return data
+
+
 class EnvConfigurable(Configurable):
-    """A Configurable whose traits tagged ``env="NAME"`` default to that environment variable."""
+    """A Configurable whose traits tagged ``env="NAME"`` default to that environment variable,
+    else to the settings file's section named after the class."""
 
     def __init__(self, **kwargs: Any) -> None:
+        from_file = read_settings_file().get(type(self).__name__, {})
+        unknown = sorted(set(from_file) - set(self.trait_names(config=True)))
+        if unknown:
+            raise ValueError(f"{settings_file()}: {type(self).__name__} has no setting {', '.join(unknown)}")
         for name, trait in self.traits(env=lambda env: env is not None).items():
             raw = os.environ.get(trait.metadata["env"], "")
-            if raw == "":  # set but empty counts as unset, as in a compose file's ${VAR:-}
-                continue
             try:
-                self.set_trait(name, trait.from_string(raw))
+                if raw != "":  # set but empty counts as unset, as in a compose file's ${VAR:-}
+                    self.set_trait(name, trait.from_string(raw))
+                elif name in from_file:
+                    self.set_trait(name, from_file[name])
             except (TraitError, ValueError) as exc:
-                raise ValueError(f"{trait.metadata['env']}={raw!r} is not a valid {type(self).__name__}.{name}: "
-                                 f"{exc}") from None
+                where = f"{trait.metadata['env']}={raw!r}" if raw else f"{settings_file()}: {name}={from_file[name]!r}"
+                raise ValueError(f"{where} is not a valid {type(self).__name__}.{name}: {exc}") from None
         super().__init__(**kwargs)
 
     @classmethod
@@ -53,16 +84,21 @@ class CeleryNB(EnvConfigurable):
         help="Celery broker (redis://... or rediss://...). Unset: run jobs on an embedded worker inside the kernel.",
     ).tag(config=True, env="CELERY_NB_BROKER_URL")
     default_image = Unicode(
-        DEFAULT_IMAGE, help="Docker image for cells and functions that do not name one.",
+        DEFAULT_IMAGE, help="Docker image for cells that do not name one (any image with python3).",
     ).tag(config=True, env="CELERY_NB_DEFAULT_IMAGE")
+    default_function_image = Unicode(
+        DEFAULT_FUNCTION_IMAGE, help="Docker image for functions that do not name one: it needs the kernel's "
+                                     "Python minor version (functions travel with cloudpickle).",
+    ).tag(config=True, env="CELERY_NB_DEFAULT_FUNCTION_IMAGE")
     default_queue = Unicode(
         DEFAULT_QUEUE, help="Celery queue for jobs that do not name one.").tag(config=True, env="CELERY_NB_QUEUE")
     embedded_workers = Int(4, help="Jobs the embedded worker runs at once.").tag(
         config=True, env="CELERY_NB_EMBEDDED_WORKERS")
 
-    def job_defaults(self) -> JobOptions:
-        """What a job that names no image or queue gets."""
-        return JobOptions(image=self.default_image, queue=self.default_queue)
+    def job_defaults(self, kind: str) -> JobOptions:
+        """What a job (``kind``: "cell" or "call") that names no image or queue gets."""
+        image = self.default_image if kind == "cell" else self.default_function_image
+        return JobOptions(image=image, queue=self.default_queue)
 
 
 _settings: CeleryNB | None = None
@@ -79,3 +115,21 @@ def settings() -> CeleryNB:
 def use_settings(config: CeleryNB) -> None:
     global _settings
     _settings = config
+
+
+def write_setting(settings_class: type[EnvConfigurable], name: str, raw: str) -> Path:
+    """Keep ``settings_class.name`` = ``raw`` (as on a command line) in the settings file."""
+    traits = settings_class.class_traits(config=True)
+    if name not in traits:
+        raise ValueError(f"{settings_class.__name__} has no setting {name!r}; it has: {', '.join(sorted(traits))}")
+    try:
+        value = traits[name].from_string(raw)
+        traits[name].validate(None, value)
+    except (TraitError, ValueError) as exc:
+        raise ValueError(f"{raw!r} is not a valid {settings_class.__name__}.{name}: {exc}") from None
+    data = read_settings_file()
+    data.setdefault(settings_class.__name__, {})[name] = value
+    path = settings_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path

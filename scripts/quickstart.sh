@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # The main job: execute notebooks/quickstart.ipynb headless on the embedded default (no broker),
-# save the executed copy and print what each cell showed.
-# QUICKSTART_IMAGE / QUICKSTART_NUMPY_IMAGE / QUICKSTART_FUNCTION_IMAGE pick the images
-# (default: the local ones scripts/setup.sh builds; e.g. python:3.12-slim where Docker Hub is reachable).
+# save the executed copy and print what each cell showed. Its jobs run in CeleryNB.default_image
+# and default_function_image (scripts/setup.sh keeps the local images there where no registry
+# is reachable); QUICKSTART_NUMPY_IMAGE picks the numpy image (default: the local one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export QUICKSTART_IMAGE=${QUICKSTART_IMAGE:-local/py311}
 export QUICKSTART_NUMPY_IMAGE=${QUICKSTART_NUMPY_IMAGE:-local/py311-numpy}
-export QUICKSTART_FUNCTION_IMAGE=${QUICKSTART_FUNCTION_IMAGE:-local/py311}
 unset CELERY_NB_BROKER_URL
 mkdir -p build
 .venv/bin/jupyter execute --output="$PWD/build/quickstart.ipynb" notebooks/quickstart.ipynb

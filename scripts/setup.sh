@@ -48,4 +48,22 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "installing celery_nb[test] into .venv"
 .venv/bin/pip install -q -e '.[test]'
+
+# Where python:3.12-slim (the default image) cannot be had - no image registry - this machine's
+# jobs default to the local images instead, kept in celery_nb's settings file (`celery-nb config`)
+# so that the notebooks run as they are. Defaults someone chose already are left alone.
+if ! docker image inspect python:3.12-slim > /dev/null 2>&1 && ! docker pull -q python:3.12-slim > /dev/null 2>&1; then
+  .venv/bin/python - <<'PY'
+import subprocess, sys
+from celery_nb.config import read_settings_file
+chosen = read_settings_file().get("CeleryNB", {})
+wanted = {"default_image": "local/py311"}
+if sys.version_info[:2] == (3, 11):  # local/py311 has the kernel's Python: functions can run there too
+    wanted["default_function_image"] = "local/py311"
+new = [f"CeleryNB.{name}={value}" for name, value in wanted.items() if name not in chosen]
+if new:
+    print("no image registry: jobs default to local images (" + ", ".join(new) + ")")
+    subprocess.run([sys.prefix + "/bin/celery-nb", "config", *new], check=True, stdout=subprocess.DEVNULL)
+PY
+fi
 echo "setup done"

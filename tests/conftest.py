@@ -30,9 +30,9 @@ REDIS_URL = os.environ.get("CELERY_NB_TEST_REDIS_URL", "redis://127.0.0.1:6379/1
 TEST_IMAGES = (IMAGE, NUMPY_IMAGE, SCIENCE_IMAGE, OTHER_PYTHON_IMAGE)
 # the images each notebook in notebooks/ reads from its environment (their defaults need Docker Hub)
 NOTEBOOK_IMAGES = {
-    "quickstart": {"QUICKSTART_IMAGE": IMAGE, "QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE, "QUICKSTART_FUNCTION_IMAGE": IMAGE},
+    "quickstart": {"QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE},
     "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
-    "fan_out": {"FAN_OUT_IMAGE": IMAGE},
+    "fan_out": {},
 }
 
 

@@ -121,8 +121,8 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def quickstart(stack: Stack) -> dict:
     """The quickstart executed by the jupyterlab container's own Python and kernel."""
-    exec_ = ["exec", "-T", "-e", f"QUICKSTART_IMAGE={IMAGE}", "-e", f"QUICKSTART_NUMPY_IMAGE={NUMPY_IMAGE}",
-             "-e", f"QUICKSTART_FUNCTION_IMAGE={IMAGE}", "jupyterlab", "python"]
+    exec_ = ["exec", "-T", "-e", f"CELERY_NB_DEFAULT_IMAGE={IMAGE}", "-e", f"QUICKSTART_NUMPY_IMAGE={NUMPY_IMAGE}",
+             "-e", f"CELERY_NB_DEFAULT_FUNCTION_IMAGE={IMAGE}", "jupyterlab", "python"]
     output = "/tmp/quickstart.ipynb"
     return checks.execute([*stack.compose, *exec_], "/notebooks/quickstart.ipynb", output,
                           read=[*stack.compose, "exec", "-T", "jupyterlab", "cat", output], env=stack.env)
