@@ -10,7 +10,7 @@ import ast
 import functools
 import symtable
 from dataclasses import dataclass
-from typing import Collection, Iterator
+from typing import Callable, Collection, Iterator
 
 from celery_nb_runtime.protocol import CELL_FILENAME
 
@@ -20,7 +20,8 @@ class CellNames:
     reads: frozenset[str]
     """Names the cell may read before assigning them: candidates for inputs."""
     assigns: tuple[str, ...]
-    """Names the cell binds at top level, in first-binding order, imports excluded."""
+    """Names the cell binds at top level, in first-binding order, imports excluded; then the names
+    its functions declare ``global`` and assign."""
 
 
 def parse_cell(source: str, first_line: int = 1) -> ast.Module:
@@ -34,12 +35,14 @@ def analyse_cell(source: str, first_line: int = 1) -> CellNames:
     table = symtable.symtable("\n" * (first_line - 1) + source, CELL_FILENAME, "exec")
 
     referenced = {s.get_name() for s in table.get_symbols() if s.is_referenced()}
-    referenced |= set(_globals_read_in_nested_scopes(table))
+    referenced |= set(_nested_symbols(table, lambda sym: sym.is_referenced() and sym.is_global()))
     # symtable does not count the read in ``x += 1``
     referenced |= {n.target.id for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Name)}
 
     imported_only = {s.get_name() for s in table.get_symbols() if s.is_imported() and not s.is_assigned()}
     bound_in_order = [name for name in _top_level_bindings(tree) if name not in imported_only]
+    # ``global name`` then ``name = ...`` in a function: its call makes a variable of the cell
+    bound_in_order += _nested_symbols(table, lambda sym: sym.is_declared_global() and sym.is_assigned())
     assigns = tuple(dict.fromkeys(n for n in bound_in_order if n != "_"))
 
     # A name is read from the kernel unless a top-level statement binds it
@@ -59,12 +62,13 @@ def select_inputs(names: CellNames, namespace_names: Collection[str], hidden: Co
                   if n in namespace_names and n not in hidden and not n.startswith("_"))
 
 
-def _globals_read_in_nested_scopes(table: symtable.SymbolTable) -> Iterator[str]:
+def _nested_symbols(table: symtable.SymbolTable, wanted: Callable[[symtable.Symbol], bool]) -> Iterator[str]:
+    """The names of the ``wanted`` symbols of the cell's functions and classes, however deep."""
     for child in table.get_children():
         for sym in child.get_symbols():
-            if sym.is_referenced() and sym.is_global():
+            if wanted(sym):
                 yield sym.get_name()
-        yield from _globals_read_in_nested_scopes(child)
+        yield from _nested_symbols(child, wanted)
 
 
 def _binding_names(node: ast.AST) -> Iterator[str]:

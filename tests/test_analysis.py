@@ -50,3 +50,10 @@ def test_syntax_error_carries_the_notebook_line_number() -> None:
     with pytest.raises(SyntaxError) as info:
         analyse_cell("a = 1\nb = (\n", first_line=2)
     assert info.value.lineno == 3
+
+
+def test_globals_a_function_assigns_are_outputs() -> None:
+    names = analyse_cell("def setup():\n    global model, count\n    import json\n    model = json\n    count += 1\n"
+                         "    local = 2\n\nsetup()\nready = True\n")
+    assert names.assigns == ("setup", "ready", "model", "count")  # not the function's own names
+    assert names.reads == {"count"}  # read before the function assigns it
