@@ -7,6 +7,7 @@ streams of all its unfinished jobs with a single blocking read.
 from __future__ import annotations
 
 import html
+import re
 import threading
 import time
 import traceback
@@ -191,8 +192,9 @@ class Job:
     # -- what a person reads ------------------------------------------------------------
     @property
     def logs(self) -> str:
-        """Everything the job printed so far (stdout and stderr, interleaved as they came)."""
-        return "".join(text for _stream, text in self.log_chunks())
+        """Everything the job printed so far (stdout and stderr, interleaved as they came), with
+        lines redrawn by carriage returns as they were left (see collapse_carriage_returns)."""
+        return collapse_carriage_returns("".join(text for _stream, text in self.log_chunks()))
 
     def log_chunks(self) -> list[tuple[str, str]]:
         return [(kind, text) for kind, text in self._output if kind != "display"]
@@ -256,6 +258,20 @@ class Job:
 
     def _repr_html_(self) -> str:
         return f"<code>{html.escape(self.summary())}</code>"
+
+
+def collapse_carriage_returns(text: str) -> str:
+    """``text`` as a terminal shows it, and Jupyter's stream output: a carriage return goes back to
+    the start of its line and what follows overwrites it (a progress line redrawn in place)."""
+    if "\r" not in text:
+        return text
+    lines = []
+    for line in re.sub(r"\r+\n", "\n", text).split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown)
+    return "\n".join(lines)
 
 
 class JobFollower:

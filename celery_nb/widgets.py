@@ -15,7 +15,7 @@ import ipywidgets as w
 from IPython import get_ipython
 from IPython.display import display
 
-from celery_nb.job import Job
+from celery_nb.job import Job, collapse_carriage_returns
 
 LOG_TAIL_LINES = 30
 _STATUS_COLOURS = {"queued": "#6c757d", "starting": "#0d6efd", "running": "#0d6efd",
@@ -31,7 +31,8 @@ def in_kernel() -> bool:
 
 
 def log_tail(job: Job, lines: int = LOG_TAIL_LINES) -> list[tuple[str, str]]:
-    """The last ``lines`` lines as (stream, text); a carriage return redraws its line (tqdm)."""
+    """The last ``lines`` lines as (stream, text), as a terminal shows them: a carriage return
+    redraws its line (tqdm, ``print(..., end="\\r")``)."""
     joined: list[tuple[str, str]] = []
     for stream, text in job.log_chunks():
         for piece in _LINE.findall(text):
@@ -40,9 +41,9 @@ def log_tail(job: Job, lines: int = LOG_TAIL_LINES) -> list[tuple[str, str]]:
             joined.append((stream, piece))
     tail = []
     for stream, text in joined[-lines:]:
-        redraws = [part for part in text.rstrip("\n").split("\r") if part.strip()]
-        if redraws:
-            tail.append((stream, redraws[-1] + "\n"))
+        shown = collapse_carriage_returns(text.rstrip("\n"))
+        if shown.strip():
+            tail.append((stream, shown + "\n"))
     return tail
 
 
