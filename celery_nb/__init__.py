@@ -19,7 +19,7 @@ from celery_nb.config import CeleryNB, use_settings
 from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError,
                               ImageNotFoundError, InputError, JobCancelled, JobTimeoutError, OptionError,
                               OutOfMemoryError, OutputError, PolicyError, PythonVersionError, RemoteError,
-                              SignatureError, UnknownJobError)
+                              SignatureError, UnknownJobError, UnsupportedMagicError)
 from celery_nb.job import Job
 from celery_nb.options import JobOptions
 from celery_nb_runtime import progress
@@ -28,7 +28,7 @@ __all__ = [
     "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError",
     "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobOptions", "JobTimeoutError", "OptionError",
     "OutOfMemoryError", "OutputError", "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction",
-    "SignatureError", "UnknownJobError", "default_client", "progress", "remote", "submit",
+    "SignatureError", "UnknownJobError", "UnsupportedMagicError", "default_client", "progress", "remote", "submit",
 ]
 
 

@@ -23,7 +23,7 @@ import redis
 from celery._state import _set_task_join_will_block
 from celery.worker import WorkController
 
-from celery_nb import analysis, journal, payload
+from celery_nb import analysis, cell_syntax, journal, payload
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, blob_store_for
 from celery_nb.broker import TASK_NAME, celery_app, commands_before_publish
 from celery_nb.config import settings
@@ -107,14 +107,17 @@ class Client:
     def submit_cell(self, source: str, namespace: Mapping[str, Any], *, inputs: Sequence[str] | None = None,
                     outputs: Sequence[str] | None = None, first_line: int = 1, hidden: Collection[str] = (),
                     options: JobOptions | None = None, **option_fields: Any) -> Job:
-        """Run cell ``source`` in a container; inputs come from ``namespace``.
+        """Run cell ``source`` (Python, or IPython syntax: ``!cmd``, ``%time``...) in a container;
+        inputs come from ``namespace``.
 
         ``inputs``/``outputs`` override the automatic detection. The job's options are
         ``options`` with ``option_fields`` (any JobOptions field: image=, memory=, ...) on top.
-        Raises SyntaxError, OptionError and InputError locally, before anything is submitted.
+        Raises SyntaxError, UnsupportedMagicError, OptionError and InputError locally, before
+        anything is submitted.
         """
         job_options = JobOptions.build(options, **option_fields)
-        names = analysis.analyse_cell(source, first_line)
+        cell = cell_syntax.to_python(source, first_line)
+        names = analysis.analyse_cell(cell.analysed, first_line)
         if inputs is None:
             # a cell's display() is the container's, not the kernel's (which may be in the namespace)
             inputs = analysis.select_inputs(names, namespace.keys(), {*hidden, *CELL_BUILTINS})
@@ -123,9 +126,9 @@ class Client:
             if missing:
                 raise InputError(f"--in names {', '.join(map(repr, missing))}, which the kernel does not have; "
                                  f"define {'it' if len(missing) == 1 else 'them'} first or fix --in")
-        data = payload.cell_payload(source, first_line, {n: namespace[n] for n in inputs},
+        data = payload.cell_payload(cell.source, first_line, {n: namespace[n] for n in inputs},
                                     outputs if outputs is not None else names.assigns,
-                                    outputs_explicit=outputs is not None)
+                                    outputs_explicit=outputs is not None, timed=cell.timed)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
         return self._send("cell", data, job_options, label)
 

@@ -1,6 +1,7 @@
 """Errors the user sees. Each says what went wrong and what to do about it."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -15,6 +16,11 @@ class CeleryNBError(Exception):
 
 class OptionError(CeleryNBError, ValueError):
     """A job option is malformed (``--memory lots``); nothing was submitted."""
+
+
+class UnsupportedMagicError(CeleryNBError):
+    """A cell uses an IPython magic that would run in the container, where IPython is not loaded;
+    nothing was submitted."""
 
 
 class InputError(CeleryNBError):
@@ -76,15 +82,25 @@ class RemoteError(CeleryNBError):
     """The code raised an exception inside the container.
 
     ``exc_type`` is the remote exception's class name and ``remote_traceback`` the
-    container-side traceback, whose cell frames carry the notebook cell's line numbers.
+    container-side traceback, whose cell frames carry the notebook cell's line numbers. When the
+    kernel has the remote exception's class, the error is also an instance of it (a subclass of
+    both, made once per class), so ``except ValueError:`` catches it.
+    ``what`` failed: "the cell", or the function's label.
     """
 
-    def __init__(self, message: str, exc_type: str | None, remote_traceback: str, job_id: str, image: str) -> None:
-        super().__init__(message)
+    def __new__(cls, message: str, *_args: Any, **_kwargs: Any) -> RemoteError:
+        # the remote class's own __new__ gets only the message (OSError's would read our other
+        # arguments as errno, strerror, filename)
+        return super().__new__(cls, message)
+
+    def __init__(self, message: str, exc_type: str | None, remote_traceback: str, job_id: str, image: str,
+                 what: str = "the cell") -> None:
+        Exception.__init__(self, message)  # not the remote class's __init__, whose arguments are not known here
         self.exc_type = exc_type
         self.remote_traceback = remote_traceback
         self.job_id = job_id
         self.image = image
+        self.what = what
 
     def __str__(self) -> str:
         return (f"{self.args[0]}\n\nin job {self.job_id} (image {self.image}); remote traceback:\n"
@@ -92,7 +108,7 @@ class RemoteError(CeleryNBError):
 
     def _render_traceback_(self) -> list[str]:
         """IPython shows this instead of the kernel-side stack, which says nothing useful."""
-        return [f"RemoteError: the cell failed in its container (job {self.job_id}, image {self.image})",
+        return [f"RemoteError: {self.what} failed in its container (job {self.job_id}, image {self.image})",
                 *self.remote_traceback.rstrip("\n").split("\n")]
 
 
@@ -111,10 +127,52 @@ _KINDS: dict[str, type[CeleryNBError]] = {
 }
 
 
-def error_from_event(error: dict[str, Any], job_id: str, image: str) -> CeleryNBError:
-    """Rebuild the exception described by a job's final event."""
+_remote_error_classes: dict[type[Exception], type[RemoteError]] = {}
+
+
+def _loaded_exception_class(module: str | None, qualname: str | None, name: str | None) -> type[Exception] | None:
+    """The kernel's class of that module and qualified name, if the module is loaded in the kernel
+    (as it is wherever code names the class in an ``except``). Nothing is imported for a message
+    from a worker."""
+    found: Any = sys.modules.get(module or "")
+    for part in (qualname or "").split("."):
+        found = getattr(found, part, None)
+    # not a SyntaxError: IPython shows those from their attributes, which stay in the container,
+    # instead of the remote traceback
+    if isinstance(found, type) and issubclass(found, Exception) and not issubclass(found, SyntaxError) \
+            and found.__name__ == name:
+        return found
+    return None
+
+
+def _remote_error_class(original: type[Exception]) -> type[RemoteError]:
+    """A RemoteError that is also an ``original`` (made once per class); RemoteError itself where
+    the two cannot be combined."""
+    if issubclass(original, CeleryNBError):
+        return RemoteError
+    combined = _remote_error_classes.get(original)
+    if combined is None:
+        try:
+            combined = type("RemoteError", (RemoteError, original),
+                            {"__module__": __name__, "__qualname__": f"RemoteError[{original.__qualname__}]"})
+        except Exception:  # e.g. a TypeError for layouts that do not combine, or the class's __init_subclass__
+            combined = RemoteError
+        _remote_error_classes[original] = combined
+    return combined
+
+
+def error_from_event(error: dict[str, Any], job_id: str, image: str, what: str = "the cell") -> CeleryNBError:
+    """Rebuild the exception described by a job's final event (``what`` ran: "the cell", or a
+    function's label)."""
     if error["kind"] == "remote":
-        return RemoteError(error["message"], error.get("exc_type"), error.get("traceback") or "", job_id, image)
+        args = (error["message"], error.get("exc_type"), error.get("traceback") or "", job_id, image, what)
+        original = _loaded_exception_class(error.get("exc_module"), error.get("exc_qualname"), error.get("exc_type"))
+        if original is not None:
+            try:
+                return _remote_error_class(original)(*args)
+            except Exception:  # a class whose construction needs more than a message: the name will do
+                pass
+        return RemoteError(*args)
     return _KINDS.get(error["kind"], ContainerError)(error["message"])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import sys
 import threading
 import time
 import traceback
@@ -66,6 +67,7 @@ class Job:
         self._result_ref: dict[str, Any] | None = None  # a big result, in the client's blob store
         self._result_sig: str | None = None
         self._outputs: dict[str, Any] | None = None
+        self.skipped_outputs: dict[str, str] = {}  # a cell's outputs that did not come back: name -> type, why
         self._final = threading.Event()  # the final event has been read
         self._done = threading.Event()  # ... and the done callbacks have run
         self._listeners: list[Callable[[Job], None]] = []
@@ -100,7 +102,8 @@ class Job:
                 self.timings["transfer"] = self.timings["collected"] - self.timings.get("finished", self.timings["collected"])
                 self.finished_at = time.time()
                 if event["status"] == "failed":
-                    self.error = error_from_event(event["error"], self.id, self.image)
+                    self.error = error_from_event(event["error"], self.id, self.image,
+                                                  "the cell" if self.kind == "cell" else self.label)
                 self._result_blob = event.get("blob")
                 self._result_ref = event.get("result_ref")
                 self._result_sig = event.get("result_sig")
@@ -183,7 +186,9 @@ class Job:
                 decode_started = time.time()
                 data = self._backend.collect(self.id, self._result_blob, self._result_ref, self._result_sig)
                 self._result_ref = None
-                self._outputs = payload.load_result(data)
+                self._outputs, self.skipped_outputs = payload.load_result(data)
+                if self.skipped_outputs:
+                    print(payload.skipped_outputs_note(self.skipped_outputs), file=sys.stderr)
                 # from the worker's end of the job to usable values in the kernel
                 self.timings["transfer"] += time.time() - decode_started
                 self._result_blob = None

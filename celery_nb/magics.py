@@ -53,8 +53,11 @@ class CeleryDockerMagics(Magics):
         are the variables it assigns. While it runs the cell shows status, progress
         (``celery_nb_runtime.progress`` or tqdm in the container), the live output, the
         elapsed time and a Cancel button; Ctrl-C / Interrupt also cancels it. ``display(obj)``
-        in the cell and matplotlib figures show below the widget. A failed or cancelled cell
-        leaves the namespace untouched.
+        in the cell, matplotlib figures and the value of its last expression (unless a ``;``
+        ends it) show below the widget. A failed or cancelled cell leaves the namespace
+        untouched. Top-level ``await``, ``!cmd``, ``x = !cmd``, ``%time``, ``%timeit`` and
+        ``%%time`` work as in IPython; other magics would need IPython in the container and
+        are refused before anything is submitted.
 
         Example::
 

@@ -23,7 +23,7 @@ def _pickle_or_raise(writer: protocol.ValueWriter, value: Any, describe: Callabl
 
 
 def cell_payload(source: str, first_line: int, inputs: Mapping[str, Any],
-                 outputs: Sequence[str], outputs_explicit: bool) -> bytes:
+                 outputs: Sequence[str], outputs_explicit: bool, timed: bool = False) -> bytes:
     writer = protocol.ValueWriter(cloudpickle.dumps)
     index = {
         name: _pickle_or_raise(writer, value, lambda exc, name=name: (
@@ -31,7 +31,7 @@ def cell_payload(source: str, first_line: int, inputs: Mapping[str, Any],
             f"container: {exc}. Leave it out with --in, or turn it into plain data first."))
         for name, value in inputs.items()
     }
-    header = protocol.cell_header(source, first_line, index, list(outputs), outputs_explicit)
+    header = protocol.cell_header(source, first_line, index, list(outputs), outputs_explicit, timed)
     return b"".join(protocol.pack_bundle(header, writer.sections))
 
 
@@ -45,16 +45,35 @@ def call_payload(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any])
     return b"".join(protocol.pack_bundle(header, writer.sections))
 
 
-def load_result(data: bytes) -> dict[str, Any]:
-    """Unpickle the outputs of a job; a failure names the variable."""
+def load_result(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """Unpickle the outputs of a job: ``(outputs, skipped)``. An output that must land (a function's
+    return value, a --out name) and cannot be loaded raises OutputError naming it; any other is
+    skipped, and ``skipped`` says for each its type and why (also for those the container could not
+    pickle)."""
     header, sections = protocol.unpack_bundle(data)
+    skipped = dict(header["skipped"])
     outputs = {}
     for name, indexes in header["outputs"].items():
         try:
             outputs[name] = protocol.load_value(sections, indexes)
         except Exception as exc:
-            raise OutputError(
-                f"output variable {name!r} came back from the container but cannot be loaded in the "
-                f"kernel: {type(exc).__name__}: {exc}. Install the module it needs in the kernel, or "
-                f"leave the variable out with --out.") from exc
-    return outputs
+            reason = f"{type(exc).__name__}: {exc}"
+            if name not in header["required"]:
+                skipped[name] = f"{header['types'][name]}: cannot be loaded in the kernel, {reason}"
+            elif name == protocol.RETURN_VALUE:
+                raise OutputError(
+                    f"the function's return value came back from the container but cannot be loaded in the "
+                    f"kernel: {reason}. Install the module it needs in the kernel.") from exc
+            else:
+                raise OutputError(
+                    f"output variable {name!r} came back from the container but cannot be loaded in the "
+                    f"kernel: {reason}. Install the module it needs in the kernel, or leave the variable "
+                    f"out with --out.") from exc
+    return outputs, skipped
+
+
+def skipped_outputs_note(skipped: Mapping[str, str]) -> str:
+    """One line naming the outputs a cell assigned that did not come back, with their types and why."""
+    listed = "; ".join(f"{name} ({' '.join(reason.split())})" for name, reason in skipped.items())
+    return (f"[celery_nb] not brought back to the kernel: {listed}. The cell's other variables are there; "
+            f"assign plain data to bring these back too.")

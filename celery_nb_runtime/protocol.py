@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 PROTOCOL_VERSION = 1
 PICKLE_PROTOCOL = 5
 CELL_FILENAME = "<cell>"  # a cell's code object's filename, in tracebacks (kernel and container alike)
+RETURN_VALUE = "return"  # a function's return value among a result's outputs (no variable has that name)
 
 _BUNDLE_MAGIC = b"CNB\x01"
 _BUNDLE_HEAD = struct.Struct(">4sII")  # magic, header length, section count
@@ -58,10 +59,11 @@ def pack_bundle(header: Dict[str, Any], sections: List[Buffer]) -> List[Buffer]:
 
 
 def cell_header(source: str, first_line: int, inputs: Dict[str, List[int]], outputs: List[str],
-                outputs_explicit: bool) -> Dict[str, Any]:
-    """The header of a cell's payload bundle (its sections: the pickled inputs)."""
+                outputs_explicit: bool, timed: bool = False) -> Dict[str, Any]:
+    """The header of a cell's payload bundle (its sections: the pickled inputs). ``timed``: the
+    cell began with ``%%time``."""
     return {"v": PROTOCOL_VERSION, "kind": "cell", "source": source, "first_line": first_line, "inputs": inputs,
-            "outputs": list(outputs), "outputs_explicit": outputs_explicit,
+            "outputs": list(outputs), "outputs_explicit": outputs_explicit, "timed": timed,
             "python": list(sys.version_info[:2])}
 
 

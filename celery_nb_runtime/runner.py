@@ -25,9 +25,9 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 import celery_nb_runtime
-from celery_nb_runtime import events, protocol, rich_output
+from celery_nb_runtime import cell, events, protocol, rich_output
 
-CELL_BUILTINS = ("display",)  # names every cell has, unless the kernel sends a variable of that name
+CELL_BUILTINS = tuple(cell.BUILTINS)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
 _READ_CHUNK = 65536
 
@@ -41,11 +41,14 @@ class JobFailed(Exception):
         self.kind = kind
         self.message = message
         self.exc_type = type(exc).__name__ if exc is not None else None
+        # where the kernel finds the class, to raise an error that is an instance of it
+        self.exc_module = type(exc).__module__ if exc is not None else None
+        self.exc_qualname = type(exc).__qualname__ if exc is not None else None
         self.tb_text = tb_text
 
     def as_json(self) -> Dict[str, Any]:
         return {"kind": self.kind, "message": self.message, "exc_type": self.exc_type,
-                "traceback": self.tb_text}
+                "exc_module": self.exc_module, "exc_qualname": self.exc_qualname, "traceback": self.tb_text}
 
 
 class FrameWriter:
@@ -137,11 +140,16 @@ def _patch_tqdm(tqdm_cls: Any) -> None:
 
 
 def _format_remote_traceback(exc: BaseException) -> str:
-    """The traceback from the first frame of the job's own code (runner frames dropped)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    """The traceback of the job's own code: the runtime's frames (the runner's, the cell's
+    event loop, %time) dropped, also from chained exceptions."""
+    report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    parts = [report]
+    while parts:
+        part = parts.pop()
+        part.stack = traceback.StackSummary.from_list(
+            [frame for frame in part.stack if frame.filename != __file__ and not cell.is_runtime_frame(frame.filename)])
+        parts += [chained for chained in (part.__cause__, part.__context__) if chained is not None]
+    return "".join(report.format())
 
 
 def _load_inputs(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, Any]:
@@ -160,12 +168,11 @@ def _run_cell(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, A
     # numbers in tracebacks match the notebook editor.
     source = "\n" * (header["first_line"] - 1) + header["source"]
     linecache.cache[protocol.CELL_FILENAME] = (len(source), None, source.splitlines(True), protocol.CELL_FILENAME)
-    code = compile(source, protocol.CELL_FILENAME, "exec")
-    namespace = {name: getattr(rich_output, name) for name in CELL_BUILTINS}
+    namespace = dict(cell.BUILTINS)
     namespace.update(_load_inputs(header, sections))
     namespace.update({"__name__": "__main__", "__builtins__": builtins})
     try:
-        exec(code, namespace)
+        cell.run_cell(source, protocol.CELL_FILENAME, namespace, timed=header.get("timed", False))
     except BaseException as exc:  # SystemExit and KeyboardInterrupt from the cell are failures too
         raise JobFailed("remote", "%s: %s" % (type(exc).__name__, exc), exc,
                         _format_remote_traceback(exc)) from None
@@ -193,7 +200,7 @@ def _run_call(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, A
         raise JobFailed("input", "the function or its arguments could not be loaded in the container: "
                         "%s: %s" % (type(exc).__name__, exc), exc) from None
     try:
-        return {"return": fn(*args, **kwargs)}
+        return {protocol.RETURN_VALUE: fn(*args, **kwargs)}
     except BaseException as exc:
         raise JobFailed("remote", "%s: %s" % (type(exc).__name__, exc), exc,
                         _format_remote_traceback(exc)) from None
@@ -216,16 +223,33 @@ def _dumps(value: Any, protocol: int, buffer_callback: Callable[[pickle.PickleBu
     return stream
 
 
-def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
+def _required_outputs(header: Dict[str, Any]) -> List[str]:
+    """The outputs that fail the job if they cannot travel: a function's return value and a cell's
+    --out names. Other outputs a cell assigned are skipped (and named) instead."""
+    if header["kind"] != "cell":
+        return [protocol.RETURN_VALUE]
+    return list(header["outputs"]) if header.get("outputs_explicit") else []
+
+
+def _encode_result(outputs: Dict[str, Any], required: List[str]) -> List[Any]:
     writer = protocol.ValueWriter(_dumps)
-    index = {}
+    index, skipped = {}, {}
     for name, value in outputs.items():
         try:
             index[name] = writer.add(value)
         except Exception as exc:
-            raise JobFailed("output", "output variable %r cannot be pickled to send it back: %s: %s"
-                            % (name, type(exc).__name__, exc), exc) from None
-    return protocol.pack_bundle({"outputs": index}, writer.sections)
+            if name not in required:
+                skipped[name] = "%s: %s" % (type(value).__name__, exc)
+                continue
+            if name == protocol.RETURN_VALUE:
+                what, advice = "the function's return value", "return plain data (a list rather than a generator, say)"
+            else:
+                what, advice = "output variable %r" % name, "leave it out of --out, or assign it plain data"
+            raise JobFailed("output", "%s (%s) cannot be pickled to send it back: %s: %s; %s"
+                            % (what, type(value).__name__, type(exc).__name__, exc, advice), exc) from None
+    header = {"outputs": index, "required": required, "skipped": skipped,
+              "types": {name: type(outputs[name]).__name__ for name in index}}
+    return protocol.pack_bundle(header, writer.sections)
 
 
 def _prepare_child(frames: FrameWriter) -> None:
@@ -247,7 +271,7 @@ def _run_child(request: memoryview, frames: FrameWriter) -> None:
             outputs = run(header, sections)
         finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
             rich_output.send_figures()
-        result = _encode_result(outputs)
+        result = _encode_result(outputs, _required_outputs(header))
         kind: int = protocol.FRAME_RESULT
     except JobFailed as failure:
         kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]

@@ -271,3 +271,34 @@ def test_fan_out_chunks_each_show_their_progress(page, jupyter_lab: tuple[str, s
     assert chunks.locator(".celery-nb-status").all_text_contents() == ["succeeded"] * 4
     assert chunks.locator(".celery-nb-progress").all_text_contents() == ["50000/50000"] * 4
     nb.screenshot("fan-out-chunks.png", "chunks")
+
+
+# typed into a new cell: its last line is a DataFrame, shown as a table as a normal cell shows it
+DATAFRAME_CELL = ("%%celery_docker --image $SCIENCE_IMAGE\nimport pandas as pd\n"
+                  "readings = pd.DataFrame({'station': ['north', 'south', 'east'], 'temperature': [12.5, 17.25, 9.75]})\n"
+                  "readings.sort_values('temperature', ascending=False)")
+
+
+def test_a_cells_last_expression_shows_a_dataframe(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
+    nb = Notebook(page, jupyter_lab, "data_science")
+    nb.run("setup")  # %load_ext celery_nb and SCIENCE_IMAGE
+    cells = nb.cells
+    last = cells.count() - 1
+    cells.nth(last).click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")  # a new cell below the last one
+    page.keyboard.press("Enter")
+    page.keyboard.type(DATAFRAME_CELL)
+    page.keyboard.press("Shift+Enter")
+    cell = cells.nth(last + 1)
+    deadline = time.monotonic() + 120
+    while not re.fullmatch(r"\[\d+\]:", (state := cell.evaluate(CELL_STATE_JS))["prompt"]):
+        assert time.monotonic() < deadline, f"the cell is still running after 120 s: {state}"
+        time.sleep(0.1)
+    assert state["status"] == "succeeded", state
+    table = cell.locator(".jp-OutputArea table.dataframe")
+    assert table.count() == 1, state["output"]
+    rows = table.locator("tbody tr").all_inner_texts()
+    assert [row.split("\t")[1:] for row in rows] == [["south", "17.25"], ["north", "12.50"], ["east", "9.75"]], rows
+    assert table.is_visible()
+    cell.screenshot(path=SCREENSHOTS / "cell-last-expression-dataframe.png")

@@ -88,9 +88,19 @@ def test_out_name_never_assigned(client: Client) -> None:
         client.submit_cell("a = 1", {}, image=IMAGE, outputs=["a", "z"]).result(timeout=60)
 
 
-def test_unpicklable_output_names_the_variable(client: Client) -> None:
-    with pytest.raises(OutputError, match="output variable 'lock'"):
-        client.submit_cell("import threading\nlock = threading.Lock()\n", {}, image=IMAGE).result(timeout=60)
+def test_unpicklable_output_named_with_out_names_the_variable(client: Client) -> None:
+    with pytest.raises(OutputError, match=r"output variable 'lock' \(lock\) cannot be pickled"):
+        client.submit_cell("import threading\nlock = threading.Lock()\n", {}, image=IMAGE,
+                           outputs=["lock"]).result(timeout=60)
+
+
+def test_unpicklable_output_found_automatically_is_skipped(client: Client, capsys: pytest.CaptureFixture) -> None:
+    job = client.submit_cell("import threading\nlock = threading.Lock()\nn = 1\n", {}, image=IMAGE)
+    assert job.result(timeout=60) == {"n": 1}
+    assert job.skipped_outputs == {"lock": "lock: cannot pickle '_thread.lock' object"}
+    assert capsys.readouterr().err == ("[celery_nb] not brought back to the kernel: lock (lock: cannot pickle "
+                                       "'_thread.lock' object). The cell's other variables are there; assign plain "
+                                       "data to bring these back too.\n")
 
 
 def test_function_python_version_mismatch_is_explained(client: Client) -> None:
