@@ -89,9 +89,9 @@ class _Runner:
             self._loop.close()
 
 
-def is_runtime_frame(filename: str) -> bool:
-    """A traceback frame of this module or of the event loop that ran the cell, not of the cell's code."""
-    return filename == __file__ or filename.startswith(_ASYNCIO_DIR)
+def is_event_loop_file(filename: str) -> bool:
+    """A file of asyncio, whose loop runs a cell that awaits at top level."""
+    return filename.startswith(_ASYNCIO_DIR)
 
 
 # -- %time, %timeit ----------------------------------------------------------------------------

@@ -140,14 +140,16 @@ def _patch_tqdm(tqdm_cls: Any) -> None:
 
 
 def _format_remote_traceback(exc: BaseException) -> str:
-    """The traceback of the job's own code: the runtime's frames (the runner's, the cell's
-    event loop, %time) dropped, also from chained exceptions."""
+    """The traceback of the job's own code, also of chained exceptions: the runtime's frames
+    (the runner's, %time's) dropped, and those of the event loop that ran the cell."""
     report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
     parts = [report]
     while parts:
         part = parts.pop()
-        part.stack = traceback.StackSummary.from_list(
-            [frame for frame in part.stack if frame.filename != __file__ and not cell.is_runtime_frame(frame.filename)])
+        frames = [frame for frame in part.stack if frame.filename not in (__file__, cell.__file__)]
+        while frames and cell.is_event_loop_file(frames[0].filename):  # before the cell's first frame
+            del frames[0]
+        part.stack = traceback.StackSummary.from_list(frames)
         parts += [chained for chained in (part.__cause__, part.__context__) if chained is not None]
     return "".join(report.format())
 

@@ -117,6 +117,11 @@ def test_top_level_await(kernel: Kernel) -> None:
     assert ex.error() is None, ex.error()
     assert value_of(kernel, "(result, pairs)") == "(42, [2, 4])"
     assert displayed(ex) == [{"text/plain": "100"}]
+    failed = kernel.run("%%celery_docker\nimport asyncio\n\nasync def fail():\n    await asyncio.sleep(0)\n"
+                        "    raise LookupError('gone')\n\nawait fail()\n")
+    tb = "\n".join(failed.error()["traceback"])
+    assert 'File "<cell>", line 8, in <module>' in tb and 'File "<cell>", line 6, in fail' in tb
+    assert "/asyncio/" not in tb and "celery_nb_runtime" not in tb  # only the cell's frames
 
 
 def test_shell_commands_and_time_magics(kernel: Kernel) -> None:
