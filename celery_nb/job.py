@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Protocol
 from celery_nb import payload
 from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
 from celery_nb.jobstore import START, Event, JobStore, Waker
+from celery_nb.options import format_size
 
 _READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
 
@@ -55,6 +56,8 @@ class Job:
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         self.timings: dict[str, float] = {}
+        # once it ran: {"cpu_seconds", "peak_memory" (bytes), "memory_limit" (its container's, bytes)}
+        self.usage: dict[str, Any] | None = None
         self.error: CeleryNBError | None = None
         self.submitted_at = time.time()
         self.finished_at: float | None = None
@@ -94,6 +97,7 @@ class Job:
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
                 self.attempts = event.get("attempt") or self.attempts
+                self.usage = event.get("usage")
                 self.timings.update(event.get("timings", {}))
                 self.timings["collected"] = time.time()
                 self.timings["transfer"] = self.timings["collected"] - self.timings.get("finished", self.timings["collected"])
@@ -225,6 +229,14 @@ class Job:
             parts["transfer"] = t["transfer"]
         return {k: max(0.0, v) for k, v in parts.items()}
 
+    def usage_text(self) -> str:
+        """What the job used, e.g. "peak 1.2 GiB of 2 GiB, CPU 3.40 s" ("" before it has run): the
+        peak memory of its processes against its container's memory limit, and their CPU time."""
+        if not self.usage:
+            return ""
+        return (f"peak {format_size(self.usage['peak_memory'])} of {format_size(self.usage['memory_limit'])}, "
+                f"CPU {self.usage['cpu_seconds']:.2f} s")
+
     def progress_text(self) -> str:
         if not self.progress:
             return ""
@@ -242,6 +254,8 @@ class Job:
             line += f" | {self.progress_text()}"
         if self.finished:
             line += " | " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timing_breakdown().items())
+        if self.usage:
+            line += f" | {self.usage_text()}"
         return line
 
     def __repr__(self) -> str:
