@@ -34,7 +34,7 @@ CELL_BUILTINS = ("display",)  # names every cell has, unless the kernel sends a 
 SPOOL_THRESHOLD = 1 << 20
 _READ_CHUNK = 65536
 _MEMORY_SAMPLE_INTERVAL = 0.01  # s between two looks at the container's memory while a job runs
-_PEAK = struct.Struct("Q")
+_SHARED = struct.Struct("QQ")  # between the server and a job's process: (the job has its request, peak added)
 
 
 class JobFailed(Exception):
@@ -300,23 +300,29 @@ class _JobMemory:
     kernel's high-water mark is per process: a job's subprocesses running side by side add up.)"""
 
     def __init__(self) -> None:
-        self._peak = mmap.mmap(-1, _PEAK.size)  # anonymous and shared: the forked job's process reads it
+        self._shared = mmap.mmap(-1, _SHARED.size)  # anonymous and shared with the forked job's process
         self._baseline = 0
         self._sampled_at = 0.0
 
     def start(self) -> None:
         """Before a job's process is forked: what the container holds without it."""
         self._baseline = _memory_in_use()
-        _PEAK.pack_into(self._peak, 0, 0)
+        _SHARED.pack_into(self._shared, 0, 0, 0)
+
+    def running(self) -> None:
+        """In the job's process, once its request has arrived: from now on the server samples
+        (a process waiting in an idle container costs it no reads)."""
+        _SHARED.pack_into(self._shared, 0, 1, 0)
 
     def sample(self) -> None:
         now = time.monotonic()
-        if now - self._sampled_at >= _MEMORY_SAMPLE_INTERVAL:
+        running, peak = _SHARED.unpack_from(self._shared)
+        if running and now - self._sampled_at >= _MEMORY_SAMPLE_INTERVAL:
             self._sampled_at = now
-            _PEAK.pack_into(self._peak, 0, max(self.peak(), _memory_in_use() - self._baseline))
+            _SHARED.pack_into(self._shared, 0, running, max(peak, _memory_in_use() - self._baseline))
 
     def peak(self) -> int:
-        return _PEAK.unpack_from(self._peak)[0]
+        return _SHARED.unpack_from(self._shared)[1]
 
 
 def _memory_headroom() -> int:
@@ -514,6 +520,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:
+                    memory.running()
                     _run_child(memoryview(request), frames_writer, memory)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
