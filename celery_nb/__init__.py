@@ -7,7 +7,8 @@ In a notebook::
     %%celery_docker --image python:3.12-slim --memory 2g
     result = heavy(x)          # x comes from the kernel, result goes back to it
 
-From Python: ``submit(fn, *args, image=...)`` and ``@remote(image=...)``.
+From Python: ``submit(fn, *args, image=...)``, ``@remote(image=...)`` and ``Executor(...)``
+(``concurrent.futures``).
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerEr
                               ImageNotFoundError, InputError, JobCancelled, JobTimeoutError, OptionError,
                               OutOfMemoryError, OutputError, PolicyError, PythonVersionError, RemoteError,
                               SignatureError, UnknownJobError, UnsupportedMagicError)
-from celery_nb.job import Job
+from celery_nb.executor import Executor
+from celery_nb.job import Job, JobFuture
 from celery_nb.options import JobOptions
 from celery_nb_runtime import progress
 
 __all__ = [
-    "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError",
-    "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobOptions", "JobTimeoutError", "OptionError",
+    "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "Executor",
+    "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobFuture", "JobOptions", "JobTimeoutError", "OptionError",
     "OutOfMemoryError", "OutputError", "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction",
     "SignatureError", "UnknownJobError", "UnsupportedMagicError", "default_client", "progress", "remote", "submit",
 ]

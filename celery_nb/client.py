@@ -266,6 +266,12 @@ def _function_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", "function")
 
 
+def map_chunks(items: Sequence[Any], chunksize: int | None = None) -> list[Sequence[Any]]:
+    """``items`` in chunks of ``chunksize`` for the jobs of a map (default: about 32 jobs in all)."""
+    size = chunksize or max(1, math.ceil(len(items) / _DEFAULT_MAP_JOBS))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 class RemoteFunction:
     """A function that runs in a container: call it, ``.submit()`` it, or ``.map()`` it."""
 
@@ -288,11 +294,9 @@ class RemoteFunction:
         """Submit ``fn`` over ``items`` as jobs of ``chunksize`` items each (default: about 32
         jobs in all), so many small items cost a few jobs, not one each. Each job's progress
         counts its items; its result is the list of its items' results."""
-        items = list(items)
-        size = chunksize or max(1, math.ceil(len(items) / _DEFAULT_MAP_JOBS))
         client = self.client or default_client()
-        return [client.submit(map_chunk, self.fn, items[i:i + size], options=self.options)
-                for i in range(0, len(items), size)]
+        return [client.submit(map_chunk, self.fn, chunk, options=self.options)
+                for chunk in map_chunks(list(items), chunksize)]
 
     def imap(self, items: Iterable[Any], chunksize: int | None = None) -> Iterator[Any]:
         """``fn(item)`` for each item, in order, as soon as its chunk has finished."""

@@ -6,6 +6,7 @@ streams of all its unfinished jobs with a single blocking read.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import re
 import sys
@@ -17,6 +18,7 @@ from typing import Any, Callable, ClassVar, Protocol
 from celery_nb import payload
 from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
 from celery_nb.jobstore import START, Event, JobStore, Waker
+from celery_nb.options import format_size
 
 _READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
 
@@ -57,6 +59,8 @@ class Job:
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         self.timings: dict[str, float] = {}
+        # once it ran: {"cpu_seconds", "peak_memory" (bytes), "memory_limit" (its container's, bytes)}
+        self.usage: dict[str, Any] | None = None
         self.error: CeleryNBError | None = None
         self.submitted_at = time.time()
         self.finished_at: float | None = None
@@ -73,6 +77,7 @@ class Job:
         self._listeners: list[Callable[[Job], None]] = []
         self._done_callbacks: list[Callable[[Job], None]] = []
         self._lock = threading.Lock()
+        self._future: JobFuture | None = None
 
     # -- state from events (called by the client's JobFollower) ------------------------
     def _apply(self, event: Event) -> None:
@@ -97,6 +102,7 @@ class Job:
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
                 self.attempts = event.get("attempt") or self.attempts
+                self.usage = event.get("usage")
                 self.timings.update(event.get("timings", {}))
                 self.timings["collected"] = time.time()
                 self.timings["transfer"] = self.timings["collected"] - self.timings.get("finished", self.timings["collected"])
@@ -232,6 +238,25 @@ class Job:
             parts["transfer"] = t["transfer"]
         return {k: max(0.0, v) for k, v in parts.items()}
 
+    def usage_text(self) -> str:
+        """What the job used, e.g. "peak 1.2 GiB of 2 GiB, CPU 3.40 s" ("" before it has run): the
+        peak memory of its processes against its container's memory limit, and their CPU time."""
+        if not self.usage:
+            return ""
+        return (f"peak {format_size(self.usage['peak_memory'])} of {format_size(self.usage['memory_limit'])}, "
+                f"CPU {self.usage['cpu_seconds']:.2f} s")
+
+    @property
+    def future(self) -> JobFuture:
+        """This job as a ``concurrent.futures.Future``, for ``as_completed(job.future for job in
+        jobs)``, ``wait`` and code written for executors (see JobFuture)."""
+        with self._lock:
+            future, new = self._future or JobFuture(), self._future is None
+            self._future = future
+        if new:
+            future.bind(self)
+        return future
+
     def progress_text(self) -> str:
         if not self.progress:
             return ""
@@ -249,6 +274,8 @@ class Job:
             line += f" | {self.progress_text()}"
         if self.finished:
             line += " | " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timing_breakdown().items())
+        if self.usage:
+            line += f" | {self.usage_text()}"
         return line
 
     def __repr__(self) -> str:
@@ -277,6 +304,67 @@ def collapse_carriage_returns(text: str) -> str:
             shown = part + shown[len(part):]
         lines.append(shown)
     return "\n".join(lines)
+
+
+class JobFuture(concurrent.futures.Future):
+    """A job as a ``concurrent.futures.Future``: pending while it is queued, running once a
+    worker has taken it, then done with the job's result (a function's return value, a cell's
+    outputs) or its error. ``cancel()`` cancels a job that has not started; a running one goes
+    on (stop it with ``future.job.cancel()``: its future then raises JobCancelled). ``job`` is
+    None while an Executor holds the call back (max_workers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job: Job | None = None
+        self._transition = threading.RLock()  # one state change at a time: cancel, start, settle
+
+    def bind(self, job: Job) -> None:
+        """Follow ``job``, sent for this future (cancelled at once if the future was meanwhile)."""
+        with self._transition:
+            self.job = job
+            cancelled = self.cancelled()
+        if cancelled:
+            job.cancel()
+            return
+        job.add_listener(self._start_when_taken)
+        job.add_done_callback(self._settle)
+
+    def cancel(self) -> bool:
+        with self._transition:
+            if self.cancelled():
+                return True
+            if not super().cancel():
+                return False  # running or done
+            self.set_running_or_notify_cancel()  # as_completed and wait see it now
+            job = self.job
+        if job is not None:
+            job.cancel()
+        return True
+
+    def _start(self) -> None:
+        with self._transition:
+            if not (self.running() or self.done()):
+                self.set_running_or_notify_cancel()
+
+    def _start_when_taken(self, job: Job) -> None:
+        if job.status != "queued":
+            self._start()
+
+    def _settle(self, job: Job) -> None:
+        with self._transition:
+            if self.done():  # cancelled through this future
+                return
+            if job.status == "cancelled" and not self.running():  # it never started
+                super().cancel()
+                self.set_running_or_notify_cancel()
+                return
+            self._start()  # a result, or the error of a run that was stopped: no cancel() any more
+        try:
+            value = job.result()
+        except Exception as exc:
+            self.set_exception(exc)
+        else:
+            self.set_result(value)
 
 
 class JobFollower:

@@ -42,6 +42,16 @@ def format_memory(size: int) -> str:
     return f"{size}b"
 
 
+def format_size(size: int) -> str:
+    """A measured size for people: 1.2 GiB, 208 MiB, 2 GiB."""
+    for unit in ("t", "g", "m", "k"):
+        if size >= _UNITS[unit]:
+            value = size / _UNITS[unit]
+            number = f"{value:.1f}".removesuffix(".0") if value < 10 else f"{value:.0f}"
+            return f"{number} {unit.upper()}iB"
+    return f"{size} B"
+
+
 def parse_gpus(flag: str, value: str | int) -> str:
     """GPUs a job asks for, as ``docker run --gpus`` takes them: 'all', a count, 'device=0,1'."""
     spec = str(value).strip().strip('"').lower()

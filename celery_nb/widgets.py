@@ -16,6 +16,7 @@ from IPython import get_ipython
 from IPython.display import display
 
 from celery_nb.job import Job, collapse_carriage_returns
+from celery_nb.options import format_size
 
 LOG_TAIL_LINES = 30
 _STATUS_COLOURS = {"queued": "#6c757d", "starting": "#0d6efd", "running": "#0d6efd",
@@ -136,7 +137,9 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
             error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
                      if job.error is not None else "")
-            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:#6c757d">{parts}</span>'
+            usage = (f'<span class="celery-nb-usage" style="color:#6c757d"> · {html.escape(job.usage_text())}</span>'
+                     if job.usage else "")
+            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:#6c757d">{parts}</span>{usage}'
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = super()._repr_mimebundle_(**kwargs)
@@ -144,7 +147,8 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         return bundle
 
 
-_TABLE_COLUMNS = ("job", "what", "image", "status", "worker", "queued", "start", "run", "progress", "")
+_TABLE_COLUMNS = ("job", "what", "image", "status", "worker", "queued", "start", "run", "progress", "peak memory",
+                  "CPU", "")
 
 
 def _seconds(parts: dict[str, float], phase: str) -> str:
@@ -154,8 +158,11 @@ def _seconds(parts: dict[str, float], phase: str) -> str:
 def _table_row(job: Job) -> list[str]:
     """The text of a job's row in the jobs table (the last column is its Cancel button)."""
     parts = job.timing_breakdown()
+    usage = job.usage
     return [job.id[:12], job.label[:40], job.image, job.status, job.worker or "", _seconds(parts, "queued"),
-            _seconds(parts, "start"), _seconds(parts, "run"), job.progress_text(), ""]
+            _seconds(parts, "start"), _seconds(parts, "run"), job.progress_text(),
+            f"{format_size(usage['peak_memory'])} of {format_size(usage['memory_limit'])}" if usage else "",
+            f"{usage['cpu_seconds']:.2f} s" if usage else "", ""]
 
 
 def jobs_text_table(jobs: list[Job]) -> str:

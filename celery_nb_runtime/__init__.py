@@ -64,9 +64,10 @@ def progress(iterable: Iterable[T], total: Optional[float] = None, desc: Optiona
         reporter.update(n, force=True)
 
 
-def map_chunk(fn: Callable[[Any], Any], items: list) -> list:
-    """Run ``fn`` over one chunk of a map, counting items on the progress bar."""
-    return [fn(item) for item in progress(items)]
+def map_chunk(fn: Callable[..., Any], items: list, star: bool = False) -> list:
+    """Run ``fn`` over one chunk of a map, counting items on the progress bar; ``star``: each
+    item is a tuple of arguments (a map over several iterables)."""
+    return [fn(*item) if star else fn(item) for item in progress(items)]
 
 
 __all__ = ["display", "map_chunk", "progress"]

@@ -35,11 +35,12 @@ FRAME_STDERR = 2
 FRAME_EVENT = 3  # JSON: progress, display, ...
 FRAME_RESULT = 4  # bundle
 FRAME_ERROR = 5  # JSON: {"kind", "message", "exc_type", "traceback"}
-FRAME_END = 6  # JSON: how the job's process ended {"exit", "signal", "oom_kills"}; the server is ready again
+FRAME_END = 6  # JSON: how the job's process ended {"exit", "signal", "oom_kills", "usage"}; the server is ready again
 FRAME_REQUEST = 7  # worker -> container on stdin: bundle {"env", "spool"} + [job payload]
 FRAME_RESULT_FILE = 8  # JSON {"path", "size"}: the result bundle, written to the spool directory
+FRAME_USAGE = 9  # JSON {"cpu_seconds", "peak_memory"}: what the job used, just before its RESULT or ERROR
 FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST,
-               FRAME_RESULT_FILE)
+               FRAME_RESULT_FILE, FRAME_USAGE)
 
 
 class ProtocolError(ValueError):

@@ -14,15 +14,18 @@ import builtins
 import json
 import linecache
 import gc
+import mmap
 import os
 import pickle
+import resource
 import select
 import signal
+import struct
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import celery_nb_runtime
 from celery_nb_runtime import cell, events, protocol, rich_output
@@ -30,6 +33,8 @@ from celery_nb_runtime import cell, events, protocol, rich_output
 CELL_BUILTINS = tuple(cell.BUILTINS)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
 _READ_CHUNK = 65536
+_MEMORY_SAMPLE_INTERVAL = 0.01  # s between two looks at the container's memory while a job runs
+_SHARED = struct.Struct("QQ")  # between the server and a job's process: (the job has its request, peak added)
 
 
 class JobFailed(Exception):
@@ -262,7 +267,7 @@ def _prepare_child(frames: FrameWriter) -> None:
     sys.meta_path.insert(0, _ImportPatches())
 
 
-def _run_child(request: memoryview, frames: FrameWriter) -> None:
+def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory) -> None:
     """The job, in the forked child, whose fd 1/2 are already the log pipes."""
     outer, (payload,) = protocol.unpack_bundle(request)
     os.environ.update(outer["env"])
@@ -287,9 +292,63 @@ def _run_child(request: memoryview, frames: FrameWriter) -> None:
         with open(path, "wb") as f:
             for piece in result:
                 f.write(piece)
-        frames.write(protocol.FRAME_RESULT_FILE, json.dumps({"path": path, "size": size}).encode())
-    else:
-        frames.write(kind, *result)
+        kind, result = protocol.FRAME_RESULT_FILE, [json.dumps({"path": path, "size": size}).encode()]
+    usage = _usage([resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)],
+                   memory.peak())
+    frames.write(protocol.FRAME_USAGE, json.dumps(usage).encode())
+    frames.write(kind, *result)
+
+
+def _usage(rusages: List[Any], added: int) -> Dict[str, Any]:
+    """What a job used, from the rusage of its process and of the subprocesses it waited for:
+    their CPU time, and as peak memory the largest process's high-water mark (ru_maxrss, KiB)
+    or what its processes side by side ``added`` to the container, whichever is more."""
+    return {"cpu_seconds": round(sum(r.ru_utime + r.ru_stime for r in rusages), 3),
+            "peak_memory": max(max(r.ru_maxrss for r in rusages) * 1024, added)}
+
+
+def _memory_in_use() -> int:
+    """Bytes of anonymous and shared (tmpfs) memory in this container's memory cgroup (v2 or
+    v1; 0 if unknown): what its processes hold, without the page cache the kernel may reclaim."""
+    for path, fields in (("/sys/fs/cgroup/memory.stat", ("anon", "shmem")),
+                         ("/sys/fs/cgroup/memory/memory.stat", ("rss", "shmem"))):
+        try:
+            with open(path) as f:
+                return sum(int(value) for name, value in (line.split() for line in f) if name in fields)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+class _JobMemory:
+    """How much a job's processes together added to the container's memory: sampled by the
+    server while the job runs, and read by the job's process when it reports its usage. (The
+    kernel's high-water mark is per process: a job's subprocesses running side by side add up.)"""
+
+    def __init__(self) -> None:
+        self._shared = mmap.mmap(-1, _SHARED.size)  # anonymous and shared with the forked job's process
+        self._baseline = 0
+        self._sampled_at = 0.0
+
+    def start(self) -> None:
+        """Before a job's process is forked: what the container holds without it."""
+        self._baseline = _memory_in_use()
+        _SHARED.pack_into(self._shared, 0, 0, 0)
+
+    def running(self) -> None:
+        """In the job's process, once its request has arrived: from now on the server samples
+        (a process waiting in an idle container costs it no reads)."""
+        _SHARED.pack_into(self._shared, 0, 1, 0)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        running, peak = _SHARED.unpack_from(self._shared)
+        if running and now - self._sampled_at >= _MEMORY_SAMPLE_INTERVAL:
+            self._sampled_at = now
+            _SHARED.pack_into(self._shared, 0, running, max(peak, _memory_in_use() - self._baseline))
+
+    def peak(self) -> int:
+        return _SHARED.unpack_from(self._shared)[1]
 
 
 def _memory_headroom() -> int:
@@ -310,8 +369,9 @@ class _ChildRelay:
     """The server's side of one job: relays the child's output pipes as log frames and its
     frame pipe verbatim, never splitting a frame, so all output precedes the last frame."""
 
-    def __init__(self, frames: FrameWriter, stdout_r: int, stderr_r: int, frames_r: int) -> None:
+    def __init__(self, frames: FrameWriter, stdout_r: int, stderr_r: int, frames_r: int, memory: _JobMemory) -> None:
         self._frames = frames
+        self._memory = memory
         self._logs = {stdout_r: protocol.FRAME_STDOUT, stderr_r: protocol.FRAME_STDERR}
         self._frames_r = frames_r
         self._frame_left = 0  # bytes of the child's current frame still to relay
@@ -361,8 +421,9 @@ class _ChildRelay:
         if pos > start:
             self._frames.write_raw(view[start:pos])
 
-    def run(self, pid: int) -> int:
-        """Relay until the child has exited and its pipes are closed; return its wait status."""
+    def run(self, pid: int) -> Tuple[int, Any]:
+        """Relay until the child has exited and its pipes are closed; return its wait status and
+        its rusage (with the subprocesses it waited for), sampling the job's memory meanwhile."""
         status = None
         open_fds = [*self._logs, self._frames_r]
         deadline = None
@@ -380,7 +441,8 @@ class _ChildRelay:
                 self._drain_logs()
             open_fds = [fd for fd in open_fds if fd == self._frames_r or fd in self._logs]
             if status is None:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                self._memory.sample()
+                done, status, rusage = os.wait4(pid, os.WNOHANG)
                 if done:
                     try:
                         os.killpg(pid, signal.SIGKILL)  # background processes the job started
@@ -394,8 +456,8 @@ class _ChildRelay:
         for fd in open_fds:
             os.close(fd)
         if status is None:
-            status = os.waitpid(pid, 0)[1]
-        return status
+            _pid, status, rusage = os.wait4(pid, 0)
+        return status, rusage
 
 
 def _oom_kills() -> int:
@@ -430,13 +492,13 @@ def _next_request(fd: int) -> Optional[bytes]:
     return _read_exactly(fd, protocol.frame_size(header))
 
 
-def _warm_up() -> None:
+def _warm_up(memory: _JobMemory) -> None:
     """Rehearse a job (its output thrown away), so that the copy-on-write faults after fork
     are paid before the request arrives rather than while the kernel waits."""
     payload = b"".join(protocol.pack_bundle(protocol.cell_header("warm = 1", 1, {}, ["warm"], False), []))
     request = protocol.pack_request(payload, {}, None)
     with open(os.devnull, "wb") as devnull:
-        _run_child(memoryview(request), FrameWriter(devnull.fileno()))
+        _run_child(memoryview(request), FrameWriter(devnull.fileno()), memory)
 
 
 _EXIT_NO_MORE_REQUESTS = 99
@@ -455,8 +517,10 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         import cloudpickle  # noqa: F401  (imported once here, warm in every job)
 
         gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
+    memory = _JobMemory()
     while True:
         oom_before = _oom_kills()
+        memory.start()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         frames_r, frames_w = os.pipe()
@@ -473,7 +537,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 frames_writer = FrameWriter(frames_w)
                 _prepare_child(frames_writer)
                 if not one_shot:
-                    _warm_up()
+                    _warm_up(memory)
                 request = _next_request(requests_fd)
                 # the job reads no further from the worker's channel (the next job's request)
                 devnull = os.open(os.devnull, os.O_RDONLY)
@@ -482,7 +546,8 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:
-                    _run_child(memoryview(request), frames_writer)
+                    memory.running()
+                    _run_child(memoryview(request), frames_writer, memory)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
                 code = 70
@@ -490,7 +555,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os._exit(code)
         for fd in (stdout_w, stderr_w, frames_w):
             os.close(fd)
-        status = _ChildRelay(frames, stdout_r, stderr_r, frames_r).run(pid)
+        status, rusage = _ChildRelay(frames, stdout_r, stderr_r, frames_r, memory).run(pid)
         while True:  # we are PID 1: reap whatever was reparented to us
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -503,6 +568,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
             "oom_kills": _oom_kills() - oom_before,
+            "usage": _usage([rusage], memory.peak()),
         }).encode())
         if one_shot:
             while os.read(requests_fd, _READ_CHUNK):

@@ -1,6 +1,7 @@
 """Every failure through the real stack, with a message that names the thing involved."""
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 
@@ -76,10 +77,15 @@ def test_timeout_kills_the_container(client: Client, docker_client: docker.Docke
     assert_container_removed(docker_client, job.id)
 
 
-def test_out_of_memory(client: Client, docker_client: docker.DockerClient) -> None:
+def test_out_of_memory_says_the_limit_and_the_peak(client: Client, docker_client: docker.DockerClient) -> None:
     job = client.submit_cell("blob = b'x' * (400 * 1024 * 1024)\n", {}, image=IMAGE, memory="64m")
-    with pytest.raises(OutOfMemoryError, match="--memory limit of 64m"):
+    with pytest.raises(OutOfMemoryError) as info:
         job.result(timeout=60)
+    said = re.search(r"--memory limit of 64m \(the job's processes peaked at (\d+) MiB\)", str(info.value))
+    assert said, str(info.value)
+    peak = int(said.group(1))
+    assert 40 <= peak <= 80 and job.usage["memory_limit"] == 64 * 1024**2  # near the limit, far below 400 MiB
+    assert abs(job.usage["peak_memory"] / 1024**2 - peak) < 1
     assert_container_removed(docker_client, job.id)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
 from celery_nb.errors import CeleryNBError, SignatureError, error_kind
 from celery_nb.jobstore import LEASE, Claim, JobStore
-from celery_nb.options import JobOptions, format_memory
+from celery_nb.options import JobOptions, format_memory, format_size
 from celery_nb.signing import Signer, digest
 from celery_nb.worker import docker_api
 from celery_nb.worker.channel import SPOOL_DIR, ContainerExited, ExitStatus, RuntimeContainer
@@ -74,6 +74,7 @@ class JobRun:
         self._result: Any = None  # the result bundle (bytes-like)
         self._returning = False  # announced to the pool as coming back
         self._error: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = None  # what the job used (its container's memory limit with it)
         self._decoders = {protocol.FRAME_STDOUT: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
                           protocol.FRAME_STDERR: ("stderr", codecs.getincrementaldecoder("utf-8")("replace"))}
 
@@ -245,6 +246,7 @@ class JobRun:
         if end is None:  # the container itself died: OOM of the server, no python3, ...
             self._error = self._explain_exit(runtime, runtime.exit_status())
             return self._finish("failed"), False
+        self._usage = _usage_in(runtime, end["usage"])  # its process ended before it could report
         self._error = self._explain_end(runtime, end)
         # after an OOM kill the container is dropped too: no container outlives a timeout, OOM or cancel
         return self._finish("failed"), self._error["kind"] != "oom"
@@ -252,14 +254,14 @@ class JobRun:
     def _explain_end(self, runtime: RuntimeContainer, end: dict[str, Any]) -> dict[str, Any]:
         """The job's process ended without a result or an error report."""
         if end.get("oom_kills") or end.get("signal") == 9:
-            return _out_of_memory(runtime, "the job's process was killed")
+            return _out_of_memory(runtime, "the job's process was killed", self._usage)
         how = f"signal {end['signal']}" if end.get("signal") else f"exit code {end.get('exit')}"
         return {"kind": "container", "message": f"the job's process in image {runtime.spec.image!r} ended with {how} "
                                                 f"without a result (see its output above)"}
 
     def _explain_exit(self, runtime: RuntimeContainer, status: ExitStatus) -> dict[str, Any]:
         if status.oom_killed or status.code == 137:
-            return _out_of_memory(runtime, f"its container was killed (exit code {status.code})")
+            return _out_of_memory(runtime, f"its container was killed (exit code {status.code})", None)
         stderr = runtime.stderr_tail.decode("utf-8", "replace").strip()
         if status.code == 127:
             return {"kind": "container", "message": (
@@ -300,13 +302,15 @@ class JobRun:
             self._result = runtime.read_spooled(json.loads(body)["path"], copy=self.store.local)
         elif kind == protocol.FRAME_ERROR:
             self._error = json.loads(body)
+        elif kind == protocol.FRAME_USAGE:
+            self._usage = _usage_in(runtime, json.loads(body))
 
     def _finish(self, status: str) -> str:
         self._report_starting()
         self._held_back = None  # the done event tells the same
         self.timings["finished"] = time.time()
         done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings,
-                "container": self._container, "attempt": self._attempt}
+                "container": self._container, "attempt": self._attempt, "usage": self._usage}
         result = self._result if status == "succeeded" else None
         if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
             done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})["sig"]
@@ -323,10 +327,16 @@ class JobRun:
         return status
 
 
-def _out_of_memory(runtime: RuntimeContainer, what: str) -> dict[str, Any]:
+def _usage_in(runtime: RuntimeContainer, measured: dict[str, Any]) -> dict[str, Any]:
+    """A job's usage as the runtime measured it, with the memory limit of the container it ran in."""
+    return {**measured, "memory_limit": runtime.spec.memory}
+
+
+def _out_of_memory(runtime: RuntimeContainer, what: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+    peak = f" (the job's processes peaked at {format_size(usage['peak_memory'])})" if usage else ""
     return {"kind": "oom", "message": (
         f"the job ran out of memory: {what} for exceeding the --memory limit of "
-        f"{format_memory(runtime.spec.memory)}; raise --memory or process the data in smaller pieces")}
+        f"{format_memory(runtime.spec.memory)}{peak}; raise --memory or process the data in smaller pieces")}
 
 
 def drop_payload(blobs: BlobStore, request: dict[str, Any]) -> None:
