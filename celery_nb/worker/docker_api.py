@@ -162,6 +162,9 @@ def remove(containers: Iterable[docker.models.containers.Container]) -> None:
             container.remove(force=True)
         except docker.errors.NotFound:
             pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: another process is removing it already
+                raise
 
 
 def _alive(pid: int) -> bool:
