@@ -52,6 +52,7 @@ class Job:
         self.status = "queued"
         self.worker: str | None = None
         self.container: str | None = None  # "warm" (reused from the worker's pool) or "cold"
+        self.container_id: str | None = None  # the Docker id of the container it ran in (its last attempt's)
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         self.timings: dict[str, float] = {}
@@ -84,6 +85,7 @@ class Job:
                 elif self.status == "running":
                     self.timings["started"] = event["t"]
                     self.container = event.get("container")
+                    self.container_id = event.get("container_id")
             elif kind == "log":
                 self._output.append((event["stream"], event["text"]))
             elif kind == "display":
@@ -93,6 +95,7 @@ class Job:
             elif kind == "done":  # a warm job that ended at once reported no start: this says it all
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
+                self.container_id = event.get("container_id") or self.container_id
                 self.attempts = event.get("attempt") or self.attempts
                 self.timings.update(event.get("timings", {}))
                 self.timings["collected"] = time.time()

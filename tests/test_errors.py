@@ -73,14 +73,14 @@ def test_timeout_kills_the_container(client: Client, docker_client: docker.Docke
     job = client.submit_cell("import time\ntime.sleep(60)\n", {}, image=IMAGE, timeout=1.5)
     with pytest.raises(JobTimeoutError, match="timeout of 1.5 s"):
         job.result(timeout=30)
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 def test_out_of_memory(client: Client, docker_client: docker.DockerClient) -> None:
     job = client.submit_cell("blob = b'x' * (400 * 1024 * 1024)\n", {}, image=IMAGE, memory="64m")
     with pytest.raises(OutOfMemoryError, match="--memory limit of 64m"):
         job.result(timeout=60)
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 def test_out_name_never_assigned(client: Client) -> None:

@@ -24,13 +24,18 @@ def _wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_warm_container_is_reused(client: Client) -> None:
+def test_warm_container_is_reused(client: Client, docker_client: docker.DockerClient) -> None:
     memory = "80m"  # a pool key of its own
     first = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
     host = first.result(timeout=60)["host"]
     second = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
     assert second.result(timeout=60)["host"] == host
     assert second.container == "warm"
+    # the events name the container the job ran in (its hostname is its short id) ...
+    assert second.container_id == first.container_id and second.container_id.startswith(host)
+    # ... which carries no job's id: it serves every job of its pool key
+    labels = docker_client.containers.get(second.container_id).labels
+    assert not any(job.id in f"{key}={value}" for job in (first, second) for key, value in labels.items())
 
 
 def test_warm_jobs_do_not_share_globals_env_or_processes(client: Client) -> None:
@@ -66,7 +71,7 @@ def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client
     job = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory, fresh=True)
     assert job.result(timeout=60)["host"] != host
     assert job.container == "cold"
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 def test_fresh_container_brings_back_big_results_and_what_the_cell_defined(
@@ -82,7 +87,7 @@ def test_fresh_container_brings_back_big_results_and_what_the_cell_defined(
     assert out["n"] == 42 and out["double"](4) == 8 and out["box"].v == 3 and type(out["box"]).__name__ == "Box"
     assert out["big"] == bytes(3 * 2**20)
     assert job.container == "cold"
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 
+import docker
 import pytest
 import redis
 
@@ -21,7 +22,7 @@ SECRET = "test-secret-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
-def signed_worker(redis_url: str) -> Iterator[subprocess.Popen]:
+def signed_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "signed", "signed", env={"CELERY_NB_SECRET": SECRET})
     yield proc
     stop_process(proc)

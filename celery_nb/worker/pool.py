@@ -160,13 +160,19 @@ class ContainerPool:
         docker_api.remove(leftovers.values())
         return len(leftovers)
 
+    def remove_orphans(self) -> int:
+        """Remove the containers of processes on this host that died (a worker killed mid-job:
+        its job would go on running in them); returns how many."""
+        orphans = docker_api.orphans(docker_api.connect())
+        docker_api.remove(orphans.values())
+        return len(orphans)
+
     def watch_for_orphans(self) -> None:
-        """Until shutdown, remove the containers of processes on this host that died (a worker
-        killed mid-job: its job keeps running in them while another worker runs it again)."""
+        """Until shutdown, remove_orphans every orphan_interval s."""
         def sweep() -> None:
             while not self._stopped.wait(self.settings.orphan_interval):
                 try:
-                    docker_api.remove(docker_api.orphans(docker_api.connect()).values())
+                    self.remove_orphans()
                 except (DockerUnavailableError, docker.errors.DockerException):
                     pass  # Docker away for now: the next look
 
