@@ -26,6 +26,9 @@ DEFAULT_PATIENCE = 5.0  # s a kernel retries while Redis is away (its job follow
 _RETRY_CAP = 1.0  # s between two attempts to reach a Redis that went away, at most
 LEASE = 6.0  # s a job's lease outlives its worker's last renewal: how soon another worker takes over
 RENEW_INTERVAL = 1.5  # s between a live worker's renewals of its jobs' leases
+# s a Redis that does not answer (hung, a lost host) may take before a command fails (and is
+# retried), unless the URL sets its own (?socket_timeout=...&socket_connect_timeout=...)
+REDIS_TIMEOUTS = {"socket_connect_timeout": 10.0, "socket_timeout": 30.0}
 LEASES_KEY = "celery_nb:leases"  # sorted set: job id -> when its lease ends (ms, Redis's clock)
 DELIVERIES_KEY = "celery_nb:deliveries"  # hash: job id -> delivery tag of its lease holder's broker message
 
@@ -56,9 +59,10 @@ def redis_retry(patience: float) -> Retry:
     return Retry(ExponentialBackoff(cap=_RETRY_CAP, base=0.05), retries=math.ceil(patience / _RETRY_CAP) + 3)
 
 
-def connect_redis(url: str, patience: float = DEFAULT_PATIENCE) -> redis.Redis:
-    """A Redis client with the retries of redis_retry(patience)."""
-    return redis.Redis.from_url(url, retry=redis_retry(patience))
+def connect_redis(url: str, patience: float = DEFAULT_PATIENCE, retry: Retry | None = None) -> redis.Redis:
+    """A Redis client of ``url`` (redis://, or rediss:// for TLS with the URL's ssl_cert_reqs,
+    ssl_ca_certs, ...), with REDIS_TIMEOUTS and the retries of redis_retry(patience) (or ``retry``)."""
+    return redis.Redis.from_url(url, retry=retry or redis_retry(patience), **REDIS_TIMEOUTS)
 
 
 @dataclass(frozen=True)

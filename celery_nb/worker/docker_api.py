@@ -141,7 +141,7 @@ def _create(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, 
         spec.image,
         command=runtime_command(one_shot),
         labels=labels,
-        environment={"PYTHONDONTWRITEBYTECODE": "1"},
+        environment={"PYTHONDONTWRITEBYTECODE": "1", **dict(spec.env)},  # the job's variables that act at start
         stdin_open=True,  # requests arrive on stdin
         user=spec.user,
         host_config=host_config,
