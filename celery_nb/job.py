@@ -26,7 +26,7 @@ class JobBackend(Protocol):
         """Ask the worker to stop the job."""
 
     def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None,
-                signature: str | None) -> Any:
+                signature: dict[str, Any] | None) -> Any:
         """The job's result bundle (bytes-like): ``inline``, or fetched by ``ref`` from the blob
         store and deleted there; checked against ``signature`` (SignatureError) before anything
         unpickles it."""
@@ -64,7 +64,7 @@ class Job:
         self._output: list[tuple[str, Any]] = []
         self._result_blob: bytes | None = None
         self._result_ref: dict[str, Any] | None = None  # a big result, in the client's blob store
-        self._result_sig: str | None = None
+        self._result_sig: dict[str, Any] | None = None
         self._outputs: dict[str, Any] | None = None
         self._final = threading.Event()  # the final event has been read
         self._done = threading.Event()  # ... and the done callbacks have run

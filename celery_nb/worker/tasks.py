@@ -95,11 +95,12 @@ class JobRun:
             self._held_back = None
 
     def run(self) -> str:
-        if not self.signer.verify(self.request):
-            self._error = {"kind": "signature", "message": (
-                f"worker {self.worker} refused job {self.job_id}: its request is not signed with the worker's "
-                f"CELERY_NB_SECRET, or was altered on the way; nothing ran. Set the same CELERY_NB_SECRET for "
-                f"the kernel and the workers.")}
+        try:
+            self.signer.check(self.request, "the worker's")
+        except SignatureError as refusal:
+            log.warning("celery_nb: refused job %s: its request %s", self.job_id, refusal)
+            self._error = {"kind": "signature",
+                           "message": f"worker {self.worker} refused job {self.job_id}: its request {refusal}; nothing ran"}
             return self._finish("failed")
         self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=False)
         try:
@@ -312,7 +313,7 @@ class JobRun:
                 "container": self._container, "container_id": self._container_id, "attempt": self._attempt}
         result = self._result if status == "succeeded" else None
         if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
-            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})["sig"]
+            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})
         if result is not None and memoryview(result).nbytes > BLOB_THRESHOLD:
             done["result_ref"] = self.blobs.put([result])  # collected (and deleted) by the kernel
             result = None

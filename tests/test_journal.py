@@ -1,0 +1,67 @@
+"""The local journal of jobs sent to a broker (no Docker): kernels writing at once lose nothing,
+and what it keeps expires with the jobs' events."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from celery_nb import journal
+from celery_nb.jobstore import DEFAULT_TTL
+from tests.conftest import ROOT
+
+BROKER = "redis://:secret@broker.example:6379/0"
+KERNELS, JOBS = 6, 150
+
+# a kernel: notes JOBS jobs one after the other, as fast as it can (its background writer
+# writes them in batches meanwhile, while the other kernels write theirs, and each write deletes
+# what has expired: every tenth entry is a day old), the rest at exit
+KERNEL = f"""
+import os, sys, time
+from celery_nb import journal
+for n in range({JOBS}):
+    age = {DEFAULT_TTL + 60} if n % 10 == 9 else 0
+    journal.record(journal.JournalEntry(f"{{sys.argv[1]}}-{{n:04d}}", journal.public_url({BROKER!r}), "cell",
+                                        "img", "q", "x = 1", time.time() - age, os.getpid()))
+    if n % 10 == 0:
+        time.sleep(0.001)
+"""
+
+
+@pytest.fixture
+def journal_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "jobs.sqlite3"
+    monkeypatch.setenv("CELERY_NB_JOURNAL", str(path))
+    return path
+
+
+def test_kernels_writing_at_once_lose_nothing(journal_file: Path) -> None:
+    kernels = [subprocess.Popen([sys.executable, "-c", KERNEL, f"kernel{k}"], cwd=ROOT) for k in range(KERNELS)]
+    assert [kernel.wait(120) for kernel in kernels] == [0] * KERNELS
+    ids = [entry.job_id for entry in journal.entries(BROKER)]
+    fresh = [n for n in range(JOBS) if n % 10 != 9]
+    assert len(ids) == len(set(ids)) == KERNELS * len(fresh)
+    for k in range(KERNELS):  # each kernel's in the order it sent them
+        assert [i for i in ids if i.startswith(f"kernel{k}-")] == [f"kernel{k}-{n:04d}" for n in fresh]
+    with sqlite3.connect(journal_file) as db:  # the expired ones are gone from the file, not only unlisted
+        assert db.execute("SELECT COUNT(*) FROM jobs").fetchone() == (len(ids),)
+
+
+def test_entries_expire_with_the_jobs_events_and_keep_no_password(journal_file: Path) -> None:
+    def note(job_id: str, submitted_at: float) -> None:
+        journal.record(journal.JournalEntry(job_id, journal.public_url(BROKER), "call", "img", "q", "f()",
+                                            submitted_at, 1))
+
+    note("old", time.time() - DEFAULT_TTL - 60)
+    note("f00d1", time.time())
+    note("f00d2", time.time())
+    assert [e.job_id for e in journal.entries(BROKER)] == ["f00d1", "f00d2"]
+    assert [e.broker for e in journal.entries(BROKER)] == ["redis://:***@broker.example:6379/0"] * 2
+    assert journal.entries("redis://other:6379/0") == []
+    assert journal.resolve(BROKER, "f00d2") == "f00d2" and journal.resolve(BROKER, "beef") == "beef"
+    with pytest.raises(ValueError, match="job id 'f00d' is ambiguous: it starts 2 jobs' ids"):
+        journal.resolve(BROKER, "f00d")
