@@ -53,6 +53,7 @@ class JournalEntry:
 
 
 _pending: queue.SimpleQueue[JournalEntry] = queue.SimpleQueue()
+_more = threading.Event()  # entries are pending
 _write_lock = threading.Lock()
 _writer_lock = threading.Lock()  # not _write_lock: a job must not wait for the previous one's write
 _writer: threading.Thread | None = None
@@ -62,6 +63,7 @@ def record(entry: JournalEntry) -> None:
     """Note a job. A background thread writes it: a write must not delay the job."""
     global _writer
     _pending.put(entry)
+    _more.set()
     with _writer_lock:
         if _writer is None:
             _writer = threading.Thread(target=_write_forever, name="celery_nb-journal", daemon=True)
@@ -71,7 +73,8 @@ def record(entry: JournalEntry) -> None:
 
 def _write_forever() -> None:
     while True:  # at once: the journal is for kernels that die, maybe right after sending a job
-        _pending.put(_pending.get())  # wait for an entry, then write it with any that came meanwhile
+        _more.wait()  # (an entry stays queued until written: a kernel's exit writes what is left)
+        _more.clear()
         _write_pending()
 
 

@@ -2,9 +2,9 @@
 and what it keeps expires with the jobs' events."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,24 +12,21 @@ import pytest
 
 from celery_nb import journal
 from celery_nb.jobstore import DEFAULT_TTL
-from tests.conftest import ROOT
 
 BROKER = "redis://:secret@broker.example:6379/0"
 KERNELS, JOBS = 6, 150
 
-# a kernel: notes JOBS jobs one after the other, as fast as it can (its background writer
-# writes them in batches meanwhile, while the other kernels write theirs, and each write deletes
-# what has expired: every tenth entry is a day old), the rest at exit
-KERNEL = f"""
-import os, sys, time
-from celery_nb import journal
-for n in range({JOBS}):
-    age = {DEFAULT_TTL + 60} if n % 10 == 9 else 0
-    journal.record(journal.JournalEntry(f"{{sys.argv[1]}}-{{n:04d}}", journal.public_url({BROKER!r}), "cell",
-                                        "img", "q", "x = 1", time.time() - age, os.getpid()))
-    if n % 10 == 0:
-        time.sleep(0.001)
-"""
+
+def _kernel(name: str) -> None:
+    """A kernel: notes JOBS jobs one after the other, as fast as it can (its background writer
+    writes them meanwhile, while the other kernels write theirs, and each write deletes what has
+    expired: every tenth entry is a day old), and makes sure of all of them every 25."""
+    for n in range(JOBS):
+        age = DEFAULT_TTL + 60 if n % 10 == 9 else 0
+        journal.record(journal.JournalEntry(f"{name}-{n:04d}", journal.public_url(BROKER), "cell", "img", "q",
+                                            "x = 1", time.time() - age, os.getpid()))
+        if n % 25 == 24:
+            journal.entries(BROKER)  # (writes what is pending first)
 
 
 @pytest.fixture
@@ -40,8 +37,14 @@ def journal_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_kernels_writing_at_once_lose_nothing(journal_file: Path) -> None:
-    kernels = [subprocess.Popen([sys.executable, "-c", KERNEL, f"kernel{k}"], cwd=ROOT) for k in range(KERNELS)]
-    assert [kernel.wait(120) for kernel in kernels] == [0] * KERNELS
+    # processes of their own, forked (a new interpreter would spend seconds importing celery_nb)
+    kernels = [multiprocessing.get_context("fork").Process(target=_kernel, args=(f"kernel{k}",))
+               for k in range(KERNELS)]
+    for kernel in kernels:
+        kernel.start()
+    for kernel in kernels:
+        kernel.join(120)
+    assert [kernel.exitcode for kernel in kernels] == [0] * KERNELS
     ids = [entry.job_id for entry in journal.entries(BROKER)]
     fresh = [n for n in range(JOBS) if n % 10 != 9]
     assert len(ids) == len(set(ids)) == KERNELS * len(fresh)

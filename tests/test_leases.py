@@ -78,10 +78,11 @@ def test_a_job_whose_lease_ended_is_handed_out_again_once(redis_url: str, delive
 def test_a_live_holder_keeps_its_job(redis_url: str, delivered: Delivered) -> None:
     store = RedisJobStore(redis_url)
     holder = LeaseKeeper(store, BrokerMessages(delivered.app))
-    assert store.claim(delivered.job_id, "live/1", LEASE, delivered.tag).outcome == "run"
+    first_lease = 2.0
+    assert store.claim(delivered.job_id, "live/1", first_lease, delivered.tag).outcome == "run"
     holder.keep("live/1", delivered.job_id, delivered.tag, holder=True)  # renewed in the background
     watcher = LeaseKeeper(store, BrokerMessages(delivered.app))
-    deadline = time.monotonic() + LEASE + 2 * RENEW_INTERVAL  # longer than the lease it took
+    deadline = time.monotonic() + first_lease + 2 * RENEW_INTERVAL  # longer than the lease it took
     try:
         while time.monotonic() < deadline:
             assert watcher.take_over() == [] and store.expired_leases() == []
