@@ -79,13 +79,24 @@ def _write_forever() -> None:
 
 
 def _connect() -> sqlite3.Connection:
+    """The journal, created if need be. A write takes about a millisecond (a kernel may die right
+    after sending a job): no fsync, so an OS crash may cost the journal, a kernel's crash never.
+    A file that is no journal (damaged by an OS crash, or another file) is moved aside."""
     path = journal_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT)
-    db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for writers
-    columns = ", ".join(field.name for field in dataclasses.fields(JournalEntry))
-    db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns}, PRIMARY KEY (job_id))")
-    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_broker ON jobs (broker, submitted_at)")
+    try:
+        db.execute("PRAGMA journal_mode=TRUNCATE")
+        db.execute("PRAGMA synchronous=OFF")
+        columns = ", ".join(field.name for field in dataclasses.fields(JournalEntry))
+        db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns}, PRIMARY KEY (job_id))")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_by_broker ON jobs (broker, submitted_at)")
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if isinstance(exc, sqlite3.OperationalError):  # (busy: not a damaged file)
+            raise
+        path.replace(path.with_name(path.name + ".damaged"))
+        return _connect()
     return db
 
 

@@ -68,3 +68,11 @@ def test_entries_expire_with_the_jobs_events_and_keep_no_password(journal_file: 
     assert journal.resolve(BROKER, "f00d2") == "f00d2" and journal.resolve(BROKER, "beef") == "beef"
     with pytest.raises(ValueError, match="job id 'f00d' is ambiguous: it starts 2 jobs' ids"):
         journal.resolve(BROKER, "f00d")
+
+
+def test_a_file_that_is_no_journal_is_moved_aside(journal_file: Path) -> None:
+    journal_file.write_text('{"job_id": "from an older celery_nb, one JSON line per job"}\n')
+    journal.record(journal.JournalEntry("f00d", journal.public_url(BROKER), "cell", "img", "q", "x = 1",
+                                        time.time(), 1))
+    assert [e.job_id for e in journal.entries(BROKER)] == ["f00d"]
+    assert "older celery_nb" in (journal_file.parent / "jobs.sqlite3.damaged").read_text()

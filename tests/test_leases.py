@@ -3,6 +3,9 @@ transport, without Docker: a job whose lease ends is handed out again exactly on
 whose holder lives, comes back late, or finished never is."""
 from __future__ import annotations
 
+import shutil
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -14,6 +17,7 @@ import redis
 from celery_nb.broker import TASK_NAME, celery_app
 from celery_nb.jobstore import LEASE, RENEW_INTERVAL, RedisJobStore
 from celery_nb.worker.leases import BrokerMessages, LeaseKeeper
+from tests.conftest import _unavailable, free_port, stop_process
 
 SHORT = 0.3  # s: a lease that ends soon, as a dead worker's does
 
@@ -41,14 +45,41 @@ class Delivered:
     def next_delivery(self, timeout: float) -> object:
         return self.queue.get(timeout=timeout)
 
+    def close(self) -> None:
+        self.queue.close()
+        self.connection.release()
+
 
 @pytest.fixture
 def delivered(redis_url: str) -> Iterator[Delivered]:
     redis.Redis.from_url(redis_url).flushdb()
     message = Delivered(redis_url, f"leases-{uuid.uuid4().hex[:8]}")
     yield message
-    message.queue.close()
-    message.connection.release()
+    message.close()
+
+
+@pytest.fixture
+def pausable_redis() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A redis-server of the test's own, to stop (SIGSTOP) and continue as a hung Redis does."""
+    if shutil.which("redis-server") is None:
+        _unavailable("redis-server is not installed (scripts/setup.sh installs it)")
+    port = free_port(range(16900, 17400))
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait_for(lambda: server.poll() is None and _answers(url), 10, "redis-server did not start")
+    try:
+        yield url, server
+    finally:
+        server.send_signal(signal.SIGCONT)
+        stop_process(server)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return redis.Redis.from_url(url).ping()
+    except redis.ConnectionError:
+        return False
 
 
 def test_a_job_whose_lease_ended_is_handed_out_again_once(redis_url: str, delivered: Delivered) -> None:
@@ -113,3 +144,23 @@ def test_a_finished_job_is_never_taken_over(redis_url: str, delivered: Delivered
     watcher = LeaseKeeper(store, BrokerMessages(delivered.app))
     assert store.expired_leases() == [] and watcher.take_over() == [] and watcher.take_over() == []
     assert store.claim(delivered.job_id, "late/2", LEASE).outcome == "done"
+
+
+def test_a_look_that_waited_for_redis_suspects_nobody(pausable_redis: tuple[str, subprocess.Popen]) -> None:
+    """Redis hangs (or is away) while a worker looks at the leases: every lease may have ended
+    meanwhile, and their live holders renew as it comes back; that look counts for nothing, so a
+    job is taken over two prompt looks later at the earliest."""
+    url, server = pausable_redis
+    delivered = Delivered(url, "leases-paused")
+    try:
+        store = RedisJobStore(url)
+        assert store.claim(delivered.job_id, "dead/1", SHORT, delivered.tag).outcome == "run"
+        _wait_for(lambda: store.expired_leases() == [delivered.job_id], 5, "the lease did not end")
+        watcher = LeaseKeeper(store, BrokerMessages(delivered.app))
+        server.send_signal(signal.SIGSTOP)
+        threading.Timer(RENEW_INTERVAL, server.send_signal, args=(signal.SIGCONT,)).start()
+        assert watcher.take_over() == []  # it waited for Redis: no suspects
+        assert watcher.take_over() == []  # a prompt look: a suspect
+        assert [e.job_id for e in watcher.take_over()] == [delivered.job_id]
+    finally:
+        delivered.close()

@@ -232,3 +232,35 @@ def test_redis_restarted_mid_run_loses_no_job(restartable_redis, docker_client: 
     finally:
         for proc in workers:
             stop_process(proc)
+
+
+def test_redis_away_for_longer_than_a_lease_runs_no_job_twice(restartable_redis, docker_client: docker.DockerClient,
+                                                              default_settings: None) -> None:
+    """Every lease ends while Redis is away; as it comes back, the live workers renew theirs before
+    any worker would take a job over."""
+    url, restart = restartable_redis
+    queue = "chaos-away"
+    nodes = {name: _node(name) for name in ("away-a", "away-b")}
+    workers = [start_worker(url, queue, name, node_name=node) for name, node in nodes.items()]
+    try:
+        client = Client(url)
+        jobs = [client.submit_cell("import time\ntime.sleep(10)\nk = key\n", {"key": i}, image=IMAGE, queue=queue)
+                for i in range(6)]
+        deadline = time.monotonic() + 60
+        while not all(job.status == "running" for job in jobs):
+            assert time.monotonic() < deadline, [job.summary() for job in jobs]
+            time.sleep(0.05)
+        away = restart(downtime=8.0)
+        results = [job.result(timeout=120) for job in jobs]
+        attempts = [job.attempts for job in jobs]
+        print(f"\n[chaos: Redis away {away:.1f} s, longer than a lease, default settings] jobs {len(jobs)}, "
+              f"completed {len(results)}, attempts {attempts}")
+        assert results == [{"k": i} for i in range(6)]
+        assert attempts == [1] * 6
+        for job in jobs:
+            events = client.store.read(job.id, "0", timeout=1)[0]
+            assert [e.get("status") for e in events if e["type"] in ("status", "done")] == [
+                "queued", "starting", "running", "succeeded"]
+    finally:
+        for proc in workers:
+            stop_process(proc)

@@ -28,6 +28,7 @@ from celery import Celery
 from celery_nb.jobstore import LEASE, RENEW_INTERVAL, Expired, JobStore
 
 log = logging.getLogger(__name__)
+_PROMPT = RENEW_INTERVAL / 2  # s: a look at the leases that took longer waited for Redis
 
 
 class BrokerMessages:
@@ -131,11 +132,15 @@ class LeaseKeeper:
 
     def take_over(self) -> list[Expired]:
         """Take over the jobs whose lease had ended at the last look and still has: a look apart,
-        so that a holder whose renewals were late (Redis was away) takes its lease back first.
-        Their messages are handed out again from a thread of their own, after ``before_takeover``."""
+        so that a holder whose renewals were late takes its lease back first. A look that waited
+        for Redis (it was away: every lease may have ended) suspects nobody, as the live holders
+        renew when it returns. Their messages are handed out again from a thread of their own,
+        after ``before_takeover``."""
         suspects, self._suspects = self._suspects, []
         taken = self._store.take_over(suspects)
-        self._suspects = self._store.expired_leases()
+        looked = time.monotonic()
+        expired = self._store.expired_leases()
+        self._suspects = expired if time.monotonic() - looked < _PROMPT else []
         if taken:
             threading.Thread(target=self._hand_out_again, args=(taken,), name="celery_nb-takeover", daemon=True).start()
         return taken
