@@ -24,9 +24,10 @@ from celery_nb.jobstore import DEFAULT_PATIENCE, REDIS_TIMEOUTS, RENEW_INTERVAL,
 
 TASK_NAME = "celery_nb.run_job"
 EMBEDDED_BROKER = "memory://"
-# A job whose worker died runs again elsewhere after about this long: a live worker keeps its
-# jobs' messages younger than this (celery_nb.worker.leases), however long they run, so it only
-# bounds how soon a crash is noticed. Generous: the clocks of kernels and workers may differ.
+# The backstop: a message whose worker died before its job took a lease is handed out again
+# after about this long (a running job's is, seconds after its lease ends: celery_nb.worker.leases).
+# A live worker keeps its jobs' messages younger than this, however long they run. Generous: the
+# clocks of kernels and workers may differ.
 DEFAULT_VISIBILITY_TIMEOUT = 300.0
 
 
