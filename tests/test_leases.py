@@ -87,16 +87,16 @@ def test_a_job_whose_lease_ended_is_handed_out_again_once(redis_url: str, delive
     store = RedisJobStore(redis_url)
     assert store.claim(delivered.job_id, "dead/1", SHORT, delivered.tag).outcome == "run"
     swept = threading.Event()
-    keepers = [LeaseKeeper(store, BrokerMessages(delivered.app), before_takeover=swept.set) for _ in range(3)]
+    keepers = [LeaseKeeper(store, BrokerMessages(delivered.app), after_takeover=swept.set) for _ in range(3)]
     assert [keeper.take_over() for keeper in keepers] == [[], [], []]  # its lease runs: nobody takes it
     _wait_for(lambda: store.expired_leases() == [delivered.job_id], 5, "the lease did not end")
     assert [keeper.take_over() for keeper in keepers] == [[], [], []]  # first look: suspects only
     taken = [keeper.take_over() for keeper in keepers]  # a look later: one of them takes it over
     assert [len(t) for t in taken] == [1, 0, 0]
     assert (taken[0][0].job_id, taken[0][0].delivery_tag) == (delivered.job_id, delivered.tag)
-    # back on its queue (no longer unacked), after the containers of dead processes were removed
-    _wait_for(lambda: server.llen(delivered.queue_name) == 1, 5, "the message is not back on its queue")
-    assert swept.is_set() and not server.hexists("unacked", delivered.tag)
+    # back on its queue (no longer unacked), then the containers of dead processes are removed
+    _wait_for(swept.is_set, 5, "the containers of dead processes were not looked for")
+    assert server.llen(delivered.queue_name) == 1 and not server.hexists("unacked", delivered.tag)
     assert [keeper.take_over() for keeper in keepers for _ in range(2)] == [[]] * 6
     message = delivered.next_delivery(timeout=5)
     assert message.headers["id"] == delivered.job_id and message.delivery_info["redelivered"]

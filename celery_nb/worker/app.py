@@ -33,7 +33,7 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
     settings = settings or WorkerSettings()
     app = celery_app(broker_url, broker_patience)
     pool = ContainerPool(worker_name or "", settings)
-    leases = LeaseKeeper(store, BrokerMessages(app) if broker_url else None, before_takeover=pool.remove_orphans)
+    leases = LeaseKeeper(store, BrokerMessages(app) if broker_url else None, after_takeover=pool.remove_orphans)
     services = WorkerServices(store, blobs, WorkerPolicy.from_settings(settings), pool, signer or Signer(), leases)
     app.celery_nb_pool = pool
 

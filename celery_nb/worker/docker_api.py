@@ -143,9 +143,11 @@ def _create(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, 
         labels=labels,
         environment={"PYTHONDONTWRITEBYTECODE": "1", **dict(spec.env)},  # the job's variables that act at start
         stdin_open=True,  # requests arrive on stdin
+        # (the SDK's way to set StdinOnce) stdin closes when the worker's attach does: the worker
+        # died or dropped the container, and the runtime ends its job and itself at once
+        detach=False,
         user=spec.user,
         host_config=host_config,
-        detach=True,
     )["Id"]
 
 

@@ -6,11 +6,11 @@ worker renews every RENEW_INTERVAL. One thread per worker process, off the jobs'
 
 - renews the leases of its running jobs, and keeps their messages younger than the visibility
   timeout (kombu would otherwise hand a long job's message out again);
-- takes over the jobs whose lease has ended (their worker died: SIGKILL, lost host): it removes
-  the containers that dead processes left on this host, then puts exactly the dead holder's
-  message back at the head of its queue, so that a live worker runs the job again within
-  seconds, not after the visibility timeout. That timeout remains the backstop for a message
-  whose worker died before its job took the lease.
+- takes over the jobs whose lease has ended (their worker died: SIGKILL, lost host; its
+  containers ended their jobs when it went): it puts exactly the dead holder's message back at
+  the head of its queue, so that a live worker runs the job again within seconds, not after the
+  visibility timeout, then removes the containers that dead processes left on this host. That
+  timeout remains the backstop for a message whose worker died before its job took the lease.
 
 The names it uses of kombu's Redis transport are private; tests/test_pinned.py checks them.
 """
@@ -67,14 +67,14 @@ class BrokerMessages:
 class LeaseKeeper:
     """The runs of this worker process that hold or wait for a job, renewed in the background;
     and the takeover of expired leases (``messages``: None for the embedded worker, whose
-    messages never come back). ``before_takeover``: called before jobs are handed out again
-    (the pool removes the containers of dead processes on this host: a job runs once at a time)."""
+    messages never come back). ``after_takeover``: called once jobs are handed out again (the
+    pool removes the containers of dead processes on this host)."""
 
     def __init__(self, store: JobStore, messages: BrokerMessages | None,
-                 before_takeover: Callable[[], None] | None = None) -> None:
+                 after_takeover: Callable[[], None] | None = None) -> None:
         self._store = store
         self._messages = messages
-        self._before_takeover = before_takeover
+        self._after_takeover = after_takeover
         self._runs: dict[str, tuple[str, str | None, str | None]] = {}  # run -> (job, lease holder, delivery tag)
         self._lost: set[str] = set()  # runs whose lease another run took
         self._suspects: list[str] = []  # jobs whose lease had ended at the last look
@@ -135,7 +135,7 @@ class LeaseKeeper:
         so that a holder whose renewals were late takes its lease back first. A look that waited
         for Redis (it was away: every lease may have ended) suspects nobody, as the live holders
         renew when it returns. Their messages are handed out again from a thread of their own,
-        after ``before_takeover``."""
+        then ``after_takeover`` is called."""
         suspects, self._suspects = self._suspects, []
         taken = self._store.take_over(suspects)
         looked = time.monotonic()
@@ -146,11 +146,6 @@ class LeaseKeeper:
         return taken
 
     def _hand_out_again(self, taken: list[Expired]) -> None:
-        if self._before_takeover is not None:
-            try:
-                self._before_takeover()
-            except Exception as exc:  # the job must run again all the same
-                log.warning("celery_nb: could not remove the containers of dead workers before a takeover: %s", exc)
         assert self._messages is not None
         for expired in taken:
             try:
@@ -162,3 +157,8 @@ class LeaseKeeper:
             if again:
                 log.warning("celery_nb: the lease of job %s ended without the job (its worker stopped); "
                             "its message is handed out again", expired.job_id)
+        if self._after_takeover is not None:
+            try:
+                self._after_takeover()
+            except Exception as exc:  # (Docker away: the periodic sweep will)
+                log.warning("celery_nb: could not remove the containers of dead workers after a takeover: %s", exc)

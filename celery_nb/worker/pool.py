@@ -210,8 +210,8 @@ class ContainerPool:
         return len(leftovers)
 
     def remove_orphans(self) -> int:
-        """Remove the containers of processes on this host that died (a worker killed mid-job:
-        its job would go on running in them); returns how many."""
+        """Remove the containers of processes on this host that died (a worker killed mid-job
+        leaves them behind; their jobs ended with it); returns how many."""
         orphans = docker_api.orphans(docker_api.connect())
         docker_api.remove(orphans.values())
         return len(orphans)

@@ -53,6 +53,6 @@ class WorkerSettings(EnvConfigurable):
     ).tag(config=True, env="CELERY_NB_POOL_MAX_JOBS")
     orphan_interval = Float(
         10.0, help="Seconds between two looks for containers of dead worker processes on this host (a worker "
-                   "killed mid-job leaves its job running in them); a worker that takes over a dead worker's "
-                   "job looks at once.",
+                   "killed mid-job leaves them behind); a worker that takes over a dead worker's job looks at "
+                   "once.",
     ).tag(config=True, env="CELERY_NB_ORPHAN_INTERVAL")
