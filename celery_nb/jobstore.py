@@ -109,8 +109,8 @@ class JobStore(Protocol):
         """Take the job's lease for ``lease`` seconds, unless a live run holds it or the job
         is finished or cancelled; each new holder counts as one more attempt. A message the
         broker delivers twice (a worker that died, an ack lost with the broker) runs once.
-        ``delivery_tag``: of the holder's broker message, handed out again if the lease expires
-        (take_over_expired)."""
+        ``delivery_tag``: of the holder's broker message, handed out again if the lease ends
+        with the job unfinished (take_over)."""
 
     def renew(self, leases: dict[str, str], lease: float) -> set[str]:
         """Extend the leases {job id: holder} by ``lease`` seconds; returns the jobs whose lease
@@ -248,11 +248,18 @@ class _RedisWaker:
         pipe.expire(self.key, 3600)
 
 
+# Scripts that say when a lease ends do so in Redis's clock, the one clock every host shares.
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+"""
 # The lease of a running job: celery_nb:lease:<job> (its holder, expiring), and in LEASES_KEY
-# when it ends (Redis's clock, for take_over_expired) and in DELIVERIES_KEY its holder's message.
+# when it ends and in DELIVERIES_KEY its holder's message (for take_over).
 # KEYS: done, cancel, lease, attempts, leases, deliveries; ARGV: holder, lease ms, ttl s, job id,
 # delivery tag ('' if none) -> {outcome, attempt, holder}
-_CLAIM = """
+_CLAIM = _NOW_MS + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'done', 0, ''} end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return {'held', 0, holder} end
@@ -265,8 +272,7 @@ else
   redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[5], now[1] * 1000 + math.floor(now[2] / 1000) + ARGV[2], ARGV[4])
+redis.call('ZADD', KEYS[5], now_ms() + ARGV[2], ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[6], ARGV[4], ARGV[5]) else redis.call('HDEL', KEYS[6], ARGV[4]) end
 return {'run', attempt, ''}
 """
@@ -280,10 +286,9 @@ end
 """
 # KEYS: leases, then the lease and done key of each job; ARGV: lease ms, then each job's holder
 # and id -> indexes of lost leases
-_RENEW = """
+_RENEW = _NOW_MS + """
 local lost = {}
-local now = redis.call('TIME')
-local ends = now[1] * 1000 + math.floor(now[2] / 1000) + ARGV[1]
+local ends = now_ms() + ARGV[1]
 for i = 1, (#KEYS - 1) / 2 do
   local holder = redis.call('GET', KEYS[2 * i])
   if holder and holder ~= ARGV[2 * i] then
@@ -296,21 +301,18 @@ end
 return lost
 """
 # KEYS: leases; ARGV: limit -> ids of the jobs whose lease has ended
-_EXPIRED = """
-local now = redis.call('TIME')
-return redis.call('ZRANGE', KEYS[1], '-inf', '(' .. (now[1] * 1000 + math.floor(now[2] / 1000)), 'BYSCORE',
-                  'LIMIT', 0, ARGV[1])
+_EXPIRED = _NOW_MS + """
+return redis.call('ZRANGE', KEYS[1], '-inf', '(' .. now_ms(), 'BYSCORE', 'LIMIT', 0, ARGV[1])
 """
 # KEYS: leases, deliveries, then the lease and done key of each job; ARGV: the job ids ->
 # {job id, delivery tag} of each job taken over (its lease still gone, the job not finished)
-_TAKE_OVER = """
+_TAKE_OVER = _NOW_MS + """
 local taken = {}
 for i = 1, #ARGV do
   local lease, done = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local left = redis.call('PTTL', lease)
   if left > 0 then  -- its holder came back in time: it ends later
-    local now = redis.call('TIME')
-    redis.call('ZADD', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000) + left, ARGV[i])
+    redis.call('ZADD', KEYS[1], now_ms() + left, ARGV[i])
   elseif redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
     local tag = redis.call('HGET', KEYS[2], ARGV[i])
     redis.call('HDEL', KEYS[2], ARGV[i])

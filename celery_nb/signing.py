@@ -26,8 +26,11 @@ from celery_nb.errors import SignatureError
 from celery_nb.jobstore import DEFAULT_TTL
 
 SECRET_ENV = "CELERY_NB_SECRET"
-LIFETIME = DEFAULT_TTL  # s a signature is valid: no longer than a finished job's done marker lives
-CLOCK_SKEW = 300.0  # s by which the clocks of kernels and workers may differ
+CLOCK_SKEW = 300.0  # s by which the clocks of kernels, workers and Redis may differ
+# s a signature is valid: shorter than a finished job's done marker lives (DEFAULT_TTL from its
+# end), with room for the clocks' differences, so that a request is refused as expired before
+# its job's done marker can have gone
+LIFETIME = DEFAULT_TTL - 4 * CLOCK_SKEW
 
 
 def digest(data: Any) -> str:
