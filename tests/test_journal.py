@@ -17,10 +17,11 @@ BROKER = "redis://:secret@broker.example:6379/0"
 KERNELS, JOBS = 6, 150
 
 
-def _kernel(name: str) -> None:
-    """A kernel: notes JOBS jobs one after the other, as fast as it can (its background writer
-    writes them meanwhile, while the other kernels write theirs, and each write deletes what has
-    expired: every tenth entry is a day old), and makes sure of all of them every 25."""
+def _kernel(name: str, path: str) -> None:
+    """A kernel: notes JOBS jobs one after the other in journal ``path``, as fast as it can (its
+    background writer writes them meanwhile, while the other kernels write theirs, and each write
+    deletes what has expired: every tenth entry is a day old), and makes sure of all of them every 25."""
+    os.environ["CELERY_NB_JOURNAL"] = path
     for n in range(JOBS):
         age = DEFAULT_TTL + 60 if n % 10 == 9 else 0
         journal.record(journal.JournalEntry(f"{name}-{n:04d}", journal.public_url(BROKER), "cell", "img", "q",
@@ -37,9 +38,11 @@ def journal_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_kernels_writing_at_once_lose_nothing(journal_file: Path) -> None:
-    # processes of their own, forked (a new interpreter would spend seconds importing celery_nb)
-    kernels = [multiprocessing.get_context("fork").Process(target=_kernel, args=(f"kernel{k}",))
-               for k in range(KERNELS)]
+    # processes of their own, forked from a server that imported celery_nb once (a new
+    # interpreter each would take seconds; a fork of this one would inherit its threads' locks)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["celery_nb.journal", "tests.test_journal"])
+    kernels = [context.Process(target=_kernel, args=(f"kernel{k}", str(journal_file))) for k in range(KERNELS)]
     for kernel in kernels:
         kernel.start()
     for kernel in kernels:
