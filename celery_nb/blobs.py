@@ -13,7 +13,6 @@ import contextlib
 import io
 import mmap
 import os
-import socket
 import threading
 import urllib.parse
 import uuid
@@ -21,8 +20,10 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from celery_nb.jobstore import DEFAULT_PATIENCE, DEFAULT_TTL, redis_retry
+from celery_nb.jobstore import DEFAULT_PATIENCE, DEFAULT_TTL, connect_redis, redis_retry
 
 BLOB_THRESHOLD = 1 << 20  # payloads and results above this travel as blobs
 CHUNK_SIZE = 8 << 20
@@ -85,12 +86,15 @@ def _chunks(pieces: list[Any], size: int) -> list[memoryview]:
 
 
 class RedisBlobStore:
-    """``patience``: seconds to keep retrying while Redis is away (see connect_redis)."""
+    """Blobs in Redis, over redis-py's connections (TLS from rediss://, auth, database, socket and
+    connect timeouts: what the URL says). ``patience``: seconds to keep retrying while Redis is
+    away (see connect_redis)."""
 
     def __init__(self, url: str, ttl: int = DEFAULT_TTL, chunk_size: int = CHUNK_SIZE,
                  patience: float = DEFAULT_PATIENCE) -> None:
         self._retry = redis_retry(patience)
-        self._redis = redis.Redis.from_url(url, retry=self._retry)
+        # every call retries as a whole (a blob's read from its start), not each command within it
+        self._redis = connect_redis(url, retry=Retry(NoBackoff(), 0))
         self._ttl = ttl
         self._chunk_size = chunk_size
 
@@ -102,15 +106,30 @@ class RedisBlobStore:
         return {"key": key, "size": sum(c.nbytes for c in chunks), "chunks": len(chunks)}
 
     @contextlib.contextmanager
-    def _bare_connection(self, doing: str) -> Iterator[_RespConnection]:
+    def _bulk_io(self, doing: str) -> Iterator[_BulkIO]:
+        """A connection of the client's pool, driven by _BulkIO; back in the pool only if every
+        reply was read. Any failure to reach Redis is a redis.ConnectionError, which the retry
+        applies to."""
+        pool = self._redis.connection_pool
+        connection = None
         try:
-            with _RespConnection(self._redis.connection_pool.connection_kwargs) as conn:
-                yield conn
-        except OSError as exc:  # as redis-py reports it, so that its retry applies
-            raise redis.ConnectionError(f"lost Redis while {doing}: {exc}") from None
+            connection = pool.get_connection()
+            bulk = _BulkIO(connection)
+            yield bulk
+            if bulk.pending:
+                raise redis.ResponseError(f"Redis sent more than was asked while {doing}")
+        except BaseException as exc:
+            if connection is not None:
+                connection.disconnect()  # replies may be left unread
+            if isinstance(exc, (OSError, redis.ConnectionError, redis.TimeoutError)):
+                raise redis.ConnectionError(f"lost Redis while {doing}: {exc}") from None
+            raise
+        finally:
+            if connection is not None:
+                pool.release(connection)
 
     def _put(self, key: str, chunks: list[memoryview]) -> None:
-        with self._bare_connection(f"writing blob {key}") as conn:
+        with self._bulk_io(f"writing blob {key}") as conn:
             conn.send(*(("SET", f"{key}:{i}", chunk, "EX", str(self._ttl)) for i, chunk in enumerate(chunks)))
             for _ in chunks:
                 reply = conn.read_line()
@@ -123,7 +142,7 @@ class RedisBlobStore:
 
     def _get(self, ref: dict[str, Any]) -> memoryview:
         buffer = _buffer(ref["size"])
-        with self._bare_connection(f"reading blob {ref['key']}") as conn:
+        with self._bulk_io(f"reading blob {ref['key']}") as conn:
             conn.send(*(("GET", f"{ref['key']}:{i}") for i in range(ref["chunks"])))
             pos = 0
             for _ in range(ref["chunks"]):
@@ -136,41 +155,30 @@ class RedisBlobStore:
         return buffer
 
     def delete(self, ref: dict[str, Any]) -> None:
-        self._redis.delete(*(f"{ref['key']}:{i}" for i in range(ref["chunks"])))
+        keys = [f"{ref['key']}:{i}" for i in range(ref["chunks"])]
+        self._retry.call_with_retry(lambda: self._redis.delete(*keys), lambda _error: None)
 
 
-class _RespConnection:
-    """A bare Redis connection that sends big values and receives bulk replies without copying
-    them: redis-py (with hiredis) packs each command into one bytes object, and builds a bytes
-    object per reply, which it then copies again."""
+class _BulkIO:
+    """Big values to and from Redis without copying them, over a connected redis-py connection
+    (whatever TLS, auth, database and timeouts it was set up with): redis-py (with hiredis) packs
+    each command into one bytes object, and builds a bytes object per reply, which it then
+    copies again. Commands go out through the connection with the values as they are; replies
+    are read from its socket, bulk ones straight into the caller's buffer."""
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        if kwargs.get("path"):
-            self._sock = socket.socket(socket.AF_UNIX)
-            self._sock.connect(kwargs["path"])
-        else:
-            self._sock = socket.create_connection((kwargs.get("host", "localhost"), kwargs.get("port", 6379)))
+    def __init__(self, connection: redis.connection.Connection) -> None:
+        self._connection = connection
+        self._sock = connection._sock  # (redis-py's; tests/test_pinned.py checks it)
         self._pending = bytearray()
-        setup = []
-        if kwargs.get("password"):
-            setup.append(("AUTH", *([kwargs["username"]] if kwargs.get("username") else []), kwargs["password"]))
-        if kwargs.get("db"):
-            setup.append(("SELECT", str(kwargs["db"])))
-        if setup:
-            self.send(*setup)
-            for _ in setup:
-                reply = self.read_line()
-                if not reply.startswith(b"+"):
-                    raise redis.ConnectionError(f"Redis refused {setup[0][0]}: {reply.decode(errors='replace')}")
 
-    def __enter__(self) -> _RespConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._sock.close()
+    @property
+    def pending(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._pending)
 
     def send(self, *commands: tuple[Any, ...]) -> None:
         """Commands of str and bytes-like arguments; big ones are written as they are."""
+        pieces: list[Any] = []
         head = bytearray()
         for command in commands:
             head += b"*%d\r\n" % len(command)
@@ -180,11 +188,10 @@ class _RespConnection:
                 if data.nbytes < 65536:
                     head += data
                 else:
-                    self._sock.sendall(head)
-                    self._sock.sendall(data)
+                    pieces += [head, data]
                     head = bytearray()
                 head += b"\r\n"
-        self._sock.sendall(head)
+        self._connection.send_packed_command([*pieces, head], check_health=False)
 
     def read_line(self) -> bytes:
         while b"\r\n" not in self._pending:

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from queue import Empty
@@ -19,13 +20,14 @@ from kombu.transport import memory as kombu_memory
 from kombu.transport import redis as kombu_redis
 
 from celery_nb.config import DEFAULT_QUEUE
-from celery_nb.jobstore import DEFAULT_PATIENCE, RENEW_INTERVAL, redis_retry
+from celery_nb.jobstore import DEFAULT_PATIENCE, REDIS_TIMEOUTS, RENEW_INTERVAL, redis_retry
 
 TASK_NAME = "celery_nb.run_job"
 EMBEDDED_BROKER = "memory://"
-# A job whose worker died runs again elsewhere after about this long: a live worker keeps its
-# jobs' messages younger than this (celery_nb.worker.leases), however long they run, so it only
-# bounds how soon a crash is noticed. Generous: the clocks of kernels and workers may differ.
+# The backstop: a message whose worker died before its job took a lease is handed out again
+# after about this long (a running job's is, seconds after its lease ends: celery_nb.worker.leases).
+# A live worker keeps its jobs' messages younger than this, however long they run. Generous: the
+# clocks of kernels and workers may differ.
 DEFAULT_VISIBILITY_TIMEOUT = 300.0
 
 
@@ -190,8 +192,23 @@ def celery_app(broker_url: str | None, broker_patience: float = DEFAULT_PATIENCE
         # kombu looks for messages to hand out again every interval x throttle s (100 s by default)
         "unacked_restore_interval": max(1.0, min(10.0, timeout / 5)),
         "unacked_restore_throttle": 1,
+        **REDIS_TIMEOUTS,
     }
-    if broker_url.startswith("redis://"):  # (rediss:// and sentinel:// have transports of their own)
+    if broker_url.startswith(("redis://", "rediss://")):  # (sentinel:// has a transport of its own)
         app.conf.broker_transport = patient_redis_transport(broker_patience)
         app.celery_nb_publishes_with_commands = True
+    if broker_url.startswith("rediss://"):
+        app.conf.broker_use_ssl = tls_options(broker_url)
     return app
+
+
+def tls_options(url: str) -> dict[str, Any]:
+    """The TLS settings in a rediss:// URL's query, as redis-py reads them there (ssl_cert_reqs,
+    ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_check_hostname), for the broker's connections:
+    the server's certificate is verified unless the URL says ssl_cert_reqs=none."""
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    options: dict[str, Any] = {"ssl_cert_reqs": query.get("ssl_cert_reqs", "required")}
+    options.update({name: query[name] for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if name in query})
+    if "ssl_check_hostname" in query:
+        options["ssl_check_hostname"] = query["ssl_check_hostname"].lower() not in ("false", "0", "no")
+    return options

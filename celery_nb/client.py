@@ -238,17 +238,20 @@ class Client:
         """Like ``celery_nb.remote`` but submitting through this client."""
         return _remote_decorator(fn, JobOptions.build(options, **option_fields), self)
 
-    def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None, signature: str | None) -> Any:
+    def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None,
+                signature: dict[str, Any] | None) -> Any:
         """A finished job's result bundle (see JobBackend.collect)."""
         if ref is not None:
             data = self.blobs.get(ref)
             self.blobs.delete(ref)
         else:
             data = inline
-        if self.signer.enabled and not self.signer.verify({"job_id": job_id, "digest": digest(data), "sig": signature}):
-            raise SignatureError(
-                f"the result of job {job_id} is not signed with this kernel's CELERY_NB_SECRET, or was altered "
-                f"on the way; it was not unpickled. Check that kernel and workers share the same secret.")
+        if self.signer.enabled:  # what was signed: this job's id and this result's digest
+            signed = {**(signature if isinstance(signature, dict) else {}), "job_id": job_id, "digest": digest(data)}
+            try:
+                self.signer.check(signed, "this kernel's")
+            except SignatureError as problem:
+                raise SignatureError(f"the result of job {job_id} {problem}; it was not unpickled") from None
         return data
 
     def cancel(self, job_id: str) -> None:

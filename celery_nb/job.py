@@ -30,7 +30,7 @@ class JobBackend(Protocol):
         """Ask the worker to stop the job."""
 
     def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None,
-                signature: str | None) -> Any:
+                signature: dict[str, Any] | None) -> Any:
         """The job's result bundle (bytes-like): ``inline``, or fetched by ``ref`` from the blob
         store and deleted there; checked against ``signature`` (SignatureError) before anything
         unpickles it."""
@@ -56,6 +56,7 @@ class Job:
         self.status = "queued"
         self.worker: str | None = None
         self.container: str | None = None  # "warm" (reused from the worker's pool) or "cold"
+        self.container_id: str | None = None  # the Docker id of the container it ran in (its last attempt's)
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         self.timings: dict[str, float] = {}
@@ -69,7 +70,7 @@ class Job:
         self._output: list[tuple[str, Any]] = []
         self._result_blob: bytes | None = None
         self._result_ref: dict[str, Any] | None = None  # a big result, in the client's blob store
-        self._result_sig: str | None = None
+        self._result_sig: dict[str, Any] | None = None
         self._outputs: dict[str, Any] | None = None
         self.skipped_outputs: dict[str, str] = {}  # a cell's outputs that did not come back: name -> type, why
         self._final = threading.Event()  # the final event has been read
@@ -92,6 +93,7 @@ class Job:
                 elif self.status == "running":
                     self.timings["started"] = event["t"]
                     self.container = event.get("container")
+                    self.container_id = event.get("container_id")
             elif kind == "log":
                 self._output.append((event["stream"], event["text"]))
             elif kind == "display":
@@ -101,6 +103,7 @@ class Job:
             elif kind == "done":  # a warm job that ended at once reported no start: this says it all
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
+                self.container_id = event.get("container_id") or self.container_id
                 self.attempts = event.get("attempt") or self.attempts
                 self.usage = event.get("usage")
                 self.timings.update(event.get("timings", {}))

@@ -26,6 +26,11 @@ DEFAULT_PATIENCE = 5.0  # s a kernel retries while Redis is away (its job follow
 _RETRY_CAP = 1.0  # s between two attempts to reach a Redis that went away, at most
 LEASE = 6.0  # s a job's lease outlives its worker's last renewal: how soon another worker takes over
 RENEW_INTERVAL = 1.5  # s between a live worker's renewals of its jobs' leases
+# s a Redis that does not answer (hung, a lost host) may take before a command fails (and is
+# retried), unless the URL sets its own (?socket_timeout=...&socket_connect_timeout=...)
+REDIS_TIMEOUTS = {"socket_connect_timeout": 10.0, "socket_timeout": 30.0}
+LEASES_KEY = "celery_nb:leases"  # sorted set: job id -> when its lease ends (ms, Redis's clock)
+DELIVERIES_KEY = "celery_nb:deliveries"  # hash: job id -> delivery tag of its lease holder's broker message
 
 
 def events_key(job_id: str) -> str:
@@ -54,9 +59,19 @@ def redis_retry(patience: float) -> Retry:
     return Retry(ExponentialBackoff(cap=_RETRY_CAP, base=0.05), retries=math.ceil(patience / _RETRY_CAP) + 3)
 
 
-def connect_redis(url: str, patience: float = DEFAULT_PATIENCE) -> redis.Redis:
-    """A Redis client with the retries of redis_retry(patience)."""
-    return redis.Redis.from_url(url, retry=redis_retry(patience))
+def connect_redis(url: str, patience: float = DEFAULT_PATIENCE, retry: Retry | None = None) -> redis.Redis:
+    """A Redis client of ``url`` (redis://, or rediss:// for TLS with the URL's ssl_cert_reqs,
+    ssl_ca_certs, ...), with REDIS_TIMEOUTS and the retries of redis_retry(patience) (or ``retry``)."""
+    return redis.Redis.from_url(url, retry=retry or redis_retry(patience), **REDIS_TIMEOUTS)
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A job whose lease ended without its run ending it (its worker died), taken over by the
+    caller of JobStore.take_over: the broker message of its last holder is to be handed out again."""
+
+    job_id: str
+    delivery_tag: str
 
 
 @dataclass(frozen=True)
@@ -90,14 +105,26 @@ class JobStore(Protocol):
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
-    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
+    def claim(self, job_id: str, holder: str, lease: float, delivery_tag: str | None = None) -> Claim:
         """Take the job's lease for ``lease`` seconds, unless a live run holds it or the job
         is finished or cancelled; each new holder counts as one more attempt. A message the
-        broker delivers twice (a worker that died, an ack lost with the broker) runs once."""
+        broker delivers twice (a worker that died, an ack lost with the broker) runs once.
+        ``delivery_tag``: of the holder's broker message, handed out again if the lease ends
+        with the job unfinished (take_over)."""
 
     def renew(self, leases: dict[str, str], lease: float) -> set[str]:
         """Extend the leases {job id: holder} by ``lease`` seconds; returns the jobs whose lease
         another holder has taken meanwhile."""
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        """Jobs whose lease has ended without the job ending (their worker died, or its renewals
+        are late), at most ``limit``."""
+
+    def take_over(self, job_ids: list[str]) -> list[Expired]:
+        """Of ``job_ids``, the jobs whose lease is still ended and that are unfinished, each
+        returned to one caller only, once: its holder's broker message is the caller's to hand
+        out again. Called a renewal interval after expired_leases named them, so that a live
+        holder whose renewals were late (Redis was away) takes its lease back first."""
 
     def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
         """Append the job's final event and release its lease, unless it already has one
@@ -166,7 +193,7 @@ class MemoryJobStore:
         return job_id in self._cancelled
 
     # The memory transport never delivers a message twice: one claim per job, nothing to renew.
-    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
+    def claim(self, job_id: str, holder: str, lease: float, delivery_tag: str | None = None) -> Claim:
         with self._changed:
             if job_id in self._finished:
                 return Claim("done")
@@ -177,6 +204,13 @@ class MemoryJobStore:
 
     def renew(self, leases: dict[str, str], lease: float) -> set[str]:
         return set()
+
+    # the embedded worker dies with its kernel, and its jobs with it: no lease expires
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        return []
+
+    def take_over(self, job_ids: list[str]) -> list[Expired]:
+        return []
 
     def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
         with self._changed:
@@ -214,8 +248,18 @@ class _RedisWaker:
         pipe.expire(self.key, 3600)
 
 
-# KEYS: done, cancel, lease, attempts; ARGV: holder, lease ms, ttl s -> {outcome, attempt, holder}
-_CLAIM = """
+# Scripts that say when a lease ends do so in Redis's clock, the one clock every host shares.
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+"""
+# The lease of a running job: celery_nb:lease:<job> (its holder, expiring), and in LEASES_KEY
+# when it ends and in DELIVERIES_KEY its holder's message (for take_over).
+# KEYS: done, cancel, lease, attempts, leases, deliveries; ARGV: holder, lease ms, ttl s, job id,
+# delivery tag ('' if none) -> {outcome, attempt, holder}
+_CLAIM = _NOW_MS + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'done', 0, ''} end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return {'held', 0, holder} end
@@ -228,6 +272,8 @@ else
   redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[5], now_ms() + ARGV[2], ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[6], ARGV[4], ARGV[5]) else redis.call('HDEL', KEYS[6], ARGV[4]) end
 return {'run', attempt, ''}
 """
 FIRST_EVENT_ID = "0-1"  # a job's first event, written by its kernel: the lowest id a stream entry can have
@@ -238,26 +284,52 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 """
-# KEYS: lease and done key of each job; ARGV: lease ms, then each job's holder -> indexes of lost leases
-_RENEW = """
+# KEYS: leases, then the lease and done key of each job; ARGV: lease ms, then each job's holder
+# and id -> indexes of lost leases
+_RENEW = _NOW_MS + """
 local lost = {}
-for i = 1, #KEYS / 2 do
-  local holder = redis.call('GET', KEYS[2 * i - 1])
-  if holder and holder ~= ARGV[i + 1] then
+local ends = now_ms() + ARGV[1]
+for i = 1, (#KEYS - 1) / 2 do
+  local holder = redis.call('GET', KEYS[2 * i])
+  if holder and holder ~= ARGV[2 * i] then
     table.insert(lost, i)
-  elseif redis.call('EXISTS', KEYS[2 * i]) == 0 then  -- (expired while Redis was away: taken again)
-    redis.call('SET', KEYS[2 * i - 1], ARGV[i + 1], 'PX', ARGV[1])
+  elseif redis.call('EXISTS', KEYS[2 * i + 1]) == 0 then  -- (expired while Redis was away: taken again)
+    redis.call('SET', KEYS[2 * i], ARGV[2 * i], 'PX', ARGV[1])
+    redis.call('ZADD', KEYS[1], ends, ARGV[2 * i + 1])
   end
 end
 return lost
 """
-# KEYS: done, events, lease; ARGV: ttl s, event json[, blob] -> 1 if appended
+# KEYS: leases; ARGV: limit -> ids of the jobs whose lease has ended
+_EXPIRED = _NOW_MS + """
+return redis.call('ZRANGE', KEYS[1], '-inf', '(' .. now_ms(), 'BYSCORE', 'LIMIT', 0, ARGV[1])
+"""
+# KEYS: leases, deliveries, then the lease and done key of each job; ARGV: the job ids ->
+# {job id, delivery tag} of each job taken over (its lease still gone, the job not finished)
+_TAKE_OVER = _NOW_MS + """
+local taken = {}
+for i = 1, #ARGV do
+  local lease, done = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local left = redis.call('PTTL', lease)
+  if left > 0 then  -- its holder came back in time: it ends later
+    redis.call('ZADD', KEYS[1], now_ms() + left, ARGV[i])
+  elseif redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    local tag = redis.call('HGET', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    if tag and redis.call('EXISTS', done) == 0 then table.insert(taken, {ARGV[i], tag}) end
+  end
+end
+return taken
+"""
+# KEYS: done, events, lease, leases, deliveries; ARGV: ttl s, job id, event json[, blob] -> 1 if appended
 _FINISH = """
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
-if ARGV[3] then redis.call('XADD', KEYS[2], '*', 'e', ARGV[2], 'b', ARGV[3])
-else redis.call('XADD', KEYS[2], '*', 'e', ARGV[2]) end
+if ARGV[4] then redis.call('XADD', KEYS[2], '*', 'e', ARGV[3], 'b', ARGV[4])
+else redis.call('XADD', KEYS[2], '*', 'e', ARGV[3]) end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('HDEL', KEYS[5], ARGV[2])
 return 1
 """
 
@@ -277,6 +349,8 @@ class RedisJobStore:
         self._claim = self._redis.register_script(_CLAIM)
         self._renew = self._redis.register_script(_RENEW)
         self._finish = self._redis.register_script(_FINISH)
+        self._expired = self._redis.register_script(_EXPIRED)
+        self._take_over = self._redis.register_script(_TAKE_OVER)
 
     def append(self, job_id: str, event: Event, blob: bytes | None = None, wake: Waker | None = None) -> None:
         fields: dict[str, Any] = {"e": json.dumps(event)}
@@ -339,10 +413,11 @@ class RedisJobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self._redis.exists(cancel_key(job_id)))
 
-    def claim(self, job_id: str, holder: str, lease: float) -> Claim:
+    def claim(self, job_id: str, holder: str, lease: float, delivery_tag: str | None = None) -> Claim:
         outcome, attempt, held_by = self._claim(
-            keys=[done_key(job_id), cancel_key(job_id), lease_key(job_id), attempts_key(job_id)],
-            args=[holder, int(lease * 1000), self._ttl])
+            keys=[done_key(job_id), cancel_key(job_id), lease_key(job_id), attempts_key(job_id), LEASES_KEY,
+                  DELIVERIES_KEY],
+            args=[holder, int(lease * 1000), self._ttl, job_id, delivery_tag or ""])
         return Claim(outcome.decode(), int(attempt), held_by.decode())
 
     def renew(self, leases: dict[str, str], lease: float) -> set[str]:
@@ -350,11 +425,23 @@ class RedisJobStore:
             return set()
         jobs = list(leases)
         keys = [key for job_id in jobs for key in (lease_key(job_id), done_key(job_id))]
-        lost = self._renew(keys=keys, args=[int(lease * 1000), *leases.values()])
+        args = [arg for job_id, holder in leases.items() for arg in (holder, job_id)]
+        lost = self._renew(keys=[LEASES_KEY, *keys], args=[int(lease * 1000), *args])
         return {jobs[i - 1] for i in lost}
 
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        return [job_id.decode() for job_id in self._expired(keys=[LEASES_KEY], args=[limit])]
+
+    def take_over(self, job_ids: list[str]) -> list[Expired]:
+        if not job_ids:
+            return []
+        keys = [key for job_id in job_ids for key in (lease_key(job_id), done_key(job_id))]
+        taken = self._take_over(keys=[LEASES_KEY, DELIVERIES_KEY, *keys], args=job_ids)
+        return [Expired(job_id.decode(), tag.decode()) for job_id, tag in taken]
+
     def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
-        args: list[Any] = [self._ttl, json.dumps(event)]
+        args: list[Any] = [self._ttl, job_id, json.dumps(event)]
         if blob is not None:
             args.append(blob)
-        return bool(self._finish(keys=[done_key(job_id), events_key(job_id), lease_key(job_id)], args=args))
+        keys = [done_key(job_id), events_key(job_id), lease_key(job_id), LEASES_KEY, DELIVERIES_KEY]
+        return bool(self._finish(keys=keys, args=args))

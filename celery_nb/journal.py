@@ -1,29 +1,33 @@
 """A local journal of the jobs this machine's kernels sent to a broker, so that a restarted
 kernel can find them again (``%celery_jobs``, ``Job.attach``).
 
-One JSON line per job in ``CELERY_NB_JOURNAL`` (default ``~/.cache/celery_nb/jobs.jsonl``).
-Jobs of the embedded worker are not journalled: they end with their kernel. Broker URLs are
-kept without their password.
+One row per job in a SQLite database, ``CELERY_NB_JOURNAL`` (default
+``~/.cache/celery_nb/jobs.sqlite3``), which any number of kernels write at once: each write is
+a transaction, so none loses another's. Entries go once their job's events have expired (or
+beyond the newest _MAX_ENTRIES). Jobs of the embedded worker are not journalled: they end with
+their kernel. Broker URLs are kept without their password.
 """
 from __future__ import annotations
 
 import atexit
-import json
+import dataclasses
 import os
 import queue
+import sqlite3
 import threading
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from celery_nb.jobstore import DEFAULT_TTL
 
-_MAX_BYTES = 1 << 20  # past this the journal is cut to its newer half
+_MAX_ENTRIES = 100_000  # the newest kept, however many jobs a day brings
+_BUSY_TIMEOUT = 30.0  # s a write waits for other kernels' writes
 
 
 def journal_path() -> Path:
-    return Path(os.environ.get("CELERY_NB_JOURNAL") or Path.home() / ".cache/celery_nb/jobs.jsonl")
+    return Path(os.environ.get("CELERY_NB_JOURNAL") or Path.home() / ".cache/celery_nb/jobs.sqlite3")
 
 
 def public_url(broker_url: str) -> str:
@@ -49,15 +53,17 @@ class JournalEntry:
 
 
 _pending: queue.SimpleQueue[JournalEntry] = queue.SimpleQueue()
+_more = threading.Event()  # entries are pending
 _write_lock = threading.Lock()
 _writer_lock = threading.Lock()  # not _write_lock: a job must not wait for the previous one's write
 _writer: threading.Thread | None = None
 
 
 def record(entry: JournalEntry) -> None:
-    """Note a job. A background thread writes it: a file append must not delay the job."""
+    """Note a job. A background thread writes it: a write must not delay the job."""
     global _writer
     _pending.put(entry)
+    _more.set()
     with _writer_lock:
         if _writer is None:
             _writer = threading.Thread(target=_write_forever, name="celery_nb-journal", daemon=True)
@@ -67,45 +73,62 @@ def record(entry: JournalEntry) -> None:
 
 def _write_forever() -> None:
     while True:  # at once: the journal is for kernels that die, maybe right after sending a job
-        _pending.put(_pending.get())  # wait for an entry, then write it with any that came meanwhile
+        _more.wait()  # (an entry stays queued until written: a kernel's exit writes what is left)
+        _more.clear()
         _write_pending()
+
+
+def _connect() -> sqlite3.Connection:
+    """The journal, created if need be. A write takes about a millisecond (a kernel may die right
+    after sending a job): no fsync, so an OS crash may cost the journal, a kernel's crash never.
+    A file that is no journal (damaged by an OS crash, or another file) is moved aside."""
+    path = journal_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT)
+    try:
+        db.execute("PRAGMA journal_mode=TRUNCATE")
+        db.execute("PRAGMA synchronous=OFF")
+        columns = ", ".join(field.name for field in dataclasses.fields(JournalEntry))
+        db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns}, PRIMARY KEY (job_id))")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_by_broker ON jobs (broker, submitted_at)")
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if isinstance(exc, sqlite3.OperationalError):  # (busy: not a damaged file)
+            raise
+        path.replace(path.with_name(path.name + ".damaged"))
+        return _connect()
+    return db
 
 
 def _write_pending() -> None:
     with _write_lock:
-        lines = []
+        rows = []
         while not _pending.empty():
-            lines.append(json.dumps(asdict(_pending.get_nowait())) + "\n")
-        if not lines:
+            rows.append(dataclasses.astuple(_pending.get_nowait()))
+        if not rows:
             return
-        path = journal_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            size = f.tell()
-        if size > _MAX_BYTES:
-            kept = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            path.write_text("".join(kept[len(kept) // 2:]), encoding="utf-8")
+        db = _connect()
+        try:
+            with db:  # one transaction
+                db.executemany(f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(rows[0]))})", rows)
+                db.execute("DELETE FROM jobs WHERE submitted_at < ? OR rowid <= (SELECT MAX(rowid) FROM jobs) - ?",
+                           (time.time() - DEFAULT_TTL, _MAX_ENTRIES))
+        finally:
+            db.close()
 
 
 def entries(broker_url: str) -> list[JournalEntry]:
     """Jobs sent to ``broker_url`` whose events may still be readable, oldest first."""
     _write_pending()
-    try:
-        lines = journal_path().read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+    if not journal_path().exists():
         return []
-    broker = public_url(broker_url)
-    oldest = time.time() - DEFAULT_TTL
-    found = []
-    for line in lines:
-        try:
-            entry = JournalEntry(**json.loads(line))
-        except (ValueError, TypeError):
-            continue  # a line cut short by a crash
-        if entry.broker == broker and entry.submitted_at >= oldest:
-            found.append(entry)
-    return found
+    db = _connect()
+    try:
+        rows = db.execute("SELECT * FROM jobs WHERE broker = ? AND submitted_at >= ? ORDER BY submitted_at, rowid",
+                          (public_url(broker_url), time.time() - DEFAULT_TTL)).fetchall()
+    finally:
+        db.close()
+    return [JournalEntry(*row) for row in rows]
 
 
 def resolve(broker_url: str, job_id: str) -> str:

@@ -6,16 +6,31 @@ request (HMAC-SHA256 over its JSON, which includes a digest of a payload sent by
 the worker refuses unsigned or altered ones before anything runs; the worker signs each
 result's digest and the kernel checks it before unpickling. Without a secret nothing is signed:
 fine for the embedded worker, not for a broker others can reach.
+
+A signature covers when it was made and when it expires (LIFETIME later), so a captured message
+cannot be replayed for ever: within its lifetime a replayed request is of a job the job store
+knows has finished (its done marker lives as long, and the worker drops it), after it the
+worker refuses it as expired.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import json
 import os
+import time
 from typing import Any
 
+from celery_nb.errors import SignatureError
+from celery_nb.jobstore import DEFAULT_TTL
+
 SECRET_ENV = "CELERY_NB_SECRET"
+CLOCK_SKEW = 300.0  # s by which the clocks of kernels, workers and Redis may differ
+# s a signature is valid: shorter than a finished job's done marker lives (DEFAULT_TTL from its
+# end), with room for the clocks' differences, so that a request is refused as expired before
+# its job's done marker can have gone
+LIFETIME = DEFAULT_TTL - 4 * CLOCK_SKEW
 
 
 def digest(data: Any) -> str:
@@ -36,12 +51,38 @@ class Signer:
         return hmac.new(self._key, canonical, hashlib.sha256).hexdigest()
 
     def sign(self, message: dict[str, Any]) -> dict[str, Any]:
-        """``message`` with a "sig" field (unchanged when signing is off)."""
-        return {**message, "sig": self._mac(message)} if self._key else message
-
-    def verify(self, message: dict[str, Any]) -> bool:
-        """True if signing is off, or the message carries a valid signature."""
+        """``message`` with "signed_at", "expires_at" (LIFETIME later) and "sig" (unchanged when
+        signing is off)."""
         if not self._key:
-            return True
+            return message
+        now = time.time()
+        stamped = {**message, "signed_at": now, "expires_at": now + LIFETIME}
+        return {**stamped, "sig": self._mac(stamped)}
+
+    def check(self, message: dict[str, Any], whose: str) -> None:
+        """Nothing if signing is off or ``message`` carries a valid signature, made no later
+        than now and not expired (give or take CLOCK_SKEW); else a SignatureError saying why,
+        worded to follow "its request" or "its result". ``whose``: whose secret, as the
+        message says it ("the worker's")."""
+        if not self._key:
+            return
         unsigned = {k: v for k, v in message.items() if k != "sig"}
-        return isinstance(message.get("sig"), str) and hmac.compare_digest(message["sig"], self._mac(unsigned))
+        if not (isinstance(message.get("sig"), str) and hmac.compare_digest(message["sig"], self._mac(unsigned))):
+            raise SignatureError(f"is not signed with {whose} CELERY_NB_SECRET, or was altered on the way (set the "
+                                 f"same CELERY_NB_SECRET for the kernels and the workers)")
+        signed_at, expires_at = message.get("signed_at"), message.get("expires_at")
+        if not isinstance(signed_at, (int, float)) or not isinstance(expires_at, (int, float)):
+            raise SignatureError("carries no signing time: an older celery_nb signed it; use the same celery_nb "
+                                 "version for the kernels and the workers")
+        now = time.time()
+        if now > expires_at + CLOCK_SKEW:
+            raise SignatureError(f"expired at {_when(expires_at)} (signed at {_when(signed_at)}): it was replayed, "
+                                 f"or waited longer than that; send the job again")
+        if signed_at > now + CLOCK_SKEW:
+            raise SignatureError(f"was signed at {_when(signed_at)}, {signed_at - now:.0f} s ahead of this host's "
+                                 f"clock; the clocks of kernels and workers may differ by {CLOCK_SKEW:g} s at most: "
+                                 f"synchronise them (NTP)")
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -367,15 +367,23 @@ def _memory_headroom() -> int:
 
 class _ChildRelay:
     """The server's side of one job: relays the child's output pipes as log frames and its
-    frame pipe verbatim, never splitting a frame, so all output precedes the last frame."""
+    frame pipe verbatim, never splitting a frame, so all output precedes the last frame.
 
-    def __init__(self, frames: FrameWriter, stdout_r: int, stderr_r: int, frames_r: int, memory: _JobMemory) -> None:
+    It also watches the request channel (``requests_fd``) for the worker hanging up: the
+    worker died (or dropped the container), so nobody will hear of the job again, and another
+    worker may run it; the job is killed at once (``orphaned``)."""
+
+    def __init__(self, frames: FrameWriter, stdout_r: int, stderr_r: int, frames_r: int, requests_fd: int,
+                 memory: _JobMemory) -> None:
         self._frames = frames
         self._memory = memory
         self._logs = {stdout_r: protocol.FRAME_STDOUT, stderr_r: protocol.FRAME_STDERR}
         self._frames_r = frames_r
         self._frame_left = 0  # bytes of the child's current frame still to relay
         self._head = b""  # a partial frame header from the child
+        self._hang_up = select.poll()
+        self._hang_up.register(requests_fd, 0)  # hang-ups only: a request waiting there is not read
+        self.orphaned = False
         for fd in self._logs:
             os.set_blocking(fd, False)
 
@@ -440,14 +448,14 @@ class _ChildRelay:
             elif ready and between_frames:
                 self._drain_logs()
             open_fds = [fd for fd in open_fds if fd == self._frames_r or fd in self._logs]
+            if not self.orphaned and self._hang_up.poll(0):
+                self.orphaned = True
+                _kill_group(pid)
             if status is None:
                 self._memory.sample()
                 done, status, rusage = os.wait4(pid, os.WNOHANG)
                 if done:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)  # background processes the job started
-                    except OSError:
-                        pass
+                    _kill_group(pid)  # background processes the job started
                     deadline = time.monotonic() + 1.0
                 else:
                     status = None
@@ -458,6 +466,14 @@ class _ChildRelay:
         if status is None:
             _pid, status, rusage = os.wait4(pid, 0)
         return status, rusage
+
+
+def _kill_group(pid: int) -> None:
+    """Kill the process group of job process ``pid``: the job and whatever it started."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass  # gone already
 
 
 def _oom_kills() -> int:
@@ -555,14 +571,15 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os._exit(code)
         for fd in (stdout_w, stderr_w, frames_w):
             os.close(fd)
-        status, rusage = _ChildRelay(frames, stdout_r, stderr_r, frames_r, memory).run(pid)
+        relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, memory)
+        status, rusage = relay.run(pid)
         while True:  # we are PID 1: reap whatever was reparented to us
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
                     break
             except ChildProcessError:
                 break
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _EXIT_NO_MORE_REQUESTS:
+        if relay.orphaned or os.WIFEXITED(status) and os.WEXITSTATUS(status) == _EXIT_NO_MORE_REQUESTS:
             return 0
         frames.write(protocol.FRAME_END, json.dumps({
             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,

@@ -1,12 +1,15 @@
 """Fixtures for the real stack: Docker daemon, Redis, `celery-nb worker` processes, test images.
 
 Under CI=true a missing Docker daemon, Redis server or test image is a test failure,
-never a silent skip.
+never a silent skip. Every test that uses Docker (through the ``docker_client`` fixture, which
+the fixtures that run jobs use) is marked ``docker``: ``pytest -m "not docker"`` is the fast
+tier, which needs Redis only.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +22,7 @@ import pytest
 import redis
 
 from celery_nb import Client
-from celery_nb.worker.docker_api import LABEL_JOB, LABEL_WORKER
+from celery_nb.worker.docker_api import LABEL_WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only
@@ -34,6 +37,12 @@ NOTEBOOK_IMAGES = {
     "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
     "fan_out": {},
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "docker_client" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
 
 
 def _unavailable(what: str) -> None:
@@ -132,16 +141,18 @@ def embedded_client(docker_client: docker.DockerClient) -> Iterator[Client]:
 
 
 @pytest.fixture(params=["redis", "embedded"])
-def client(request: pytest.FixtureRequest) -> Client:
+def client(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -> Client:
     """Each test using this runs through both paths."""
     return request.getfixturevalue(f"{request.param}_client")
 
 
-def assert_container_removed(docker_client: docker.DockerClient, job_id: str) -> None:
-    """The worker removes a job's container right after reporting the job's end."""
+def assert_container_removed(docker_client: docker.DockerClient, container_id: str | None) -> None:
+    """The worker removes a job's container (the one its events name, ``Job.container_id``)
+    right after reporting the job's end."""
+    assert container_id and re.fullmatch("[0-9a-f]{64}", container_id), f"not a container id: {container_id!r}"
     deadline = time.monotonic() + 5
-    while docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_JOB}={job_id}"}):
-        assert time.monotonic() < deadline, f"container of job {job_id} still exists after 5 s"
+    while docker_client.containers.list(all=True, sparse=True, filters={"id": container_id}):
+        assert time.monotonic() < deadline, f"container {container_id} still exists after 5 s"
         time.sleep(0.05)
 
 

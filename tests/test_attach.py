@@ -20,7 +20,7 @@ SLOW_CELL = ("%%celery_docker --no-wait\nimport time\nfrom celery_nb_runtime imp
 def test_a_restarted_kernel_finds_its_job_and_collects_the_outputs(redis_url: str, celery_worker: subprocess.Popen,
                                                                    tmp_path: Path) -> None:
     kernel = Kernel({"CELERY_NB_DEFAULT_IMAGE": IMAGE, "CELERY_NB_BROKER_URL": redis_url,
-                     "CELERY_NB_JOURNAL": str(tmp_path / "jobs.jsonl")})
+                     "CELERY_NB_JOURNAL": str(tmp_path / "jobs.sqlite3")})
     try:
         assert kernel.run("%load_ext celery_nb").error() is None
         job_id = kernel.run(SLOW_CELL).job_id()
@@ -48,7 +48,7 @@ def test_a_restarted_kernel_finds_its_job_and_collects_the_outputs(redis_url: st
 
 def test_job_attach_replays_a_finished_job(redis_client: Client, redis_url: str, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CELERY_NB_JOURNAL", str(tmp_path / "jobs.jsonl"))
+    monkeypatch.setenv("CELERY_NB_JOURNAL", str(tmp_path / "jobs.sqlite3"))
     sent = redis_client.submit_cell("print('hi')\nz = 5\n", {}, image=IMAGE)
     sent.result(timeout=60)
     later = Client(redis_url)  # a new kernel

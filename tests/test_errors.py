@@ -74,7 +74,7 @@ def test_timeout_kills_the_container(client: Client, docker_client: docker.Docke
     job = client.submit_cell("import time\ntime.sleep(60)\n", {}, image=IMAGE, timeout=1.5)
     with pytest.raises(JobTimeoutError, match="timeout of 1.5 s"):
         job.result(timeout=30)
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 def test_out_of_memory_says_the_limit_and_the_peak(client: Client, docker_client: docker.DockerClient) -> None:
@@ -86,7 +86,7 @@ def test_out_of_memory_says_the_limit_and_the_peak(client: Client, docker_client
     peak = int(said.group(1))
     assert 40 <= peak <= 80 and job.usage["memory_limit"] == 64 * 1024**2  # near the limit, far below 400 MiB
     assert abs(job.usage["peak_memory"] / 1024**2 - peak) < 1
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 def test_out_name_never_assigned(client: Client) -> None:

@@ -1,6 +1,6 @@
 """The warm container pool through the real stack: reuse, isolation between warm jobs,
 --fresh, max jobs per container (replaced in the background), reaping of idle containers,
-cleanup at shutdown and start."""
+cleanup at shutdown and start; and its book-keeping on its own (no Docker)."""
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +11,11 @@ import docker
 import pytest
 
 from celery_nb import Client
+from celery_nb.worker.channel import RuntimeContainer
 from celery_nb.worker.docker_api import LABEL_OWNER, LABEL_WORKER
+from celery_nb.worker.policy import ContainerSpec
+from celery_nb.worker.pool import PoolBook
+from celery_nb.worker.settings import WorkerSettings
 from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process, worker_containers
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"
@@ -24,21 +28,38 @@ def _wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_warm_container_is_reused(client: Client) -> None:
+def _namespace_pids(container: docker.models.containers.Container) -> set[int]:
+    """The pids of the container's processes, as the container sees them (from the host's /proc)."""
+    pids = set()
+    for host_pid, in container.top(ps_args="-o pid")["Processes"]:
+        try:
+            with open(f"/proc/{host_pid}/status") as status:
+                pids.add(int(next(line for line in status if line.startswith("NSpid:")).split()[-1]))
+        except FileNotFoundError:  # it exited meanwhile
+            continue
+    return pids
+
+
+def test_warm_container_is_reused(client: Client, docker_client: docker.DockerClient) -> None:
     memory = "80m"  # a pool key of its own
     first = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
     host = first.result(timeout=60)["host"]
     second = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
     assert second.result(timeout=60)["host"] == host
     assert second.container == "warm"
+    # the events name the container the job ran in (its hostname is its short id) ...
+    assert second.container_id == first.container_id and second.container_id.startswith(host)
+    # ... which carries no job's id: it serves every job of its pool key
+    labels = docker_client.containers.get(second.container_id).labels
+    assert not any(job.id in f"{key}={value}" for job in (first, second) for key, value in labels.items())
 
 
 def test_warm_jobs_do_not_share_globals_env_or_processes(client: Client) -> None:
     memory = "88m"
     client.submit_cell("import os, json, subprocess\nleak = 1\nos.environ['LEAK'] = '1'\njson.leak = 1\n"
                        "subprocess.Popen(['sleep', '300'])\n", {}, image=IMAGE, memory=memory).result(timeout=60)
-    time.sleep(0.5)  # the job is reported done at its result; its container returns to the pool once
-    # the server has killed what the job left running
+    # the job is reported done at its result; the next one waits for its container, which returns
+    # to the pool once the server has killed what the job left running
     job = client.submit_cell(
         "import os, json\nseen = ['leak' in globals(), 'LEAK' in os.environ, hasattr(json, 'leak')]\n"
         "sleeping = [p for p in os.listdir('/proc') if p.isdigit() and b'sleep' in open(f'/proc/{p}/cmdline', 'rb').read()]\n",
@@ -54,7 +75,6 @@ def test_a_job_cannot_read_the_next_jobs_request(client: Client) -> None:
     first = client.submit_cell("import subprocess, sys\nsubprocess.Popen(['sh', '-c', 'cat > /tmp/stolen'])\n"
                                "data = sys.stdin.read()\n", {}, image=IMAGE, memory=memory)
     assert first.result(timeout=30) == {"data": ""}
-    time.sleep(0.5)  # back in the pool
     second = client.submit_cell("stolen = open('/tmp/stolen', 'rb').read()\n", {}, image=IMAGE, memory=memory)
     assert second.result(timeout=30) == {"stolen": b""}
     assert second.container == "warm"
@@ -66,7 +86,7 @@ def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client
     job = client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory, fresh=True)
     assert job.result(timeout=60)["host"] != host
     assert job.container == "cold"
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 def test_fresh_container_brings_back_big_results_and_what_the_cell_defined(
@@ -82,7 +102,7 @@ def test_fresh_container_brings_back_big_results_and_what_the_cell_defined(
     assert out["n"] == 42 and out["double"](4) == 8 and out["box"].v == 3 and type(out["box"]).__name__ == "Box"
     assert out["big"] == bytes(3 * 2**20)
     assert job.container == "cold"
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 @pytest.fixture
@@ -106,7 +126,6 @@ def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, dock
     jobs = [redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq")]
     jobs[0].result(timeout=60)
     worn = {c.id for c in worker_containers(docker_client, worker)}
-    time.sleep(0.2)  # back in the pool once the job's process has exited
     jobs.append(redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq"))  # in the same container
     jobs[-1].result(timeout=60)
     # it has run its max jobs (2): a replacement starts in the background and takes its place
@@ -128,10 +147,14 @@ def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, dock
 def test_a_warm_container_that_died_while_idle_is_replaced(redis_client: Client,
                                                            docker_client: docker.DockerClient) -> None:
     memory = "104m"
-    first = redis_client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
-    host = first.result(timeout=60)["host"]
-    time.sleep(0.3)  # back in the pool
-    docker_client.containers.get(host).kill()  # the hostname is the container's short id
+    first = redis_client.submit_cell(WHOAMI + "import os\npid = os.getpid()\n", {}, image=IMAGE, memory=memory)
+    out = first.result(timeout=60)
+    host = out["host"]
+    idle = docker_client.containers.get(first.container_id)
+    # idle: the job's process is gone; the server (pid 1) and the next job's process wait
+    _wait_until(lambda: len(_namespace_pids(idle) - {out["pid"]}) == 2 == len(_namespace_pids(idle)), 10,
+                "the container did not go idle")
+    idle.kill()
     job = redis_client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
     assert job.result(timeout=60)["host"] != host
     assert job.container == "cold"
@@ -160,7 +183,78 @@ def test_containers_of_a_killed_kernel_are_removed_by_the_next_one(docker_client
 def test_a_big_payload_reaches_a_warm_container(client: Client) -> None:
     memory = "112m"
     client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory).result(timeout=60)
-    time.sleep(0.3)  # back in the pool
     job = client.submit_cell("n = len(blob)\n", {"blob": b"z" * (3 << 20)}, image=IMAGE, memory=memory)
     assert job.result(timeout=60) == {"n": 3 << 20}
     assert job.container == "warm"
+
+
+# -- the pool's book-keeping, without Docker -------------------------------------------------
+
+def _book(pool_size: int = 2, max_jobs: int = 3) -> PoolBook:
+    return PoolBook(WorkerSettings(pool_size=pool_size, pool_max_jobs=max_jobs))
+
+
+def _runtime(memory: int = 64 << 20) -> RuntimeContainer:
+    """The book reads a container's spec and counters only: here, of no container."""
+    spec = ContainerSpec(image=IMAGE, memory=memory, nano_cpus=None, pids=512, network="none", read_only=False,
+                         user=None, gpus=None)
+    return RuntimeContainer(container=None, sock=None, spec=spec)
+
+
+def test_the_book_keeps_idle_containers_per_key_most_recent_first_up_to_the_pool_size() -> None:
+    book = _book(pool_size=2)
+    a, b, c, other = _runtime(), _runtime(), _runtime(), _runtime(memory=128 << 20)
+    assert [book.check_in(r, ran=True, stopped=False) for r in (a, b, c, other)] == [
+        (True, False), (True, False), (False, False), (True, False)]  # c: no room, removed
+    key = a.spec.pool_key
+    assert [book.take(key), book.take(key), book.take(key)] == [b, a, None]
+    assert book.take(other.spec.pool_key) is other
+    assert a.jobs_run == 1 and book.check_in(a, ran=False, stopped=False) == (True, False) and a.jobs_run == 1
+
+
+def test_a_worn_out_container_serves_on_until_its_replacement_is_in() -> None:
+    book = _book(pool_size=2, max_jobs=2)
+    worn = _runtime()
+    assert book.check_in(worn, ran=True, stopped=False) == (True, False)
+    assert book.take(worn.spec.pool_key) is worn
+    assert book.check_in(worn, ran=True, stopped=False) == (True, True)  # its 2nd job: replace it, keep it meanwhile
+    assert book.take(worn.spec.pool_key) is worn
+    assert book.check_in(worn, ran=True, stopped=False) == (True, False)  # a replacement is already starting
+    fresh = _runtime()
+    assert book.replace(worn, fresh, stopped=False) == (True, True)  # idle: out now, the fresh one in
+    assert book.take(worn.spec.pool_key) is fresh and book.take(worn.spec.pool_key) is None
+
+
+def test_a_worn_out_container_running_a_job_is_retired_when_its_replacement_is_in() -> None:
+    book = _book(pool_size=2, max_jobs=1)
+    worn = _runtime()
+    assert book.check_in(worn, ran=True, stopped=False) == (True, True)
+    assert book.take(worn.spec.pool_key) is worn  # running a job as its replacement comes in
+    fresh = _runtime()
+    assert book.replace(worn, fresh, stopped=False) == (False, True)
+    assert worn.retired and book.check_in(worn, ran=True, stopped=False) == (False, False)  # removed at its end
+    assert book.replace(_runtime(), None, stopped=False)[1] is False  # a replacement that did not start
+
+
+def test_containers_coming_back_are_waited_for_and_a_stopped_pool_keeps_none() -> None:
+    book = _book()
+    runtime = _runtime()
+    key = runtime.spec.pool_key
+    assert not book.coming_back(key)
+    book.returning(runtime)  # its job is reported done, its process still exiting
+    assert book.coming_back(key)
+    book.check_in(runtime, ran=True, stopped=False)
+    book.returned(runtime)
+    assert not book.coming_back(key) and book.take(key) is runtime
+    assert book.check_in(runtime, ran=True, stopped=True) == (False, False)
+    assert book.empty() == []
+
+
+def test_idle_containers_are_reaped_by_their_last_use() -> None:
+    book = _book(pool_size=3)
+    old, recent = _runtime(), _runtime()
+    book.check_in(old, ran=True, stopped=False)
+    cutoff = time.monotonic()
+    book.check_in(recent, ran=True, stopped=False)
+    assert book.stale(cutoff) == [old] and book.stale(cutoff) == []
+    assert book.empty() == [recent] and book.take(recent.spec.pool_key) is None

@@ -76,7 +76,7 @@ def test_an_allowed_gpu_request_reaches_docker(gpu_worker: subprocess.Popen, red
             f"(could not select device driver \"\" with capabilities: [[gpu]])")):
         job.result(timeout=60)
     assert job.worker.startswith("gpu@")
-    assert_container_removed(docker_client, job.id)
+    assert_container_removed(docker_client, job.container_id)
 
 
 @pytest.mark.parametrize("gpus", ["lots", "0", "device=", "-1"])

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import boto3
+import docker
 import pytest
 import redis as redis_lib
 
@@ -52,7 +53,8 @@ def _objects(s3: object) -> list[str]:
     return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX).get("Contents", [])]
 
 
-def test_big_payloads_and_results_travel_through_s3_and_are_deleted(s3_blob_url, redis_url: str) -> None:
+def test_big_payloads_and_results_travel_through_s3_and_are_deleted(s3_blob_url, redis_url: str,
+                                                                   docker_client: docker.DockerClient) -> None:
     _url, s3 = s3_blob_url
     worker = start_worker(redis_url, "s3q", "s3")
     try:

@@ -1,27 +1,35 @@
 """Signed requests and results (CELERY_NB_SECRET) through the real stack: hand-crafted,
-unsigned or tampered messages are refused, and nothing runs or is unpickled."""
+unsigned, tampered, expired or replayed messages are refused, and nothing runs (again) or is
+unpickled; and the signatures on their own (no Docker)."""
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import pickle
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import docker
 import pytest
 import redis
 
-from celery_nb import Client, SignatureError
+from celery_nb import Client, Job, SignatureError
 from celery_nb import payload as payload_module
+from celery_nb.broker import TASK_NAME
+from celery_nb.signing import CLOCK_SKEW, LIFETIME, Signer
 from celery_nb_runtime import protocol
-from tests.conftest import IMAGE, start_worker, stop_process
+from tests.conftest import IMAGE, ROOT, start_worker, stop_process
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
-def signed_worker(redis_url: str) -> Iterator[subprocess.Popen]:
+def signed_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "signed", "signed", env={"CELERY_NB_SECRET": SECRET})
     yield proc
     stop_process(proc)
@@ -47,19 +55,19 @@ def test_an_unsigned_request_is_refused_and_nothing_runs(redis_url: str, signed_
     assert "ran" not in job.logs and job.container is None
 
 
-def test_a_tampered_request_is_refused_and_nothing_runs(signed_client: Client) -> None:
-    send_task = signed_client.app.send_task
-
-    def tamper(name: str, args: list, **kwargs: object) -> object:
-        evil = payload_module.cell_payload("print('evil')\n", 1, {}, [], False)
-        args[0]["payload"] = __import__("base64").b64encode(evil).decode()  # after signing
-        return send_task(name, args=args, **kwargs)
-
-    signed_client.app.send_task = tamper
+def _submit_altered(client: Client, source: str, alter: Callable[[dict], dict]) -> Job:
+    """Submit cell ``source``, its request changed by ``alter`` on the way to the broker (after signing)."""
+    send_task = client.app.send_task
+    client.app.send_task = lambda name, args, **kwargs: send_task(name, args=[alter(args[0])], **kwargs)
     try:
-        job = signed_client.submit_cell("print('meant')\n", {}, image=IMAGE, queue="signed")
+        return client.submit_cell(source, {}, image=IMAGE, queue="signed")
     finally:
-        signed_client.app.send_task = send_task
+        client.app.send_task = send_task
+
+
+def test_a_tampered_request_is_refused_and_nothing_runs(signed_client: Client) -> None:
+    evil = base64.b64encode(payload_module.cell_payload("print('evil')\n", 1, {}, [], False)).decode()
+    job = _submit_altered(signed_client, "print('meant')\n", lambda request: {**request, "payload": evil})
     with pytest.raises(SignatureError, match="altered"):
         job.result(timeout=60)
     assert "evil" not in job.logs
@@ -79,9 +87,75 @@ def test_a_forged_result_is_not_unpickled(signed_client: Client, redis_url: str,
     planted = tmp_path / "pwned"
     job = signed_client.submit_cell("a = 1\n", {}, image=IMAGE, queue="nobody-consumes-this")
     bundle = b"".join(protocol.pack_bundle({"outputs": {"a": [0]}}, [pickle.dumps(PlantsAFile(str(planted)))]))
+    now = time.time()
     forged = {"type": "done", "status": "succeeded", "error": None, "worker": "attacker", "timings": {},
-              "result_sig": "0" * 64, "t": 0}
+              "result_sig": {"sig": "0" * 64, "signed_at": now, "expires_at": now + 60}, "t": 0}
     redis.Redis.from_url(redis_url).xadd(f"celery_nb:events:{job.id}", {"e": json.dumps(forged), "b": bundle})
     with pytest.raises(SignatureError, match="was not unpickled"):
         job.result(timeout=30)
     assert not os.path.exists(planted)
+
+
+def _signed_at(message: dict, signed_at: float) -> dict:
+    """``message`` signed with the test's secret as it would have been at ``signed_at`` (the
+    wire format: HMAC-SHA256 of the canonical JSON, signing and expiry times included)."""
+    body = {k: v for k, v in message.items() if k not in ("sig", "signed_at", "expires_at")}
+    body.update(signed_at=signed_at, expires_at=signed_at + LIFETIME)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return {**body, "sig": hmac.new(SECRET.encode(), canonical, hashlib.sha256).hexdigest()}
+
+
+def test_an_expired_request_is_refused_and_nothing_runs(signed_client: Client) -> None:
+    """As a request captured a day ago and replayed now, once its job's done marker is gone."""
+    long_ago = time.time() - LIFETIME - CLOCK_SKEW - 60
+    job = _submit_altered(signed_client, "print('ran')\n", lambda request: _signed_at(request, long_ago))
+    with pytest.raises(SignatureError, match=r"its request expired at \d{4}-\d\d-\d\d .* UTC \(signed at .*\): "
+                                             r"it was replayed, or waited longer than that"):
+        job.result(timeout=60)
+    assert "ran" not in job.logs and job.container_id is None
+
+
+def test_a_replayed_request_of_a_finished_job_is_dropped(signed_client: Client) -> None:
+    captured: list[dict] = []
+    job = _submit_altered(signed_client, "print('ran')\n", lambda request: captured.append(request) or request)
+    job.result(timeout=60)
+    signed_client.app.send_task(TASK_NAME, args=captured, task_id=job.id, queue="signed")  # replayed, still valid
+    log = ROOT / ".pytest_cache/worker-signed.log"
+    deadline = time.monotonic() + 20
+    while f"job {job.id} has already finished" not in log.read_text():
+        assert time.monotonic() < deadline, "the worker did not drop the replayed request"
+        time.sleep(0.1)
+    events = signed_client.store.read(job.id, "0", timeout=1)[0]
+    assert [e.get("status") for e in events if e["type"] in ("status", "done")] == [
+        "queued", "starting", "running", "succeeded"]  # it ran once
+
+
+# -- signatures on their own ----------------------------------------------------------------
+
+def test_a_signature_covers_the_message_and_its_times() -> None:
+    signer = Signer(SECRET)
+    signed = signer.sign({"job_id": "j", "digest": "d"})
+    assert signed["expires_at"] - signed["signed_at"] == LIFETIME
+    signer.check(signed, "the worker's")
+    for field, value in (("digest", "e"), ("expires_at", signed["expires_at"] + 3600), ("signed_at", 0)):
+        with pytest.raises(SignatureError, match="is not signed with the worker's CELERY_NB_SECRET, or was altered"):
+            signer.check({**signed, field: value}, "the worker's")
+    with pytest.raises(SignatureError, match="is not signed with the worker's"):
+        Signer("another secret").check(signed, "the worker's")
+    Signer("").check({"job_id": "j"}, "the worker's")  # signing off: nothing to check
+
+
+def test_a_signature_is_valid_from_its_signing_time_to_its_expiry_give_or_take_the_clock_skew() -> None:
+    signer = Signer(SECRET)
+    now = time.time()
+    signer.check(_signed_at({"job_id": "j"}, now - LIFETIME), "the worker's")  # just expired: within the skew
+    signer.check(_signed_at({"job_id": "j"}, now + CLOCK_SKEW / 2), "the worker's")  # a kernel's clock a bit ahead
+    with pytest.raises(SignatureError, match="expired at"):
+        signer.check(_signed_at({"job_id": "j"}, now - LIFETIME - CLOCK_SKEW - 1), "the worker's")
+    with pytest.raises(SignatureError, match=r"s ahead of this host's clock; .* synchronise them \(NTP\)"):
+        signer.check(_signed_at({"job_id": "j"}, now + CLOCK_SKEW + 60), "the worker's")
+    unstamped = {"job_id": "j"}
+    unstamped["sig"] = hmac.new(SECRET.encode(), json.dumps(unstamped, sort_keys=True, separators=(",", ":")).encode(),
+                                hashlib.sha256).hexdigest()
+    with pytest.raises(SignatureError, match="carries no signing time"):
+        signer.check(unstamped, "the worker's")

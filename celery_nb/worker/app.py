@@ -11,9 +11,9 @@ from celery.signals import celeryd_after_setup, task_revoked, worker_shutdown
 
 from celery_nb.blobs import BlobStore
 from celery_nb.broker import TASK_NAME, celery_app
-from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore, connect_redis
+from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore
 from celery_nb.signing import Signer
-from celery_nb.worker.leases import LeaseKeeper, UnackedIndex
+from celery_nb.worker.leases import BrokerMessages, LeaseKeeper
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb.worker.pool import ContainerPool
 from celery_nb.worker.settings import WorkerSettings
@@ -32,11 +32,9 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
     """
     settings = settings or WorkerSettings()
     app = celery_app(broker_url, broker_patience)
-    # kombu's index of delivered, unacked messages (its key: no key prefix is set)
-    unacked = UnackedIndex(connect_redis(broker_url), "unacked_index") if broker_url else None
     pool = ContainerPool(worker_name or "", settings)
-    services = WorkerServices(store, blobs, WorkerPolicy.from_settings(settings), pool, signer or Signer(),
-                              LeaseKeeper(store, unacked))
+    leases = LeaseKeeper(store, BrokerMessages(app) if broker_url else None, after_takeover=pool.remove_orphans)
+    services = WorkerServices(store, blobs, WorkerPolicy.from_settings(settings), pool, signer or Signer(), leases)
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store
@@ -49,7 +47,8 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
 
 
 def _connect_signals(app: Celery, services: WorkerServices, worker_name: str | None) -> None:
-    """Cancelled queued jobs are reported, and the pool is named, swept and emptied with the worker."""
+    """Cancelled queued jobs are reported, the pool is named, swept and emptied with the worker,
+    and the worker takes over the jobs of dead workers from its start."""
     pool = services.pool
 
     @task_revoked.connect(weak=False)
@@ -61,12 +60,16 @@ def _connect_signals(app: Celery, services: WorkerServices, worker_name: str | N
 
     @celeryd_after_setup.connect(weak=False)
     def _name_pool(sender: str, instance: Any, **_kwargs: Any) -> None:
-        if instance.app is app and not worker_name:
+        if instance.app is not app:
+            return
+        if not worker_name:
             pool.worker = sender
             pool.remove_leftovers()  # from an earlier run of a worker with this name
             pool.watch_for_orphans()
+        services.leases.start()
 
     @worker_shutdown.connect(weak=False)
-    def _empty_pool(sender: Any, **_kwargs: Any) -> None:
+    def _stop(sender: Any, **_kwargs: Any) -> None:
         if getattr(sender, "app", app) is app:
+            services.leases.stop()
             pool.shutdown()

@@ -34,7 +34,7 @@ class ExitStatus:
 _DOCKER_STREAM_HEAD = struct.Struct(">BxxxL")  # docker's multiplexed attach stream: stream id, size
 
 
-@dataclass
+@dataclass(eq=False)  # each is itself: the pool finds it by identity
 class RuntimeContainer:
     """A running container of the runtime's fork server, and the socket to talk to it."""
 

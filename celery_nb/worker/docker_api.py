@@ -1,7 +1,7 @@
 """The worker's Docker: the daemon connection, images, and creating runtime containers with the
 policy's limits and the house's safety settings, with Docker's errors said in the user's terms.
-Containers carry labels saying which job, worker and process they belong to, so that what a
-dead process left behind can be found and removed.
+Containers carry labels saying which worker and process they belong to, so that what a dead
+process left behind can be found and removed (which job ran in a container, its events say).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from celery_nb.worker.bootstrap import runtime_command
 from celery_nb.worker.channel import RuntimeContainer, reads_spool
 from celery_nb.worker.policy import ContainerSpec
 
-LABEL_JOB = "celery_nb.job_id"
 LABEL_WORKER = "celery_nb.worker"
 LABEL_POOL_KEY = "celery_nb.pool_key"
 LABEL_OWNER = "celery_nb.owner"  # host:pid of the process that created the container
@@ -78,10 +77,22 @@ def device_requests(gpus: str | None) -> list[docker.types.DeviceRequest] | None
 
 def start_container(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, str], pull: str,
                     one_shot: bool) -> RuntimeContainer:
-    """A started container of the runtime for ``spec``, its image pulled first if missing and
-    ``pull`` allows. ``one_shot``: for one job only (--fresh). The low-level API spares the
-    inspections the high-level one makes after each call: a cold start pays only create,
-    attach and start."""
+    """create_container, then start it (removed if it does not start)."""
+    runtime = create_container(client, spec, labels, pull, one_shot)
+    try:
+        start(runtime)
+    except ContainerError:
+        runtime.remove()
+        raise
+    return runtime
+
+
+def create_container(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, str], pull: str,
+                     one_shot: bool) -> RuntimeContainer:
+    """A created container of the runtime for ``spec``, not started yet (its id is known: a job
+    reports it even if it never starts), its image pulled first if missing and ``pull`` allows.
+    ``one_shot``: for one job only (--fresh). The low-level API spares the inspections the
+    high-level one makes after each call: a cold start pays only create, attach and start."""
     labels = {**labels, LABEL_POOL_KEY: spec.pool_key, LABEL_OWNER: OWNER}
     try:
         try:
@@ -97,13 +108,17 @@ def start_container(client: docker.DockerClient, spec: ContainerSpec, labels: di
     attached = client.api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
     runtime = RuntimeContainer(container, getattr(attached, "_sock", attached), spec, one_shot)
     runtime._attached = attached  # keeps the HTTP response (and with it the socket) alive
-    try:
-        container.start()
-    except docker.errors.APIError as exc:
-        runtime.remove()
-        raise _start_error(spec, str(exc.explanation or exc)) from None
-    runtime.spools = reads_spool(container)
     return runtime
+
+
+def start(runtime: RuntimeContainer) -> None:
+    """Start a created container; a ContainerError in the user's terms if Docker refuses (the
+    container is then the caller's to remove)."""
+    try:
+        runtime.container.start()
+    except docker.errors.APIError as exc:
+        raise _start_error(runtime.spec, str(exc.explanation or exc)) from None
+    runtime.spools = reads_spool(runtime.container)
 
 
 def _create(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, str], one_shot: bool) -> str:
@@ -126,11 +141,13 @@ def _create(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, 
         spec.image,
         command=runtime_command(one_shot),
         labels=labels,
-        environment={"PYTHONDONTWRITEBYTECODE": "1"},
+        environment={"PYTHONDONTWRITEBYTECODE": "1", **dict(spec.env)},  # the job's variables that act at start
         stdin_open=True,  # requests arrive on stdin
+        # (the SDK's way to set StdinOnce) stdin closes when the worker's attach does: the worker
+        # died or dropped the container, and the runtime ends its job and itself at once
+        detach=False,
         user=spec.user,
         host_config=host_config,
-        detach=True,
     )["Id"]
 
 

@@ -17,6 +17,21 @@ from celery_nb.errors import OptionError, PolicyError
 from celery_nb.options import JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
 from celery_nb.worker.settings import WorkerSettings
 
+# Environment variables that act when a process starts, not when a running one changes them:
+# read by the Python interpreter (PYTHONPATH, PYTHONHASHSEED, ...), the C library and the dynamic
+# loader (LD_*, MALLOC_*, LANG, LC_*, TZ), the NVIDIA container runtime (NVIDIA_*), and the thread
+# pools of CUDA and numerical libraries, which read them once, when they load (OMP_NUM_THREADS, ...).
+# A job's such variables are its container's environment (part of its ContainerSpec, so of the
+# warm pool's key); its other variables are set in the job's own process.
+START_ENV_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "LC_", "NVIDIA_", "CUDA_", "OMP_", "GOMP_", "KMP_", "MKL_",
+                      "OPENBLAS_", "BLIS_", "NUMEXPR_")
+START_ENV_NAMES = frozenset({"LANG", "LANGUAGE", "TZ", "VECLIB_MAXIMUM_THREADS"})
+
+
+def acts_at_start(name: str) -> bool:
+    """Whether environment variable ``name`` acts only when a process starts (see START_ENV_PREFIXES)."""
+    return name in START_ENV_NAMES or name.startswith(START_ENV_PREFIXES)
+
 
 @dataclass(frozen=True)
 class ContainerSpec:
@@ -31,6 +46,7 @@ class ContainerSpec:
     read_only: bool
     user: str | None
     gpus: str | None  # an options.parse_gpus spec: docker's device request
+    env: tuple[tuple[str, str], ...] = ()  # the job's variables that act at start (acts_at_start), sorted
 
     @property
     def pool_key(self) -> str:
@@ -41,7 +57,8 @@ class ContainerSpec:
 @dataclass(frozen=True)
 class JobPlan:
     """How one job runs: in a container of ``container``, for at most ``timeout`` s, in a
-    brand-new container (``fresh``) or a warm one, with ``env`` in its process's environment."""
+    brand-new container (``fresh``) or a warm one, with ``env`` (its variables that do not act at
+    start: those are the container's) in its process's environment."""
 
     container: ContainerSpec
     timeout: float | None
@@ -104,25 +121,39 @@ class WorkerPolicy:
         network = options.network or self.networks[0]
         if network not in self.networks:
             raise PolicyError(f"--network {network} is not allowed on this worker (allowed: {', '.join(self.networks)})")
+        start_env = {name: value for name, value in options.env.items() if acts_at_start(name)}
+        self._check_visible_devices(start_env.get("NVIDIA_VISIBLE_DEVICES", ""))
         container = ContainerSpec(
             image=image, memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None, pids=self.pids_limit,
             network=network, read_only=self.read_only, user=self.user,
-            gpus=self._check_gpus(options.gpus) if options.gpus else None)
-        return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh), env=options.env)
+            gpus=self._check_gpus(options.gpus) if options.gpus else None, env=tuple(sorted(start_env.items())))
+        return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh),
+                       env={name: value for name, value in options.env.items() if name not in start_env})
 
     def _check_gpus(self, requested: str) -> str:
         try:
             gpus = parse_gpus("--gpus", requested)
         except OptionError as exc:
             raise PolicyError(str(exc)) from None
-        if self.max_gpus == 0:
-            raise PolicyError(f"--gpus {gpus}: this worker allows no GPUs (CELERY_NB_GPUS is unset or 0); "
-                              f"send the job to a GPU worker's queue with --queue")
-        wanted = gpu_count(gpus)
-        if self.max_gpus is not None and (wanted is None or wanted > self.max_gpus):
-            raise PolicyError(f"--gpus {gpus} exceeds this worker's maximum of {self.max_gpus} "
-                              f"(CELERY_NB_GPUS={self.max_gpus}); ask for at most {self.max_gpus}")
+        self._allow_gpus(f"--gpus {gpus}", gpu_count(gpus))
         return gpus
+
+    def _check_visible_devices(self, visible: str) -> None:
+        """NVIDIA_VISIBLE_DEVICES gives a container GPUs as --gpus does (the NVIDIA runtime reads it):
+        the same rule applies."""
+        visible = visible.strip().lower()
+        if visible not in ("", "none", "void"):
+            self._allow_gpus(f"--env NVIDIA_VISIBLE_DEVICES={visible}",
+                             None if visible == "all" else len(visible.split(",")))
+
+    def _allow_gpus(self, asked: str, wanted: int | None) -> None:
+        """PolicyError unless this worker allows ``wanted`` GPUs (None: all the host has)."""
+        if self.max_gpus == 0:
+            raise PolicyError(f"{asked}: this worker allows no GPUs (CELERY_NB_GPUS is unset or 0); "
+                              f"send the job to a GPU worker's queue with --queue")
+        if self.max_gpus is not None and (wanted is None or wanted > self.max_gpus):
+            raise PolicyError(f"{asked} exceeds this worker's maximum of {self.max_gpus} "
+                              f"(CELERY_NB_GPUS={self.max_gpus}); ask for at most {self.max_gpus}")
 
 
 def _words(value: str) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """The warm pool: idle runtime containers per ContainerSpec, reused by later jobs of the same
-spec, replaced when worn out, reaped when idle, removed when the worker stops; and the sweeper
-that removes the containers of dead processes on this host.
+spec, replaced when worn out, reaped when idle, removed when the worker stops (its book-keeping,
+PoolBook, apart from Docker); and the sweeper that removes the containers of dead processes on
+this host.
 """
 from __future__ import annotations
 
@@ -21,6 +22,77 @@ log = logging.getLogger(__name__)
 _RETURN_WAIT = 2.0  # s a job may wait for a container whose previous job is just ending (a cold start costs more)
 
 
+class PoolBook:
+    """The warm pool's book-keeping, apart from Docker and threads: the idle containers of each
+    pool key (most recently used last), how many are coming back, and what checkin, replacement
+    and reaping decide. The pool calls it holding its lock."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self._idle: dict[str, list[RuntimeContainer]] = {}
+        self._returning: dict[str, int] = {}  # containers whose job is reported done, process still exiting
+
+    def take(self, key: str) -> RuntimeContainer | None:
+        """The most recently used idle container of pool key ``key``, out of the book, or None."""
+        idle = self._idle.get(key)
+        return idle.pop() if idle else None
+
+    def coming_back(self, key: str) -> bool:
+        """True when no container of ``key`` is idle but one whose job is ending will be."""
+        return not self._idle.get(key) and self._returning.get(key, 0) > 0
+
+    def returning(self, runtime: RuntimeContainer) -> None:
+        """``runtime``'s job was reported done; it comes back (check_in) or goes (returned) soon."""
+        self._returning[runtime.spec.pool_key] = self._returning.get(runtime.spec.pool_key, 0) + 1
+
+    def returned(self, runtime: RuntimeContainer) -> None:
+        self._returning[runtime.spec.pool_key] -= 1
+
+    def check_in(self, runtime: RuntimeContainer, ran: bool, stopped: bool) -> tuple[bool, bool]:
+        """(keep, replace): whether ``runtime``, its job over (``ran``: a job ran in it; one that
+        was checked out for nothing: False), stays idle, and whether its replacement is to start
+        now: one that has run its max jobs serves on until its replacement is in."""
+        runtime.jobs_run += ran
+        runtime.last_used = time.monotonic()
+        idle = self._idle.setdefault(runtime.spec.pool_key, [])
+        worn = runtime.jobs_run >= self.settings.pool_max_jobs
+        replace = worn and not runtime.replacing and not stopped
+        runtime.replacing |= replace
+        keep = (not stopped and not runtime.retired and len(idle) < self.settings.pool_size
+                and (not worn or runtime.replacing))
+        if keep:
+            idle.append(runtime)
+        return keep, replace
+
+    def replace(self, worn: RuntimeContainer, fresh: RuntimeContainer | None, stopped: bool) -> tuple[bool, bool]:
+        """(worn was idle, keep fresh): ``fresh`` (None if it did not start) takes ``worn``'s place.
+        An idle ``worn`` leaves the book (to be removed now); one running a job is retired: it
+        goes when its job ends."""
+        idle = self._idle.setdefault(worn.spec.pool_key, [])
+        worn_idle = worn in idle
+        if worn_idle:
+            idle.remove(worn)
+        else:
+            worn.retired = True
+        keep = fresh is not None and not stopped and len(idle) < self.settings.pool_size
+        if keep:
+            idle.append(fresh)
+        return worn_idle, keep
+
+    def stale(self, idle_since: float) -> list[RuntimeContainer]:
+        """The idle containers last used before ``idle_since`` (monotonic), out of the book."""
+        stale = [r for idle in self._idle.values() for r in idle if r.last_used < idle_since]
+        for idle in self._idle.values():
+            idle[:] = [r for r in idle if r.last_used >= idle_since]
+        return stale
+
+    def empty(self) -> list[RuntimeContainer]:
+        """Every idle container, out of the book."""
+        idle = [r for runtimes in self._idle.values() for r in runtimes]
+        self._idle.clear()
+        return idle
+
+
 class ContainerPool:
     """Idle runtime containers per ContainerSpec (its pool_key), reused by later jobs of that spec.
 
@@ -31,8 +103,7 @@ class ContainerPool:
     def __init__(self, worker: str, settings: WorkerSettings) -> None:
         self.worker = worker
         self.settings = settings
-        self._idle: dict[str, list[RuntimeContainer]] = {}
-        self._returning: dict[str, int] = {}  # containers whose job is reported done, process still exiting
+        self._book = PoolBook(settings)
         self._lock = threading.Condition()
         self._stopped = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -44,10 +115,9 @@ class ContainerPool:
         key = spec.pool_key
         while True:
             with self._lock:
-                idle = self._idle.setdefault(key, [])  # the list checkin appends to
-                if not idle and self._returning.get(key):
-                    self._lock.wait_for(lambda: idle or not self._returning.get(key), timeout=_RETURN_WAIT)
-                runtime = idle.pop() if idle else None
+                if self._book.coming_back(key):
+                    self._lock.wait_for(lambda: not self._book.coming_back(key), timeout=_RETURN_WAIT)
+                runtime = self._book.take(key)
             if runtime is None or runtime.alive():
                 return runtime
             runtime.remove()  # it died while idle (killed, OOM, daemon restart)
@@ -55,11 +125,11 @@ class ContainerPool:
     def returning(self, runtime: RuntimeContainer) -> None:
         """``runtime``'s job was reported done; it comes back (checkin) or goes (discard) soon."""
         with self._lock:
-            self._returning[runtime.spec.pool_key] = self._returning.get(runtime.spec.pool_key, 0) + 1
+            self._book.returning(runtime)
 
     def _returned(self, runtime: RuntimeContainer, was_returning: bool) -> None:
         if was_returning:
-            self._returning[runtime.spec.pool_key] -= 1
+            self._book.returned(runtime)
         self._lock.notify_all()
 
     def discard(self, runtime: RuntimeContainer, was_returning: bool = False) -> None:
@@ -69,20 +139,11 @@ class ContainerPool:
         runtime.remove()
 
     def checkin(self, runtime: RuntimeContainer, was_returning: bool = False, ran: bool = True) -> None:
-        """Keep a healthy container for later jobs, or remove it if the pool has no room.
-        ``ran``: whether a job ran in it (one that was checked out for nothing: False). One
-        that has run its max jobs is kept until a replacement has started in the background."""
-        runtime.jobs_run += ran
-        runtime.last_used = time.monotonic()
+        """Keep a healthy container for later jobs, or remove it if the pool has no room (see
+        PoolBook.check_in); a worn-out one's replacement starts in the background."""
         with self._lock:
-            idle = self._idle.setdefault(runtime.spec.pool_key, [])
-            replace = (runtime.jobs_run >= self.settings.pool_max_jobs and not runtime.replacing
-                       and not self._stopped.is_set())
-            runtime.replacing |= replace
-            keep = (not self._stopped.is_set() and not runtime.retired and len(idle) < self.settings.pool_size
-                    and (runtime.jobs_run < self.settings.pool_max_jobs or runtime.replacing))
+            keep, replace = self._book.check_in(runtime, ran, self._stopped.is_set())
             if keep:
-                idle.append(runtime)
                 self._start_reaper()
             self._returned(runtime, was_returning)
         if replace:
@@ -100,16 +161,8 @@ class ContainerPool:
                         worn.spec.image, exc)
             fresh = None
         with self._lock:
-            idle = self._idle.setdefault(worn.spec.pool_key, [])
-            worn_idle = worn in idle
-            if worn_idle:
-                idle.remove(worn)
-            else:
-                worn.retired = True  # running a job: removed when it ends
-            keep = fresh is not None and not self._stopped.is_set() and len(idle) < self.settings.pool_size
-            if keep:
-                idle.append(fresh)
-                self._lock.notify_all()
+            worn_idle, keep = self._book.replace(worn, fresh, self._stopped.is_set())
+            self._lock.notify_all()
         if worn_idle:
             worn.remove()
         if fresh is not None and not keep:
@@ -117,11 +170,8 @@ class ContainerPool:
 
     def reap(self) -> int:
         """Remove containers idle for longer than the idle timeout; returns how many."""
-        cutoff = time.monotonic() - self.settings.pool_idle_timeout
         with self._lock:
-            stale = [r for idle in self._idle.values() for r in idle if r.last_used < cutoff]
-            for idle in self._idle.values():
-                idle[:] = [r for r in idle if r.last_used >= cutoff]
+            stale = self._book.stale(time.monotonic() - self.settings.pool_idle_timeout)
         for runtime in stale:
             runtime.remove()
         return len(stale)
@@ -141,8 +191,7 @@ class ContainerPool:
         """Remove every idle container (the worker is stopping)."""
         self._stopped.set()
         with self._lock:
-            idle = [r for runtimes in self._idle.values() for r in runtimes]
-            self._idle.clear()
+            idle = self._book.empty()
         for runtime in idle:
             runtime.remove()
 
@@ -160,13 +209,19 @@ class ContainerPool:
         docker_api.remove(leftovers.values())
         return len(leftovers)
 
+    def remove_orphans(self) -> int:
+        """Remove the containers of processes on this host that died (a worker killed mid-job
+        leaves them behind; their jobs ended with it); returns how many."""
+        orphans = docker_api.orphans(docker_api.connect())
+        docker_api.remove(orphans.values())
+        return len(orphans)
+
     def watch_for_orphans(self) -> None:
-        """Until shutdown, remove the containers of processes on this host that died (a worker
-        killed mid-job: its job keeps running in them while another worker runs it again)."""
+        """Until shutdown, remove_orphans every orphan_interval s."""
         def sweep() -> None:
             while not self._stopped.wait(self.settings.orphan_interval):
                 try:
-                    docker_api.remove(docker_api.orphans(docker_api.connect()).values())
+                    self.remove_orphans()
                 except (DockerUnavailableError, docker.errors.DockerException):
                     pass  # Docker away for now: the next look
 

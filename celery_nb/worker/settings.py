@@ -52,6 +52,7 @@ class WorkerSettings(EnvConfigurable):
                   "it serves on, so that no job waits for it).",
     ).tag(config=True, env="CELERY_NB_POOL_MAX_JOBS")
     orphan_interval = Float(
-        30.0, help="Seconds between two looks for containers of dead worker processes on this host (a worker "
-                   "killed mid-job leaves its job running in them).",
+        10.0, help="Seconds between two looks for containers of dead worker processes on this host (a worker "
+                   "killed mid-job leaves them behind); a worker that takes over a dead worker's job looks at "
+                   "once.",
     ).tag(config=True, env="CELERY_NB_ORPHAN_INTERVAL")

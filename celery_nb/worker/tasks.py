@@ -70,6 +70,7 @@ class JobRun:
         # and their "done" says the same): one event batch, and one wake of the kernel, less per job
         self._held_back: list[dict[str, Any]] | None = None
         self._container: str | None = None  # "warm" or "cold", once it has one
+        self._container_id: str | None = None  # its Docker id
         self._attempt: int | None = None
         self._result: Any = None  # the result bundle (bytes-like)
         self._returning = False  # announced to the pool as coming back
@@ -95,11 +96,12 @@ class JobRun:
             self._held_back = None
 
     def run(self) -> str:
-        if not self.signer.verify(self.request):
-            self._error = {"kind": "signature", "message": (
-                f"worker {self.worker} refused job {self.job_id}: its request is not signed with the worker's "
-                f"CELERY_NB_SECRET, or was altered on the way; nothing ran. Set the same CELERY_NB_SECRET for "
-                f"the kernel and the workers.")}
+        try:
+            self.signer.check(self.request, "the worker's")
+        except SignatureError as refusal:
+            log.warning("celery_nb: refused job %s: its request %s", self.job_id, refusal)
+            self._error = {"kind": "signature",
+                           "message": f"worker {self.worker} refused job {self.job_id}: its request {refusal}; nothing ran"}
             return self._finish("failed")
         self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=False)
         try:
@@ -118,7 +120,7 @@ class JobRun:
             self.leases.keep(self.run_id, self.job_id, self.delivery_tag, holder=True)
             self._attempt = self._starting["attempt"] = claim.attempt
             if warm is not None:
-                self._held_back = self._start_events("warm")
+                self._held_back = self._start_events("warm", warm)
                 self._starting = None
             if claim.attempt > 1:
                 log.warning("celery_nb: job %s runs again (attempt %d): its previous run's worker stopped",
@@ -131,7 +133,7 @@ class JobRun:
         """Take the job's lease (waiting for a run that holds it); a warm container checked out
         for a job this run does not get goes back to the pool, not lost with this run."""
         try:
-            claim = self.store.claim(self.job_id, self.run_id, LEASE)
+            claim = self.store.claim(self.job_id, self.run_id, LEASE, self.delivery_tag)
         except BaseException:
             if warm is not None:
                 self.pool.checkin(warm, ran=False)
@@ -143,12 +145,13 @@ class JobRun:
             claim = self._wait_for_holder(claim.holder)
         return claim, warm
 
-    def _start_events(self, container: str) -> list[dict[str, Any]]:
+    def _start_events(self, container: str, runtime: RuntimeContainer) -> list[dict[str, Any]]:
         """The "starting" event (unless reported) and "running", timed now: the request goes
-        to the container next."""
+        to the container (``runtime``, a ``container`` one: "warm" or "cold") next."""
         self._container = container
+        self._container_id = runtime.container.id
         running = {"type": "status", "status": "running", "worker": self.worker, "container": container,
-                   "t": time.time()}
+                   "container_id": self._container_id, "t": time.time()}
         self.timings["started"] = running["t"]
         return [self._starting, running] if self._starting else [running]
 
@@ -158,7 +161,7 @@ class JobRun:
         log.info("celery_nb: job %s is held by %s; waiting for it to end", self.job_id, holder)
         while True:
             time.sleep(_HELD_POLL_INTERVAL)
-            claim = self.store.claim(self.job_id, self.run_id, LEASE)
+            claim = self.store.claim(self.job_id, self.run_id, LEASE, self.delivery_tag)
             if claim.outcome != "held":
                 return claim
 
@@ -173,12 +176,13 @@ class JobRun:
                 runtime.send(self._request_for(runtime, plan))
             else:
                 self._report_starting()  # a container start takes a while: say so now
-                runtime = docker_api.start_container(
-                    docker_api.connect(), plan.container,
-                    labels={docker_api.LABEL_JOB: self.job_id, docker_api.LABEL_WORKER: self.worker},
+                runtime = docker_api.create_container(
+                    docker_api.connect(), plan.container, labels={docker_api.LABEL_WORKER: self.worker},
                     pull=self.policy.pull, one_shot=plan.fresh or not self.pool.settings.pool_size)
+                self._container_id = runtime.container.id  # reported even if it does not start
+                docker_api.start(runtime)
                 runtime.send(self._request_for(runtime, plan))
-                self.store.append_many(self.job_id, self._start_events("cold"))
+                self.store.append_many(self.job_id, self._start_events("cold", runtime))
             status, reusable = self._supervise(runtime, plan.timeout)
             return status
         except CeleryNBError as exc:
@@ -310,10 +314,11 @@ class JobRun:
         self._held_back = None  # the done event tells the same
         self.timings["finished"] = time.time()
         done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings,
-                "container": self._container, "attempt": self._attempt, "usage": self._usage}
+                "container": self._container, "container_id": self._container_id, "attempt": self._attempt,
+                "usage": self._usage}
         result = self._result if status == "succeeded" else None
         if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
-            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})["sig"]
+            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})
         if result is not None and memoryview(result).nbytes > BLOB_THRESHOLD:
             done["result_ref"] = self.blobs.put([result])  # collected (and deleted) by the kernel
             result = None
