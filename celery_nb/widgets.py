@@ -16,10 +16,23 @@ from IPython import get_ipython
 from IPython.display import display
 
 from celery_nb.job import Job
+from celery_nb.kernel_hooks import serve_while_busy
 
 LOG_TAIL_LINES = 30
-_STATUS_COLOURS = {"queued": "#6c757d", "starting": "#0d6efd", "running": "#0d6efd",
-                   "succeeded": "#198754", "failed": "#dc3545", "cancelled": "#fd7e14"}
+# Colours come from JupyterLab's theme (its CSS variables), so that light and dark themes both
+# read well, with fixed ones where there is no theme. A status badge is white text on the strong
+# shade of its status's colour; the jobs table writes the status in the normal shade.
+_STATUS_BADGE = {"queued": "var(--jp-layout-color4,#6c757d)", "starting": "var(--jp-brand-color0,#0d6efd)",
+                 "running": "var(--jp-brand-color0,#0d6efd)", "succeeded": "var(--jp-success-color0,#198754)",
+                 "failed": "var(--jp-error-color0,#dc3545)", "cancelled": "var(--jp-warn-color0,#fd7e14)"}
+_STATUS_TEXT = {"queued": "var(--jp-ui-font-color2,#6c757d)", "starting": "var(--jp-brand-color1,#0d6efd)",
+                "running": "var(--jp-brand-color1,#0d6efd)", "succeeded": "var(--jp-success-color1,#198754)",
+                "failed": "var(--jp-error-color1,#dc3545)", "cancelled": "var(--jp-warn-color1,#fd7e14)"}
+_BORDER = "var(--jp-border-color2,#ddd)"
+_LOG_BOX = "background:var(--jp-cell-editor-background,#f8f9fa);color:var(--jp-content-font-color1,#212529)"
+_STDERR = "var(--jp-error-color1,#b02a37)"
+_ERROR = "var(--jp-error-color1,#dc3545)"
+_MUTED = "var(--jp-ui-font-color2,#6c757d)"
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _MIN_REDRAW_INTERVAL = 0.1  # s; log floods must not flood the frontend with comm messages
 
@@ -91,13 +104,13 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             self.logs,
             *([self.displays] if self.displays is not None else []),
             self.timings,
-        ], layout=w.Layout(border="1px solid #ddd", padding="4px 8px", margin="2px 0"))
+        ], layout=w.Layout(border=f"1px solid {_BORDER}", padding="4px 8px", margin="2px 0"))
         self._follow([job])
 
     def redraw(self) -> None:
         super().redraw()
         job = self.job
-        colour = _STATUS_COLOURS.get(job.status, "#6c757d")
+        colour = _STATUS_BADGE.get(job.status, _STATUS_BADGE["queued"])
         self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
                              f'border-radius:4px;padding:1px 8px;font-weight:bold">{job.status}</span>')
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
@@ -122,9 +135,9 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         # column-reverse keeps the box scrolled to its newest line
         self.logs.value = (
             '<div style="max-height:16em;overflow:auto;display:flex;flex-direction:column-reverse;'
-            'background:#f8f9fa;margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;'
+            f'{_LOG_BOX};margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;color:inherit;'
             'font-size:12px;line-height:1.3">'
-            + "".join(f'<span style="color:#b02a37">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
+            + "".join(f'<span style="color:{_STDERR}">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
                       for s, t in lines)
             + "</pre></div>") if lines else ""
         if self.displays is not None:
@@ -133,9 +146,9 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
                                            for bundle in job.displays[shown:])
         if job.finished:
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
-            error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
+            error = (f'<div style="color:{_ERROR}">{html.escape(str(job.error).splitlines()[0])}</div>'
                      if job.error is not None else "")
-            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:#6c757d">{parts}</span>'
+            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:{_MUTED}">{parts}</span>'
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = super()._repr_mimebundle_(**kwargs)
@@ -193,7 +206,7 @@ class JobsTable(_RedrawnOnEvents, w.GridBox):
             for cell, text in zip(texts, row):
                 cell.value = f'<span style="white-space:nowrap">{html.escape(text)}</span>'
             texts[0].value = f'<code title="{job.id}">{row[0]}</code>'
-            colour = _STATUS_COLOURS.get(job.status, "#6c757d")
+            colour = _STATUS_TEXT.get(job.status, _STATUS_TEXT["queued"])
             texts[3].value = f'<span class="celery-nb-status" style="color:{colour};font-weight:bold">{job.status}</span>'
             # hidden, not removed: the grid's cells must stay in their columns
             button.layout.visibility = "hidden" if job.finished else "visible"
@@ -269,8 +282,8 @@ class JobView:
             self._displayed += 1
 
     def wait(self, cancel_on_interrupt: bool = True) -> None:
-        """Block until the job is final while widget events (the Cancel button) keep working
-        and its displays appear.
+        """Block until the job is final while its displays appear and its Cancel button keeps
+        working (its clicks are served on a kernel subshell meanwhile).
 
         A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
         worker to confirm, and re-raises KeyboardInterrupt (without ``cancel_on_interrupt``,
@@ -278,12 +291,9 @@ class JobView:
         """
         try:
             if self.widget is not None:
-                from jupyter_ui_poll import ui_events
-
-                with ui_events() as ui_poll:
-                    while not self.job.wait(0.05):
-                        ui_poll(10)
-                        self._show_new_displays()
+                serve_while_busy(self.widget.cancel_button)
+                while not self.job.wait(0.05):
+                    self._show_new_displays()
                 self._show_new_displays()
             else:
                 self.job.wait()
