@@ -82,8 +82,16 @@ class Kernel:
             if until is not None and until(msg):
                 return execution
             if until is None and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                execution.reply = self.client.get_shell_msg(timeout=10)
+                execution.reply = self._reply_to(execution.msg_id)
                 return execution
+
+    def _reply_to(self, msg_id: str) -> dict:
+        """The shell reply to ``msg_id``; replies to others (e.g. a second kernel_info_request of
+        wait_for_ready, on a slow start) are passed over."""
+        while True:
+            reply = self.client.get_shell_msg(timeout=10)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply
 
     def run(self, code: str, timeout: float = 120) -> Execution:
         return self.collect(self.start(code), timeout=timeout)
