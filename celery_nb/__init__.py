@@ -17,17 +17,17 @@ from celery_nb import widgets  # noqa: F401  (shows Jobs as live widgets in note
 from celery_nb.client import Client, RemoteFunction, default_client, remote, submit
 from celery_nb.config import CeleryNB, use_settings
 from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError,
-                              ImageNotFoundError, InputError, JobCancelled, JobTimeoutError, OptionError,
-                              OutOfMemoryError, OutputError, PolicyError, PythonVersionError, RemoteError,
-                              SignatureError, UnknownJobError)
+                              ImageNotFoundError, InputError, JobCancelled, JobTimeoutError, LogUnavailableError,
+                              OptionError, OutOfMemoryError, OutputError, PolicyError, PythonVersionError,
+                              RemoteError, SignatureError, UnknownJobError)
 from celery_nb.job import Job
 from celery_nb.options import JobOptions
 from celery_nb_runtime import progress
 
 __all__ = [
     "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError",
-    "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobOptions", "JobTimeoutError", "OptionError",
-    "OutOfMemoryError", "OutputError", "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction",
+    "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobOptions", "JobTimeoutError", "LogUnavailableError",
+    "OptionError", "OutOfMemoryError", "OutputError", "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction",
     "SignatureError", "UnknownJobError", "default_client", "progress", "remote", "submit",
 ]
 

@@ -248,6 +248,10 @@ class Client:
                 f"on the way; it was not unpickled. Check that kernel and workers share the same secret.")
         return data
 
+    def read_blob(self, ref: dict[str, Any]) -> Any:
+        """See JobBackend.read_blob."""
+        return self.blobs.get(ref)
+
     def cancel(self, job_id: str) -> None:
         # The flag stops a running job (its worker checks it while the container runs); the
         # revoke drops a queued one, and the worker reports it cancelled (report_revoked).

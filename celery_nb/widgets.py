@@ -35,6 +35,8 @@ _ERROR = "var(--jp-error-color1,#dc3545)"
 _MUTED = "var(--jp-ui-font-color2,#6c757d)"
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _MIN_REDRAW_INTERVAL = 0.1  # s; log floods must not flood the frontend with comm messages
+_REDRAW_SHARE = 0.1  # of a core at most, however long a redraw takes (a big log)
+_LINE_CHARS = 1000  # of a log line, shown in the widget (a job may print a line of 100 MB)
 
 
 def in_kernel() -> bool:
@@ -63,6 +65,7 @@ class _RedrawnOnEvents:
     """A view that redraws when its jobs' events arrive (throttled) and when they end."""
 
     _drawn_at = 0.0
+    _redraw_took = 0.0  # s, the last throttled redraw
 
     def _follow(self, jobs: list[Job]) -> None:
         self.redraw()
@@ -71,8 +74,10 @@ class _RedrawnOnEvents:
             job.add_done_callback(lambda _job: self.redraw())
 
     def _on_change(self, _job: Job) -> None:
-        if time.monotonic() - self._drawn_at >= _MIN_REDRAW_INTERVAL:
+        started = time.monotonic()
+        if started - self._drawn_at >= max(_MIN_REDRAW_INTERVAL, self._redraw_took / _REDRAW_SHARE):
             self.redraw()
+            self._redraw_took = time.monotonic() - started
 
     def redraw(self) -> None:
         self._drawn_at = time.monotonic()
@@ -137,8 +142,8 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             '<div style="max-height:16em;overflow:auto;display:flex;flex-direction:column-reverse;'
             f'{_LOG_BOX};margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;color:inherit;'
             'font-size:12px;line-height:1.3">'
-            + "".join(f'<span style="color:{_STDERR}">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
-                      for s, t in lines)
+            + "".join(f'<span style="color:{_STDERR}">{html.escape(_clipped(t))}</span>' if s == "stderr"
+                      else html.escape(_clipped(t)) for s, t in lines)
             + "</pre></div>") if lines else ""
         if self.displays is not None:
             shown = len(self.displays.outputs)
@@ -225,6 +230,13 @@ def jobs_view(jobs: list[Job]) -> Any:
     return None
 
 
+def _clipped(line: str) -> str:
+    """A log line as the widget shows it: its start, when it is very long."""
+    if len(line) <= _LINE_CHARS:
+        return line
+    return f"{line[:_LINE_CHARS]} ... ({len(line) - _LINE_CHARS} more characters)\n"
+
+
 def text_summary(job: Job) -> str:
     tail = "".join(t for _s, t in log_tail(job, 10))
     return job.summary() + (("\n" + tail.rstrip("\n")) if tail else "")
@@ -236,18 +248,17 @@ class TextProgress:
     def __init__(self, job: Job) -> None:
         self.job = job
         self._status = None
-        self._printed = 0
+        self._printed = 0  # output items printed (Job.new_output)
         job.add_listener(self.update)
         job.add_done_callback(self.update)
 
     def update(self, job: Job) -> None:
-        items = job.output_items()
-        for kind, item in items[self._printed:]:
+        items, self._printed = job.new_output(self._printed)
+        for kind, item in items:
             if kind == "display":
                 print(item["data"].get("text/plain", ""), flush=True)
             else:
                 (sys.stderr if kind == "stderr" else sys.stdout).write(item)
-        self._printed = len(items)
         if job.status != self._status:
             self._status = job.status
             print(f"[celery_nb] {job.summary()}", file=sys.stderr, flush=True)

@@ -141,6 +141,23 @@ def test_no_wait_returns_a_job_and_outputs_land_between_cells(kernel: Kernel) ->
     assert kernel.run("print(awaited)").stream_text() == "MainThread\n"
 
 
+# a line of 3 MB (shown for a second), then 50 MB of lines: more than the log keeps (CELERY_NB_MAX_LOG_BYTES, 4 MiB)
+FLOOD_CELL = ("%%celery_docker\nimport time\nprint('y' * 3_000_000, flush=True)\ntime.sleep(1)\npad = 'x' * 90\n"
+              "for i in range(500_000):\n    print(f'step {i:8d} {pad}')\nprint('the end')\n")
+
+
+def test_a_print_flood_leaves_the_kernel_and_the_widget_in_bounds(kernel: Kernel) -> None:
+    ex = kernel.run(FLOOD_CELL, timeout=300)
+    assert ex.error() is None
+    boxes = [v for v in ex.html_values() if "celery-nb-logs" in v]  # what the log box drew
+    assert "step   499999 " in boxes[-1] and "the end" in boxes[-1]
+    assert any("y" * 1000 + " ... (" in box for box in boxes)  # the long line, clipped
+    assert max(map(len, boxes)) < 64 * 1024
+    kept = kernel.run("from celery_nb import default_client\nlogs = default_client().jobs[-1].logs\n"
+                      "print(len(logs) < 4 * 2**20 + 1000, 'of output dropped here' in logs, i)")
+    assert kept.stream_text() == "True True 499999\n"
+
+
 RICH_CELL = f"""%%celery_docker --image {SCIENCE_IMAGE}
 import matplotlib.pyplot as plt
 
