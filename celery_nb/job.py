@@ -160,7 +160,8 @@ class Job:
 
     # -- future-like API --------------------------------------------------------------
     def done(self) -> bool:
-        """True once the job is final and its done callbacks (e.g. output injection) have run."""
+        """True once the job is final and its done callbacks have run (they hand a ``--no-wait`` cell's
+        outputs to the kernel's main thread, which puts them in the namespace before the next cell)."""
         return self._done.is_set()
 
     @property
@@ -203,7 +204,8 @@ class Job:
     # -- what a person reads ------------------------------------------------------------
     @property
     def logs(self) -> str:
-        """Everything the job printed so far (stdout and stderr, interleaved as they came)."""
+        """What the job printed so far (stdout and stderr, interleaved as they came): past the worker's
+        CELERY_NB_MAX_LOG_BYTES, its first and its newest part (``full_log()`` has all of it)."""
         return "".join(text for _stream, text in self.log_chunks())
 
     def log_chunks(self) -> list[tuple[str, str]]:

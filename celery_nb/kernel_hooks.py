@@ -2,10 +2,12 @@
 between cells, and widget clicks served while a blocking cell keeps the main thread busy.
 
 ipykernel 7 reads the shell channel in a thread of its own and hands each message to the main
-shell (the main thread, busy while a cell runs) or to a subshell (a thread each). JupyterLab 4.4+
-sends widget messages on a subshell of its own; other frontends send them to the main shell,
-where a click would wait for the blocked cell. So the buttons a blocking cell needs meanwhile
-(Cancel) are routed to a subshell that celery_nb opens in the kernel.
+shell (the main thread, busy while a cell runs) or to a subshell (a thread each). A widget's
+messages go where the frontend sends them (JupyterLab 4.4+: a subshell of its own, others: the
+main shell), except that ipykernel 7.4 sends a comm's messages back to the shell that last sent
+on it: the main shell, for a widget a cell made. Either way a click could wait for the blocked
+cell. So the button a blocking cell needs meanwhile (Cancel) is routed to a subshell that
+celery_nb opens in the kernel.
 """
 from __future__ import annotations
 
