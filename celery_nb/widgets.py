@@ -232,9 +232,10 @@ def jobs_view(jobs: list[Job]) -> Any:
 
 def _clipped(line: str) -> str:
     """A log line as the widget shows it: its start, when it is very long."""
-    if len(line) <= _LINE_CHARS:
+    text = line.rstrip("\n")
+    if len(text) <= _LINE_CHARS:
         return line
-    return f"{line[:_LINE_CHARS]} ... ({len(line) - _LINE_CHARS} more characters)\n"
+    return f"{text[:_LINE_CHARS]} ... ({len(text) - _LINE_CHARS} more characters)\n"
 
 
 def text_summary(job: Job) -> str:

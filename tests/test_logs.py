@@ -161,6 +161,20 @@ def test_a_whole_log_beyond_its_cap_says_where_it_ends() -> None:
     assert "job.full_log() has its first" in job.logs
 
 
+def test_the_window_holds_with_multibyte_and_broken_text() -> None:
+    store, log, job = _job_log(WorkerSettings(max_log_bytes=200, max_full_log_bytes=1 << 20, full_log_ttl=60))
+    printed = ("é" * 70 + "\n").encode() * 30 + b"\xff\xfe broken" + ("€" * 300).encode()
+    for start in range(0, len(printed), 37):  # cuts characters in two
+        log.add("stdout", printed[start:start + 37])
+        log.flush(now=False)
+    log.finish()
+    _replay(store, job)
+    _head, _, rest = job.logs.partition("[celery_nb] ")
+    tail = rest.partition("\n")[2]
+    assert 0 < len(tail.encode()) <= 100 and printed.decode("utf-8", "replace").endswith(tail)
+    assert job.full_log() == printed.decode("utf-8", "replace")
+
+
 def test_no_whole_log_when_the_worker_keeps_none() -> None:
     store, log, job = _job_log(WorkerSettings(max_log_bytes=100, max_full_log_bytes=0))
     log.add("stdout", b"y" * 1000)

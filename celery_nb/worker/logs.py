@@ -142,15 +142,15 @@ class JobLog:
         while self._pending_bytes > self._window:
             piece = self._pending[0]
             excess = self._pending_bytes - self._window
-            if piece[2] <= excess:
+            text = piece[1]
+            start = text.find("\n", excess - 1) + 1 or excess  # its newest part stays, from a line's start
+            cut = min(len(text[:start].encode()), piece[2])
+            if piece[2] <= excess or start >= len(text) or not cut:  # none of it stays
                 self._pending.popleft()
                 cut = piece[2]
-            else:  # its newest part stays, from a line's start where there is one
-                text = piece[1]
-                start = text.find("\n", excess - 1) + 1 or excess
-                cut = len(text[:start].encode())
+            else:
                 piece[1] = text[start:]
-                piece[2] = max(0, piece[2] - cut)
+                piece[2] -= cut
             self._pending_bytes -= cut
             self._dropped += cut
 
