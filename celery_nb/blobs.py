@@ -37,6 +37,9 @@ class BlobStore(Protocol):
 
     def delete(self, ref: dict[str, Any]) -> None: ...
 
+    def expire(self, ref: dict[str, Any], seconds: float) -> None:
+        """Delete the blob after ``seconds`` instead of the store's usual expiry."""
+
 
 class MissingBlobError(KeyError):
     """The blob expired or was deleted."""
@@ -158,6 +161,12 @@ class RedisBlobStore:
         keys = [f"{ref['key']}:{i}" for i in range(ref["chunks"])]
         self._retry.call_with_retry(lambda: self._redis.delete(*keys), lambda _error: None)
 
+    def expire(self, ref: dict[str, Any], seconds: float) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for i in range(ref["chunks"]):
+            pipe.expire(f"{ref['key']}:{i}", max(1, int(seconds)))
+        pipe.execute()
+
 
 class _BulkIO:
     """Big values to and from Redis without copying them, over a connected redis-py connection
@@ -264,6 +273,9 @@ class S3BlobStore:
     def delete(self, ref: dict[str, Any]) -> None:
         self._s3.delete_object(Bucket=self._bucket, Key=ref["s3_key"])
 
+    def expire(self, ref: dict[str, Any], seconds: float) -> None:
+        """Nothing: S3 objects expire by the bucket's lifecycle rule for PREFIX."""
+
 
 class _PiecesReader(io.RawIOBase):
     """The concatenation of bytes-like ``pieces`` as a readable file, without joining them."""
@@ -338,3 +350,8 @@ class MemoryBlobStore:
     def delete(self, ref: dict[str, Any]) -> None:
         with self._lock:
             self._blobs.pop(ref["key"], None)
+
+    def expire(self, ref: dict[str, Any], seconds: float) -> None:
+        timer = threading.Timer(seconds, self.delete, [ref])
+        timer.daemon = True  # the kernel's exit does not wait for it
+        timer.start()

@@ -254,6 +254,10 @@ class Client:
                 raise SignatureError(f"the result of job {job_id} {problem}; it was not unpickled") from None
         return data
 
+    def read_blob(self, ref: dict[str, Any]) -> Any:
+        """See JobBackend.read_blob."""
+        return self.blobs.get(ref)
+
     def cancel(self, job_id: str) -> None:
         # The flag stops a running job (its worker checks it while the container runs); the
         # revoke drops a queued one, and the worker reports it cancelled (report_revoked).

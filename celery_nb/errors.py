@@ -46,6 +46,10 @@ class SignatureError(CeleryNBError):
     """A request or result is unsigned or altered (CELERY_NB_SECRET); nothing was run or unpickled."""
 
 
+class LogUnavailableError(CeleryNBError, LookupError):
+    """The whole log of a job (``Job.full_log()``) was not kept, or has expired."""
+
+
 class PolicyError(CeleryNBError):
     """The worker's policy refused the request (image, limits)."""
 

@@ -13,11 +13,14 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 from typing import Any, Callable, ClassVar, Protocol
 
 from celery_nb import payload
-from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
+from celery_nb.blobs import MissingBlobError
+from celery_nb.errors import CeleryNBError, JobCancelled, LogUnavailableError, error_from_event
 from celery_nb.jobstore import START, Event, JobStore, Waker
+from celery_nb.logwindow import LogWindow
 from celery_nb.options import format_size
 
 _READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
@@ -37,6 +40,9 @@ class JobBackend(Protocol):
 
     def attach(self, job_id: str) -> Job:
         """Follow an earlier job again (see Job.attach)."""
+
+    def read_blob(self, ref: dict[str, Any]) -> Any:
+        """A blob (bytes-like) from the client's blob store, left there; MissingBlobError once it expired."""
 
 
 class Job:
@@ -68,6 +74,7 @@ class Job:
         self._backend = backend
         # what the job printed and displayed, in order: ("stdout"|"stderr", text) or ("display", bundle)
         self._output: list[tuple[str, Any]] = []
+        self._log_window = LogWindow()  # keeps _output bounded as the worker bounds the stream
         self._result_blob: bytes | None = None
         self._result_ref: dict[str, Any] | None = None  # a big result, in the client's blob store
         self._result_sig: dict[str, Any] | None = None
@@ -96,6 +103,11 @@ class Job:
                     self.container_id = event.get("container_id")
             elif kind == "log":
                 self._output.append((event["stream"], event["text"]))
+                self._log_window.added(self._output)
+            elif kind == "log_cut":
+                self._log_window.cut(self._output, event)
+            elif kind == "log_end":
+                self._log_window.ended(self._output, event)
             elif kind == "display":
                 self._output.append(("display", {"data": event["data"], "metadata": event.get("metadata", {})}))
             elif kind == "progress":
@@ -161,7 +173,8 @@ class Job:
 
     # -- future-like API --------------------------------------------------------------
     def done(self) -> bool:
-        """True once the job is final and its done callbacks (e.g. output injection) have run."""
+        """True once the job is final and its done callbacks have run (they hand a ``--no-wait`` cell's
+        outputs to the kernel's main thread, which puts them in the namespace before the next cell)."""
         return self._done.is_set()
 
     @property
@@ -206,8 +219,9 @@ class Job:
     # -- what a person reads ------------------------------------------------------------
     @property
     def logs(self) -> str:
-        """Everything the job printed so far (stdout and stderr, interleaved as they came), with
-        lines redrawn by carriage returns as they were left (see collapse_carriage_returns)."""
+        """What the job printed so far (stdout and stderr, interleaved as they came), with lines
+        redrawn by carriage returns as they were left (see collapse_carriage_returns): past the
+        worker's CELERY_NB_MAX_LOG_BYTES, its first and its newest part (``full_log()`` has all of it)."""
         return collapse_carriage_returns("".join(text for _stream, text in self.log_chunks()))
 
     def log_chunks(self) -> list[tuple[str, str]]:
@@ -216,6 +230,40 @@ class Job:
     def output_items(self) -> list[tuple[str, Any]]:
         """Logs and displays in the order they came: ("stdout"|"stderr", text) or ("display", bundle)."""
         return list(self._output)
+
+    def new_output(self, seen: int) -> tuple[list[tuple[str, Any]], int]:
+        """The output items (as ``output_items``) that came after the first ``seen`` (0, or what
+        this returned last), and how many have come now; those the log dropped are left out."""
+        with self._lock:
+            start = self._log_window.index_after(seen)
+            return self._output[start:], len(self._output) + self._log_window.trimmed
+
+    def full_log(self, timeout: float | None = None) -> str:
+        """Everything the job printed (stdout and stderr as they came), also what ``logs`` left
+        out: past the worker's CELERY_NB_MAX_LOG_BYTES, the worker keeps the whole log for
+        CELERY_NB_FULL_LOG_TTL seconds (one hour). Waits for the job to end (TimeoutError after
+        ``timeout`` seconds); LogUnavailableError when the whole log was not kept or has expired."""
+        if not self._final.wait(timeout):
+            raise TimeoutError(f"job {self.id} is still {self.status} after {timeout:g} s; its whole log is "
+                               f"kept when it ends")
+        end = self._log_window.end
+        if end is None:  # nothing was dropped
+            return self.logs
+        whole = end.get("full_log")
+        if whole is None:
+            raise LogUnavailableError(f"the worker of job {self.id} kept only its log's first and last part (its "
+                                      f"CELERY_NB_MAX_FULL_LOG_BYTES is 0); set it on the worker to keep whole logs")
+        try:
+            data = self._backend.read_blob(whole["ref"])
+        except MissingBlobError:
+            raise LogUnavailableError(
+                f"the whole log of job {self.id} was kept until "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(whole['until']))} and has expired; raise "
+                f"CELERY_NB_FULL_LOG_TTL on the workers to keep whole logs longer") from None
+        text = zlib.decompressobj().decompress(data, whole["size"]).decode("utf-8", "replace")
+        return text if whole["size"] == end["printed"] else (
+            text + f"\n[celery_nb] the whole log ends here, after {whole['size']} of the {end['printed']} bytes the "
+                   f"job printed (the worker's CELERY_NB_MAX_FULL_LOG_BYTES is {end['cap']})\n")
 
     @property
     def displays(self) -> list[dict[str, Any]]:

@@ -91,6 +91,10 @@ class JobStore(Protocol):
     def append_many(self, job_id: str, events: list[Event]) -> None:
         """Append several events at once (one round trip)."""
 
+    def append_dropping(self, job_id: str, events: list[Event], drop: list[str]) -> list[str]:
+        """Append several events and delete the earlier ones ``drop`` (ids this returned), in
+        one round trip; returns the new events' ids. Readers never see deleted events."""
+
     def read(self, job_id: str, cursor: str, timeout: float) -> tuple[list[Event], str]:
         """Events after ``cursor`` (waiting up to ``timeout`` s for one) and the new cursor."""
 
@@ -144,7 +148,7 @@ class MemoryJobStore:
     local = True
 
     def __init__(self) -> None:
-        self._events: dict[str, list[Event]] = {}
+        self._events: dict[str, list[Event | None]] = {}  # None: an event deleted (append_dropping)
         self._cancelled: set[str] = set()
         self._attempts: dict[str, int] = {}
         self._finished: set[str] = set()
@@ -163,6 +167,16 @@ class MemoryJobStore:
         for event in events:
             self.append(job_id, event)
 
+    def append_dropping(self, job_id: str, events: list[Event], drop: list[str]) -> list[str]:
+        with self._changed:
+            stream = self._events.setdefault(job_id, [])
+            for event_id in drop:
+                stream[int(event_id)] = None  # a deleted event: read_many skips it
+            ids = [str(len(stream) + i) for i in range(len(events))]
+            stream.extend(dict(event) for event in events)
+            self._changed.notify_all()
+        return ids
+
     def read(self, job_id: str, cursor: str, timeout: float) -> tuple[list[Event], str]:
         return self.read_many({job_id: cursor}, timeout, self.waker()).get(job_id, ([], cursor))
 
@@ -171,11 +185,15 @@ class MemoryJobStore:
         with self._changed:
             rings = self._rings
             while True:
-                found = {job_id: self._events[job_id][int(cursor):] for job_id, cursor in cursors.items()
-                         if len(self._events.get(job_id, ())) > int(cursor)}
+                found = {}
+                for job_id, cursor in cursors.items():
+                    stream = self._events.get(job_id, [])
+                    events = [event for event in stream[int(cursor):] if event is not None]
+                    if events:
+                        found[job_id] = (events, str(len(stream)))
                 remaining = deadline - time.monotonic()
                 if found or remaining <= 0 or self._rings != rings:
-                    return {job_id: (events, str(int(cursors[job_id]) + len(events))) for job_id, events in found.items()}
+                    return found
                 self._changed.wait(remaining)
 
     def waker(self) -> Waker:
@@ -370,6 +388,16 @@ class RedisJobStore:
         if isinstance(wake, _RedisWaker):
             wake.ring_in(pipe)
         pipe.execute()
+
+    def append_dropping(self, job_id: str, events: list[Event], drop: list[str]) -> list[str]:
+        key = events_key(job_id)
+        pipe = self._redis.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(key, {"e": json.dumps(event)})
+        if drop:
+            pipe.xdel(key, *drop)
+        pipe.expire(key, self._ttl)
+        return [event_id.decode() for event_id in pipe.execute()[:len(events)]]
 
     def first_event_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event, wake: Waker) -> None:
         """Add to ``pipe`` (of a client of the same Redis, to run with other commands) the

@@ -2,6 +2,7 @@
 (no Celery or Docker here)."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -9,7 +10,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from celery_nb.client import default_client
+from celery_nb.errors import CeleryNBError
 from celery_nb.job import Job
+from celery_nb.kernel_hooks import BetweenCells
 from celery_nb.options import JobOptions
 from celery_nb.widgets import JobView, jobs_view
 
@@ -36,6 +39,10 @@ def job_option_flags(func: F) -> F:
 
 @magics_class
 class CeleryDockerMagics(Magics):
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self._between_cells = BetweenCells(shell)
+
     @magic_arguments()
     @argument("--in", dest="inputs", metavar="A,B",
               help="kernel variables to send (default: the names the cell reads that the kernel has)")
@@ -100,7 +107,9 @@ class CeleryDockerMagics(Magics):
         """Show the job and bring its outputs back: a cell's into the namespace, a function's
         return value as the result."""
         if no_wait:
-            job.add_done_callback(self._inject_outputs)
+            # the job ends on the follower's thread, maybe while another cell runs: its outputs
+            # land on the main thread, between cells
+            job.add_done_callback(lambda job: self._between_cells.call(lambda: self._land_outputs(job)))
             return job  # displayed as the cell's result: the live widget
         JobView(job).wait(cancel_on_interrupt)
         if job.kind == "call":
@@ -108,6 +117,11 @@ class CeleryDockerMagics(Magics):
         self.shell.user_ns.update(job.result())
         return None
 
-    def _inject_outputs(self, job: Job) -> None:
+    def _land_outputs(self, job: Job) -> None:
+        """A ``--no-wait`` cell's variables, into the namespace (on the main thread, between cells)."""
         if job.status == "succeeded" and job.kind == "cell":
-            self.shell.user_ns.update(job.result())
+            try:
+                self.shell.user_ns.update(job.result())
+            except CeleryNBError as exc:
+                print(f"[celery_nb] the outputs of job {job.id[:12]} ({job.label}) did not land: {exc}",
+                      file=sys.stderr)

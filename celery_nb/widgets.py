@@ -16,13 +16,28 @@ from IPython import get_ipython
 from IPython.display import display
 
 from celery_nb.job import Job, collapse_carriage_returns
+from celery_nb.kernel_hooks import serve_while_busy
 from celery_nb.options import format_size
 
 LOG_TAIL_LINES = 30
-_STATUS_COLOURS = {"queued": "#6c757d", "starting": "#0d6efd", "running": "#0d6efd",
-                   "succeeded": "#198754", "failed": "#dc3545", "cancelled": "#fd7e14"}
+# Colours come from JupyterLab's theme (its CSS variables), so that light and dark themes both
+# read well, with fixed ones where there is no theme. A status badge is white text on the strong
+# shade of its status's colour; the jobs table writes the status in the normal shade.
+_STATUS_BADGE = {"queued": "var(--jp-layout-color4,#6c757d)", "starting": "var(--jp-brand-color0,#0d6efd)",
+                 "running": "var(--jp-brand-color0,#0d6efd)", "succeeded": "var(--jp-success-color0,#198754)",
+                 "failed": "var(--jp-error-color0,#dc3545)", "cancelled": "var(--jp-warn-color0,#fd7e14)"}
+_STATUS_TEXT = {"queued": "var(--jp-ui-font-color2,#6c757d)", "starting": "var(--jp-brand-color1,#0d6efd)",
+                "running": "var(--jp-brand-color1,#0d6efd)", "succeeded": "var(--jp-success-color1,#198754)",
+                "failed": "var(--jp-error-color1,#dc3545)", "cancelled": "var(--jp-warn-color1,#fd7e14)"}
+_BORDER = "var(--jp-border-color2,#ddd)"
+_LOG_BOX = "background:var(--jp-cell-editor-background,#f8f9fa);color:var(--jp-content-font-color1,#212529)"
+_STDERR = "var(--jp-error-color1,#b02a37)"
+_ERROR = "var(--jp-error-color1,#dc3545)"
+_MUTED = "var(--jp-ui-font-color2,#6c757d)"
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _MIN_REDRAW_INTERVAL = 0.1  # s; log floods must not flood the frontend with comm messages
+_REDRAW_SHARE = 0.1  # of a core at most, however long a redraw takes (a big log)
+_LINE_CHARS = 1000  # of a log line, shown in the widget (a job may print a line of 100 MB)
 
 
 def in_kernel() -> bool:
@@ -52,6 +67,7 @@ class _RedrawnOnEvents:
     """A view that redraws when its jobs' events arrive (throttled) and when they end."""
 
     _drawn_at = 0.0
+    _redraw_took = 0.0  # s, the last throttled redraw
 
     def _follow(self, jobs: list[Job]) -> None:
         self.redraw()
@@ -60,8 +76,10 @@ class _RedrawnOnEvents:
             job.add_done_callback(lambda _job: self.redraw())
 
     def _on_change(self, _job: Job) -> None:
-        if time.monotonic() - self._drawn_at >= _MIN_REDRAW_INTERVAL:
+        started = time.monotonic()
+        if started - self._drawn_at >= max(_MIN_REDRAW_INTERVAL, self._redraw_took / _REDRAW_SHARE):
             self.redraw()
+            self._redraw_took = time.monotonic() - started
 
     def redraw(self) -> None:
         self._drawn_at = time.monotonic()
@@ -93,13 +111,13 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             self.logs,
             *([self.displays] if self.displays is not None else []),
             self.timings,
-        ], layout=w.Layout(border="1px solid #ddd", padding="4px 8px", margin="2px 0"))
+        ], layout=w.Layout(border=f"1px solid {_BORDER}", padding="4px 8px", margin="2px 0"))
         self._follow([job])
 
     def redraw(self) -> None:
         super().redraw()
         job = self.job
-        colour = _STATUS_COLOURS.get(job.status, "#6c757d")
+        colour = _STATUS_BADGE.get(job.status, _STATUS_BADGE["queued"])
         self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
                              f'border-radius:4px;padding:1px 8px;font-weight:bold">{job.status}</span>')
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
@@ -124,10 +142,10 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         # column-reverse keeps the box scrolled to its newest line
         self.logs.value = (
             '<div style="max-height:16em;overflow:auto;display:flex;flex-direction:column-reverse;'
-            'background:#f8f9fa;margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;'
+            f'{_LOG_BOX};margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;color:inherit;'
             'font-size:12px;line-height:1.3">'
-            + "".join(f'<span style="color:#b02a37">{html.escape(t)}</span>' if s == "stderr" else html.escape(t)
-                      for s, t in lines)
+            + "".join(f'<span style="color:{_STDERR}">{html.escape(_clipped(t))}</span>' if s == "stderr"
+                      else html.escape(_clipped(t)) for s, t in lines)
             + "</pre></div>") if lines else ""
         if self.displays is not None:
             shown = len(self.displays.outputs)
@@ -135,11 +153,11 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
                                            for bundle in job.displays[shown:])
         if job.finished:
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
-            error = (f'<div style="color:#dc3545">{html.escape(str(job.error).splitlines()[0])}</div>'
+            error = (f'<div style="color:{_ERROR}">{html.escape(str(job.error).splitlines()[0])}</div>'
                      if job.error is not None else "")
-            usage = (f'<span class="celery-nb-usage" style="color:#6c757d"> · {html.escape(job.usage_text())}</span>'
+            usage = (f'<span class="celery-nb-usage" style="color:{_MUTED}"> · {html.escape(job.usage_text())}</span>'
                      if job.usage else "")
-            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:#6c757d">{parts}</span>{usage}'
+            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:{_MUTED}">{parts}</span>{usage}'
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = super()._repr_mimebundle_(**kwargs)
@@ -201,7 +219,7 @@ class JobsTable(_RedrawnOnEvents, w.GridBox):
             for cell, text in zip(texts, row):
                 cell.value = f'<span style="white-space:nowrap">{html.escape(text)}</span>'
             texts[0].value = f'<code title="{job.id}">{row[0]}</code>'
-            colour = _STATUS_COLOURS.get(job.status, "#6c757d")
+            colour = _STATUS_TEXT.get(job.status, _STATUS_TEXT["queued"])
             texts[3].value = f'<span class="celery-nb-status" style="color:{colour};font-weight:bold">{job.status}</span>'
             # hidden, not removed: the grid's cells must stay in their columns
             button.layout.visibility = "hidden" if job.finished else "visible"
@@ -220,6 +238,14 @@ def jobs_view(jobs: list[Job]) -> Any:
     return None
 
 
+def _clipped(line: str) -> str:
+    """A log line as the widget shows it: its start, when it is very long."""
+    text = line.rstrip("\n")
+    if len(text) <= _LINE_CHARS:
+        return line
+    return f"{text[:_LINE_CHARS]} ... ({len(text) - _LINE_CHARS} more characters)\n"
+
+
 def text_summary(job: Job) -> str:
     tail = "".join(t for _s, t in log_tail(job, 10))
     return job.summary() + (("\n" + tail.rstrip("\n")) if tail else "")
@@ -231,18 +257,17 @@ class TextProgress:
     def __init__(self, job: Job) -> None:
         self.job = job
         self._status = None
-        self._printed = 0
+        self._printed = 0  # output items printed (Job.new_output)
         job.add_listener(self.update)
         job.add_done_callback(self.update)
 
     def update(self, job: Job) -> None:
-        items = job.output_items()
-        for kind, item in items[self._printed:]:
+        items, self._printed = job.new_output(self._printed)
+        for kind, item in items:
             if kind == "display":
                 print(item["data"].get("text/plain", ""), flush=True)
             else:
                 (sys.stderr if kind == "stderr" else sys.stdout).write(item)
-        self._printed = len(items)
         if job.status != self._status:
             self._status = job.status
             print(f"[celery_nb] {job.summary()}", file=sys.stderr, flush=True)
@@ -277,8 +302,8 @@ class JobView:
             self._displayed += 1
 
     def wait(self, cancel_on_interrupt: bool = True) -> None:
-        """Block until the job is final while widget events (the Cancel button) keep working
-        and its displays appear.
+        """Block until the job is final while its displays appear and its Cancel button keeps
+        working (its clicks are served on a kernel subshell meanwhile).
 
         A kernel interrupt (Ctrl-C, the Interrupt button) cancels the job, waits for the
         worker to confirm, and re-raises KeyboardInterrupt (without ``cancel_on_interrupt``,
@@ -286,12 +311,9 @@ class JobView:
         """
         try:
             if self.widget is not None:
-                from jupyter_ui_poll import ui_events
-
-                with ui_events() as ui_poll:
-                    while not self.job.wait(0.05):
-                        ui_poll(10)
-                        self._show_new_displays()
+                serve_while_busy(self.widget.cancel_button)
+                while not self.job.wait(0.05):
+                    self._show_new_displays()
                 self._show_new_displays()
             else:
                 self.job.wait()

@@ -86,7 +86,8 @@ class Kernel:
                 return execution
 
     def _reply_to(self, msg_id: str) -> dict:
-        """The shell reply to ``msg_id`` (earlier replies, e.g. to wait_for_ready's kernel_info, are skipped)."""
+        """The shell reply to ``msg_id``; replies to others (e.g. a second kernel_info_request of
+        wait_for_ready, on a slow start) are passed over."""
         while True:
             reply = self.client.get_shell_msg(timeout=10)
             if reply["parent_header"].get("msg_id") == msg_id:
@@ -95,10 +96,24 @@ class Kernel:
     def run(self, code: str, timeout: float = 120) -> Execution:
         return self.collect(self.start(code), timeout=timeout)
 
-    def click(self, comm_id: str) -> None:
-        """What a frontend sends when a person clicks an ipywidgets Button."""
-        self.client.shell_channel.send(self.client.session.msg(
-            "comm_msg", {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}))
+    def click(self, comm_id: str, subshell_id: str | None = None) -> None:
+        """What a frontend sends when a person clicks an ipywidgets Button: to the main shell, or
+        (as JupyterLab 4.4+ does) on the subshell ``subshell_id`` it opened for widgets."""
+        msg = self.client.session.msg(
+            "comm_msg", {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}})
+        if subshell_id is not None:
+            msg["header"]["subshell_id"] = subshell_id
+        self.client.shell_channel.send(msg)
+
+    def create_subshell(self) -> str:
+        """Open a kernel subshell as a frontend does (a create_subshell_request on the control channel)."""
+        msg = self.client.session.msg("create_subshell_request", {})
+        self.client.control_channel.send(msg)
+        while True:
+            reply = self.client.control_channel.get_msg(timeout=10)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                assert reply["content"]["status"] == "ok", reply["content"]
+                return reply["content"]["subshell_id"]
 
     def shutdown(self) -> None:
         self.client.stop_channels()

@@ -50,7 +50,9 @@ def assert_values_come_back(quickstart: dict) -> None:
     assert text_of(cells["print-y"]) == "42\n"
     assert text_of(cells["print-total"]).strip().replace(".", "").isdigit()
     assert text_of(cells["print-message"]) == "hello, x is 21 False\n"
-    assert text_of(cells["no-wait-result"]) == "succeeded done\n"
+    # a --no-wait job's variables land between cells: after the cell that waited for it, before the next
+    assert text_of(cells["no-wait-result"]) == "succeeded False\n"
+    assert text_of(cells["no-wait-landed"]) == "done\n"
     assert text_of(cells["submit"]) == "60\n"
     assert text_of(cells["remote"]) == "144 [0, 1, 4, 9, 16, 25]\n"
 

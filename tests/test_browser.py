@@ -302,3 +302,70 @@ def test_a_cells_last_expression_shows_a_dataframe(page, jupyter_lab: tuple[str,
     assert [row.split("\t")[1:] for row in rows] == [["south", "17.25"], ["north", "12.50"], ["east", "9.75"]], rows
     assert table.is_visible()
     cell.screenshot(path=SCREENSHOTS / "cell-last-expression-dataframe.png")
+
+
+# the colours of a cell's widget and jobs table: their contrast (WCAG) on what is behind them
+COLOURS_JS = """cell => {
+    const rgb = c => c.match(/[\\d.]+/g).map(Number);
+    const luminance = c => rgb(c).slice(0, 3).map(v => v / 255)
+        .map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4)
+        .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+    const contrast = (a, b) => { const [x, y] = [luminance(a), luminance(b)].sort((p, q) => q - p);
+                                 return (x + 0.05) / (y + 0.05); };
+    const behind = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
+                                                           if (rgb(c).length < 4 || rgb(c)[3] > 0) return c; }
+                          return 'rgb(255, 255, 255)'; };
+    const on = e => contrast(getComputedStyle(e).color, behind(e));
+    const logs = cell.querySelector('.celery-nb-logs');
+    return {boxBackground: luminance(behind(logs)), logs: on(logs), stderr: on(logs.querySelector('span')),
+            badge: on(cell.querySelector('.celery-nb-status'))};
+}"""
+# the contrast of each status in a jobs table on what is behind it
+TABLE_JS = COLOURS_JS.split("const logs")[0] + "return [...cell.querySelectorAll('.celery-nb-status')].map(on);}"
+THEMED_CELL = ("%%celery_docker\nimport sys\nfor k in range(6): print('a line of output', k)\n"
+               "print('a warning on stderr', file=sys.stderr)")
+
+
+def _theme(page, name: str) -> None:  # noqa: ANN001 - playwright Page
+    """Pick a theme in the Settings menu, as a person does, and wait until it is applied."""
+    page.locator(".lm-MenuBar-itemLabel").get_by_text("Settings", exact=True).click()
+    page.locator(".lm-Menu-itemLabel").get_by_text("Theme", exact=True).click()
+    page.locator(".lm-Menu-itemLabel").get_by_text(name, exact=True).click()
+    light = "false" if "Dark" in name else "true"
+    page.wait_for_function(f"document.body.dataset.jpThemeLight === '{light}'", timeout=30_000)
+
+
+def test_the_widget_and_the_jobs_table_in_the_dark_theme(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
+    nb = Notebook(page, jupyter_lab, "quickstart")  # the same kernel: the jobs table lists the tests' jobs
+    nb.run("setup")  # %load_ext celery_nb (again, when the tests above ran)
+    _theme(page, "JupyterLab Dark")
+    try:
+        cells = nb.cells
+        last = cells.count() - 1
+        cells.nth(last).click()
+        page.keyboard.press("Escape")
+        page.keyboard.press("b")  # a new cell below the last one
+        for code in (THEMED_CELL, "%celery_jobs"):
+            cells.nth(cells.count() - 1).locator(".jp-InputArea-editor").click()
+            page.keyboard.type(code)
+            page.keyboard.press("Shift+Enter")  # runs it, and adds a cell below
+        cell, table = cells.nth(last + 1), cells.nth(last + 2)
+        deadline = time.monotonic() + 60
+        while (state := cell.evaluate(CELL_STATE_JS))["status"] != "succeeded" or not table.locator(
+                ".celery-nb-status").count():
+            assert time.monotonic() < deadline, state
+            time.sleep(0.1)
+        colours = cell.evaluate(COLOURS_JS)
+        # a dark log box with light text: readable (in the light theme's fixed colours it was light on light)
+        assert colours["boxBackground"] < 0.05 and colours["logs"] >= 7 and colours["stderr"] >= 3, colours
+        assert colours["badge"] >= 3, colours
+        statuses = table.evaluate(TABLE_JS)
+        assert statuses and min(statuses) >= 3, statuses
+        top = cell.locator(".jp-Cell-inputWrapper")
+        top.evaluate("e => e.scrollIntoView({block: 'start'})")
+        box, bottom = top.bounding_box(), table.bounding_box()
+        page.screenshot(path=SCREENSHOTS / "dark-theme-widget-and-jobs-table.png", clip={
+            "x": box["x"], "y": box["y"], "width": bottom["width"],
+            "height": min(bottom["y"] + bottom["height"] - box["y"], 1100)})
+    finally:
+        _theme(page, "JupyterLab Light")

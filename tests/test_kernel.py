@@ -70,12 +70,16 @@ def test_syntax_error_is_raised_before_submitting(kernel: Kernel) -> None:
     assert error["ename"] == "SyntaxError"
 
 
-def test_cancel_button_stops_a_blocking_cell(kernel: Kernel, docker_client: docker.DockerClient) -> None:
+@pytest.mark.parametrize("sent_to", ["main shell", "frontend's subshell"])
+def test_cancel_button_stops_a_blocking_cell(kernel: Kernel, docker_client: docker.DockerClient, sent_to: str) -> None:
+    """A click reaches the busy kernel whether the frontend sends it to the main shell (whose
+    thread the cell blocks) or, as JupyterLab 4.4+ does, on a subshell it opened for widgets."""
+    subshell = kernel.create_subshell() if sent_to == "frontend's subshell" else None
     ex = kernel.collect(kernel.start(LONG_CELL),
                         until=lambda m: m["msg_type"] == "comm_msg" and "tick 3" in str(m["content"]))
     button = ex.comm_opens("ButtonModel")[0]["comm_id"]
     clicked = time.monotonic()
-    kernel.click(button)
+    kernel.click(button, subshell)
     kernel.collect(ex, timeout=10)
     assert time.monotonic() - clicked < 2.5
     assert ex.error()["ename"] == "JobCancelled"
@@ -97,19 +101,68 @@ def test_kernel_interrupt_cancels_the_job(kernel: Kernel, docker_client: docker.
     assert_container_removed(docker_client, _container_of(kernel, ex.job_id()))
 
 
-def test_no_wait_returns_a_job_and_outputs_land_later(kernel: Kernel) -> None:
-    ex = kernel.run("%%celery_docker --no-wait\nimport time\ntime.sleep(1)\nlater = 'landed'\n")
+# a --no-wait cell whose output tells, when the kernel unpickles it, on which thread that was
+NO_WAIT_CELL = """%%celery_docker --no-wait
+import time
+time.sleep({delay})
+def _thread_name():
+    import threading
+    return threading.current_thread().name
+class _Where:
+    def __reduce__(self):
+        return (_thread_name, ())
+{name} = _Where()
+"""
+# a cell that runs across the end of the job ``_`` (blocking, or awaiting); prints whether the job's
+# output has appeared meanwhile
+ACROSS_THE_END = """job_{name} = _
+deadline = time.monotonic() + 30
+while not job_{name}.done() and time.monotonic() < deadline:
+    {pause}
+{pause}
+print(job_{name}.status, '{name}' in globals())
+"""
+
+
+def test_no_wait_returns_a_job_and_outputs_land_between_cells(kernel: Kernel) -> None:
+    ex = kernel.run(NO_WAIT_CELL.format(delay=1, name="later"))
     assert ex.error() is None
     shown, = [m["content"] for m in ex.messages if m["msg_type"] == "display_data"]  # the Job, as the cell's result
     assert "application/vnd.jupyter.widget-view+json" in shown["data"]
     assert shown["data"]["text/plain"].startswith("celery_nb job") and "HBox" not in shown["data"]["text/plain"]
-    assert kernel.run("print('later' in globals())").stream_text() == "False\n"
-    out = kernel.run("import time\njob = _\njob.wait(20)\nprint(later)")
-    assert out.stream_text() == "landed\n"
+    assert kernel.run("import asyncio, time\nprint('later' in globals())").stream_text() == "False\n"
+    # the job ends while this cell runs: its variables must not appear in the middle of it ...
+    across = kernel.run(ACROSS_THE_END.format(name="later", pause="time.sleep(0.3)"))
+    assert across.stream_text() == "succeeded False\n", across.stream_text() + str(across.error())
+    # ... but before the next one, and from the kernel's main thread
+    assert kernel.run("print(later)").stream_text() == "MainThread\n"
     # when the job ended, the text that nbconvert and GitHub show was brought up to date
-    updates = [m["content"] for m in out.messages if m["msg_type"] == "update_display_data"]
+    updates = [m["content"] for m in across.messages if m["msg_type"] == "update_display_data"]
     assert [u["transient"]["display_id"] for u in updates] == [shown["transient"]["display_id"]]
     assert "succeeded" in updates[0]["data"]["text/plain"]
+
+    # neither inside a cell that awaits (the kernel's event loop runs meanwhile)
+    assert kernel.run(NO_WAIT_CELL.format(delay=1, name="awaited")).error() is None
+    across = kernel.run(ACROSS_THE_END.format(name="awaited", pause="await asyncio.sleep(0.3)"))
+    assert across.stream_text() == "succeeded False\n", across.stream_text() + str(across.error())
+    assert kernel.run("print(awaited)").stream_text() == "MainThread\n"
+
+
+# a line of 3 MB (shown for a second), then 50 MB of lines: more than the log keeps (CELERY_NB_MAX_LOG_BYTES, 4 MiB)
+FLOOD_CELL = ("%%celery_docker\nimport time\nprint('y' * 3_000_000, flush=True)\ntime.sleep(1)\npad = 'x' * 90\n"
+              "for i in range(500_000):\n    print(f'step {i:8d} {pad}')\nprint('the end')\n")
+
+
+def test_a_print_flood_leaves_the_kernel_and_the_widget_in_bounds(kernel: Kernel) -> None:
+    ex = kernel.run(FLOOD_CELL, timeout=300)
+    assert ex.error() is None
+    boxes = [v for v in ex.html_values() if "celery-nb-logs" in v]  # what the log box drew
+    assert "step   499999 " in boxes[-1] and "the end" in boxes[-1]
+    assert any("y" * 1000 + " ... (" in box for box in boxes)  # the long line, clipped
+    assert max(map(len, boxes)) < 64 * 1024
+    kept = kernel.run("from celery_nb import default_client\nlogs = default_client().jobs[-1].logs\n"
+                      "print(len(logs) < 4 * 2**20 + 1000, 'of output dropped here' in logs, i)")
+    assert kept.stream_text() == "True True 499999\n"
 
 
 RICH_CELL = f"""%%celery_docker --image {SCIENCE_IMAGE}

@@ -56,3 +56,16 @@ class WorkerSettings(EnvConfigurable):
                    "killed mid-job leaves them behind); a worker that takes over a dead worker's job looks at "
                    "once.",
     ).tag(config=True, env="CELERY_NB_ORPHAN_INTERVAL")
+
+    # -- what a job keeps of its output (celery_nb.worker.logs) ---------------------------
+    max_log_bytes = Int(
+        4 << 20, help="Bytes of a job's output its event stream keeps (and a kernel's Job.logs): the first half "
+                      "as it comes, then a window of the newest; what lies between is dropped, and one line says "
+                      "how much and where the whole log is.",
+    ).tag(config=True, env="CELERY_NB_MAX_LOG_BYTES")
+    max_full_log_bytes = Int(
+        32 << 20, help="The whole log of a job whose output overflows max_log_bytes is kept, compressed, up to "
+                       "this many bytes (Job.full_log() reads it); 0: not kept.",
+    ).tag(config=True, env="CELERY_NB_MAX_FULL_LOG_BYTES")
+    full_log_ttl = Int(3600, help="Seconds a whole log (max_full_log_bytes) is kept.").tag(
+        config=True, env="CELERY_NB_FULL_LOG_TTL")

@@ -6,7 +6,6 @@ kernel and the container.
 from __future__ import annotations
 
 import base64
-import codecs
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from celery_nb.signing import Signer, digest
 from celery_nb.worker import docker_api
 from celery_nb.worker.channel import SPOOL_DIR, ContainerExited, ExitStatus, RuntimeContainer
 from celery_nb.worker.leases import LeaseKeeper
+from celery_nb.worker.logs import JobLog
 from celery_nb.worker.policy import JobPlan, WorkerPolicy
 from celery_nb.worker.pool import ContainerPool
 from celery_nb_runtime import protocol
@@ -32,6 +32,7 @@ _END_GRACE = 5.0  # s a job's process may take to exit after its result, before 
 _HELD_BACK_FOR = 0.02  # s a warm job runs before its start is reported (if it has not ended by then)
 _RELAYED_EVENT_TYPES = {"progress", "display"}  # display: rich output, at most ~1 MiB each (the runtime sees to it)
 _HELD_POLL_INTERVAL = 1.0  # s; how often a job delivered twice checks on the run that holds it
+_LOG_STREAMS = {protocol.FRAME_STDOUT: "stdout", protocol.FRAME_STDERR: "stderr"}
 log = logging.getLogger(__name__)
 
 
@@ -76,10 +77,10 @@ class JobRun:
         self._returning = False  # announced to the pool as coming back
         self._error: dict[str, Any] | None = None
         self._usage: dict[str, Any] | None = None  # what the job used (its container's memory limit with it)
-        self._decoders = {protocol.FRAME_STDOUT: ("stdout", codecs.getincrementaldecoder("utf-8")("replace")),
-                          protocol.FRAME_STDERR: ("stderr", codecs.getincrementaldecoder("utf-8")("replace"))}
+        self.log = JobLog(self.store, self.blobs, self.job_id, self.pool.settings, before_write=self._report_held_back)
 
     def emit(self, event: dict[str, Any], blob: bytes | None = None) -> None:
+        self.log.flush(now=event["type"] != "progress")  # what the job printed before a display goes first
         self._report_held_back()
         self.store.append(self.job_id, {**event, "t": time.time()}, blob)
 
@@ -227,6 +228,7 @@ class JobRun:
                     deadline = time.monotonic() + _END_GRACE
             if end is not None:
                 break
+            self.log.flush(now=False)
             if status is None:
                 self._report_held_back()  # still running
             if status is None and self.store.cancel_requested(self.job_id):
@@ -289,11 +291,8 @@ class JobRun:
 
     def _relay(self, runtime: RuntimeContainer, kind: int, body: bytes) -> None:
         """One frame of the runtime as an event (or the kept result/error)."""
-        if kind in self._decoders:
-            stream, decoder = self._decoders[kind]
-            text = decoder.decode(body)
-            if text:
-                self.emit({"type": "log", "stream": stream, "text": text})
+        if kind in _LOG_STREAMS:
+            self.log.add(_LOG_STREAMS[kind], body)
         elif kind == protocol.FRAME_EVENT:
             event = json.loads(body)
             if event.get("type") in _RELAYED_EVENT_TYPES:
@@ -311,6 +310,7 @@ class JobRun:
 
     def _finish(self, status: str) -> str:
         self._report_starting()
+        self.log.finish()
         self._held_back = None  # the done event tells the same
         self.timings["finished"] = time.time()
         done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings,
