@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 from celery_nb import payload
 from celery_nb.errors import CeleryNBError, JobCancelled, error_from_event
+from celery_nb.files import write_downloads
 from celery_nb.jobstore import START, Event, JobStore, Waker
 
 _READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
@@ -54,6 +55,10 @@ class Job:
         self.container: str | None = None  # "warm" (reused from the worker's pool) or "cold"
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
+        # the files the job's --download patterns matched (path -> size in bytes; result() writes them), and
+        # the patterns that matched nothing
+        self.downloads: dict[str, int] = {}
+        self.unmatched_downloads: list[str] = []
         self.timings: dict[str, float] = {}
         self.error: CeleryNBError | None = None
         self.submitted_at = time.time()
@@ -90,6 +95,9 @@ class Job:
                 self._output.append(("display", {"data": event["data"], "metadata": event.get("metadata", {})}))
             elif kind == "progress":
                 self.progress = {k: event.get(k) for k in ("n", "total", "desc")}
+            elif kind == "downloads":
+                self.downloads = {path: size for path, size in event["files"]}
+                self.unmatched_downloads = list(event["unmatched"])
             elif kind == "done":  # a warm job that ended at once reported no start: this says it all
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
@@ -166,7 +174,9 @@ class Job:
             self._backend.cancel(self.id)
 
     def result(self, timeout: float | None = None) -> Any:
-        """The job's outputs: a dict of variables for a cell, the return value for a call.
+        """The job's outputs: a dict of variables for a cell, the return value for a call. The
+        first call also writes the files the job's --download patterns matched into the kernel's
+        working directory (``downloads`` lists them).
 
         Raises the job's error (RemoteError, JobTimeoutError, ...), JobCancelled, or
         TimeoutError if it is still running after ``timeout`` seconds.
@@ -181,7 +191,9 @@ class Job:
             if self._outputs is None:
                 decode_started = time.time()
                 data = self._backend.collect(self.id, self._result_blob, self._result_ref, self._result_sig)
-                self._result_ref = None
+                # kept until it has been loaded: a call after a failure (a full disk) tries again
+                self._result_blob, self._result_ref = data, None
+                write_downloads(payload.result_files(data))
                 self._outputs = payload.load_result(data)
                 # from the worker's end of the job to usable values in the kernel
                 self.timings["transfer"] += time.time() - decode_started

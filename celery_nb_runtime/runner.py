@@ -22,10 +22,10 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import celery_nb_runtime
-from celery_nb_runtime import events, protocol, rich_output
+from celery_nb_runtime import events, protocol, rich_output, workdir
 
 CELL_BUILTINS = ("display",)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
@@ -216,7 +216,8 @@ def _dumps(value: Any, protocol: int, buffer_callback: Callable[[pickle.PickleBu
     return stream
 
 
-def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
+def _encode_result(outputs: Dict[str, Any], files: List[Tuple[str, Any]]) -> List[Any]:
+    """The result bundle: the outputs, pickled, and ``files`` (path, contents) the job downloads."""
     writer = protocol.ValueWriter(_dumps)
     index = {}
     for name, value in outputs.items():
@@ -225,7 +226,10 @@ def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
         except Exception as exc:
             raise JobFailed("output", "output variable %r cannot be pickled to send it back: %s: %s"
                             % (name, type(exc).__name__, exc), exc) from None
-    return protocol.pack_bundle({"outputs": index}, writer.sections)
+    header: Dict[str, Any] = {"outputs": index}
+    if files:
+        header["files"] = [[path, len(writer.sections) + i] for i, (path, _data) in enumerate(files)]
+    return protocol.pack_bundle(header, writer.sections + [data for _path, data in files])
 
 
 def _prepare_child(frames: FrameWriter) -> None:
@@ -236,21 +240,26 @@ def _prepare_child(frames: FrameWriter) -> None:
     sys.meta_path.insert(0, _ImportPatches())
 
 
-def _run_child(request: memoryview, frames: FrameWriter) -> None:
-    """The job, in the forked child, whose fd 1/2 are already the log pipes."""
-    outer, (payload,) = protocol.unpack_bundle(request)
+def _run_child(request: memoryview, frames: FrameWriter, job_dir: Optional[workdir.JobDirectory]) -> None:
+    """The job, in the forked child, whose fd 1/2 are already the log pipes, in ``job_dir``
+    (None: the rehearsal of _warm_up)."""
+    outer, (payload, *code) = protocol.unpack_bundle(request)
     os.environ.update(outer["env"])
     try:
         header, sections = protocol.unpack_bundle(payload)
+        if job_dir is not None:
+            job_dir.enter(header, sections, code, outer["env"])
         run = _run_cell if header["kind"] == "cell" else _run_call
         try:
             outputs = run(header, sections)
         finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
             rich_output.send_figures()
-        result = _encode_result(outputs)
+        result = _encode_result(outputs, job_dir.downloads(header) if job_dir is not None else [])
         kind: int = protocol.FRAME_RESULT
     except JobFailed as failure:
         kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]
+    except workdir.WorkdirError as failure:  # its uploads could not be written, or its downloads read
+        kind, result = protocol.FRAME_ERROR, [json.dumps(JobFailed(failure.kind, str(failure)).as_json()).encode()]
     sys.stdout.flush()
     sys.stderr.flush()  # the job's output is in the pipes before its last frame
     spool = outer.get("spool")
@@ -410,7 +419,7 @@ def _warm_up() -> None:
     payload = b"".join(protocol.pack_bundle(protocol.cell_header("warm = 1", 1, {}, ["warm"], False), []))
     request = protocol.pack_request(payload, {}, None)
     with open(os.devnull, "wb") as devnull:
-        _run_child(memoryview(request), FrameWriter(devnull.fileno()))
+        _run_child(memoryview(request), FrameWriter(devnull.fileno()), None)
 
 
 _EXIT_NO_MORE_REQUESTS = 99
@@ -431,6 +440,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
     while True:
         oom_before = _oom_kills()
+        job_dir = workdir.JobDirectory.create()  # the next job's, empty
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         frames_r, frames_w = os.pipe()
@@ -456,7 +466,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:
-                    _run_child(memoryview(request), frames_writer)
+                    _run_child(memoryview(request), frames_writer, job_dir)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
                 code = 70
@@ -465,6 +475,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         for fd in (stdout_w, stderr_w, frames_w):
             os.close(fd)
         status = _ChildRelay(frames, stdout_r, stderr_r, frames_r).run(pid)
+        job_dir.remove()  # before the container is reported ready for the next job
         while True:  # we are PID 1: reap whatever was reparented to us
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
