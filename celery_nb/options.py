@@ -124,6 +124,19 @@ def _downloads(flag: str, value: Any) -> tuple[str, ...] | None:
     return patterns
 
 
+MOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _mounts(flag: str, value: Any) -> tuple[str, ...] | None:
+    """Names the worker's CELERY_NB_MOUNTS offers: a job never names a host path."""
+    names = _strings(flag, value, "the name of a mount the worker offers (CELERY_NB_MOUNTS)")
+    for name in names or ():
+        if not MOUNT_NAME.match(name):
+            raise OptionError(f"{flag} {name!r} is not a mount name: a job names a mount the worker offers "
+                              f"(its CELERY_NB_MOUNTS, e.g. datasets), never a host path")
+    return names
+
+
 def _switch(flag: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise OptionError(f"{flag} takes True or False, got {value!r}")
@@ -180,6 +193,9 @@ class JobOptions:
         "--download", "glob of files in the job's working directory (e.g. 'out/*.png', a folder, '**/*.csv') "
                       "to copy into the kernel's working directory at the same paths once the job succeeds; "
                       "repeatable", _downloads, metavar="PATTERN", kind="append")
+    mount: tuple[str, ...] | None = _option(
+        "--mount", "a data folder the worker offers by name (its CELERY_NB_MOUNTS), mounted at /mnt/NAME; "
+                   "repeatable", _mounts, metavar="NAME", kind="append")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
