@@ -111,25 +111,40 @@ class JobDirectory:
         return list(found.items())
 
     def remove(self) -> None:
-        """Remove the directory and all in it (the job's process group has been killed)."""
+        """Remove the directory and all in it (the job's process group has been killed). A job
+        may have taken its own permissions on its files away: the server, the same user without
+        capabilities, gives them back to remove them, inside this directory only."""
         import shutil
 
+        retried = set()
+
         def writable_again(_function: Any, path: str, _error: Any) -> None:
-            # a job may have taken its own permissions away; without capabilities even root needs them back
+            if not path.startswith(self.root + os.sep) or path in retried:
+                return
+            retried.add(path)
             try:
                 os.chmod(os.path.dirname(path), 0o700)
                 if os.path.isdir(path) and not os.path.islink(path):
                     os.chmod(path, 0o700)
-                    shutil.rmtree(path, ignore_errors=True)
+                    remove_tree(path)
                 else:
                     os.unlink(path)
             except OSError:
                 pass
 
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(self.root, onexc=writable_again)
-        else:
-            shutil.rmtree(self.root, onerror=writable_again)
+        def remove_tree(path: str) -> None:
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=writable_again)
+            else:
+                shutil.rmtree(path, onerror=writable_again)
+
+        try:
+            os.chmod(self.root, 0o700)
+        except FileNotFoundError:
+            return  # the job removed it itself
+        except OSError:
+            pass
+        remove_tree(self.root)
 
 
 def _inside(base: str, relative: str) -> str:

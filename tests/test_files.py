@@ -154,13 +154,16 @@ def test_working_directories_are_not_shared_in_a_warm_container(client: Client, 
     memory = "120m"  # a pool key of its own
     first = client.submit_cell(
         "import os, socket, tempfile\nhost = socket.gethostname()\ncwd = os.getcwd()\n"
-        "open('secret.txt', 'w').write('mine')\ntemporary = tempfile.mkstemp()[1]\n", {}, image=IMAGE,
-        memory=memory).result(timeout=60)
+        "open('secret.txt', 'w').write('mine')\ntemporary = tempfile.mkstemp()[1]\n"
+        "os.makedirs('locked/inner')\nopen('locked/inner/file', 'w').write('x')\n"
+        "for path in ('locked/inner', 'locked', '.'):\n    os.chmod(path, 0)  # what it can, it may lock away\n",
+        {}, image=IMAGE, memory=memory).result(timeout=60)
     time.sleep(0.5)  # back in the pool
     job = client.submit_cell(
         "import os, socket\nhost = socket.gethostname()\ncwd = os.getcwd()\nfound = os.listdir('.')\n"
         f"seen = [os.path.exists(p) for p in ({first['cwd']!r}, {first['temporary']!r})]\n"
-        "job_folders = [name for name in os.listdir('/tmp') if name.startswith('celery_nb-job-')]\n",
+        "job_folders = [name for name in os.listdir('/tmp') if name.startswith('celery_nb-job-')]\n"
+        "tmp_mode = oct(os.stat('/tmp').st_mode & 0o7777)\n",
         {}, image=IMAGE, memory=memory)
     second = job.result(timeout=60)
     assert job.container == "warm" and second["host"] == first["host"]  # the hostname is the container's id
@@ -168,6 +171,7 @@ def test_working_directories_are_not_shared_in_a_warm_container(client: Client, 
     assert first["temporary"].startswith(first["cwd"][:-len("work")])  # TMPDIR is the job's too
     assert second["seen"] == [False, False]
     assert second["job_folders"] == [second["cwd"].split("/")[2]]  # only its own
+    assert second["tmp_mode"] == "0o1777"
 
 
 def test_the_working_directory_and_local_modules_in_an_older_python(
