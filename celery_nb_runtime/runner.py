@@ -248,7 +248,7 @@ def _run_child(request: memoryview, frames: FrameWriter, job_dir: Optional[workd
     try:
         header, sections = protocol.unpack_bundle(payload)
         if job_dir is not None:
-            job_dir.enter(header, sections, code, outer["env"])
+            job_dir.enter(header, sections, code)
         run = _run_cell if header["kind"] == "cell" else _run_call
         try:
             outputs = run(header, sections)
@@ -438,9 +438,10 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         import cloudpickle  # noqa: F401  (imported once here, warm in every job)
 
         gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
+    previous: Optional[workdir.JobDirectory] = None
     while True:
         oom_before = _oom_kills()
-        job_dir = workdir.JobDirectory.create()  # the next job's, empty
+        job_dir = workdir.JobDirectory()  # the next job's
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         frames_r, frames_w = os.pipe()
@@ -466,6 +467,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:
+                    job_dir.wait_until_made()
                     _run_child(memoryview(request), frames_writer, job_dir)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
@@ -474,8 +476,9 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os._exit(code)
         for fd in (stdout_w, stderr_w, frames_w):
             os.close(fd)
+        job_dir.make(previous)  # while the job's process warms up and waits for its request
+        previous = job_dir
         status = _ChildRelay(frames, stdout_r, stderr_r, frames_r).run(pid)
-        job_dir.remove()  # before the container is reported ready for the next job
         while True:  # we are PID 1: reap whatever was reparented to us
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -490,6 +493,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
             "oom_kills": _oom_kills() - oom_before,
         }).encode())
         if one_shot:
+            job_dir.remove()
             while os.read(requests_fd, _READ_CHUNK):
                 pass
             return 0

@@ -1,11 +1,13 @@
 """A job's own directory in the container, and what goes in and out of it.
 
-The fork server makes one per job before forking its process and removes it when the job has
-ended, so no job, warm container or not, sees another's files: ``work/`` is the job's current
-directory (its ``--upload`` files are written there, its ``--download`` globs are matched
-there), ``code/`` holds the kernel's local modules shipped with the job (first on the job's
-``sys.path``, so they import as in the kernel: packages, ``__file__``, relative imports) and
-``tmp/`` is its TMPDIR.
+The fork server names one per job, makes it while the job's process waits for its request
+(having removed the previous job's first), and the job starts only once it is there: no job,
+warm container or not, sees another's files. It is the job's current directory: its
+``--upload`` files are written there and its ``--download`` globs matched there. The kernel's
+local modules shipped with the job go to a folder of their own on /dev/shm, first on the job's
+``sys.path``, so they import as in the kernel (packages, ``__file__``, relative imports). The
+working directory is on the image's /tmp (disk: a job may write big files there), where making
+and removing a folder can take a millisecond: both happen while the next job's process warms up.
 
 Stdlib only, Python 3.9 compatible (copied into arbitrary images).
 """
@@ -16,11 +18,20 @@ import mmap
 import os
 import stat
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from celery_nb_runtime import events, protocol
 
-_PARENTS = ("/tmp", "/var/tmp", "/dev/shm")  # where a job's directory may go: the first writable one
+# where a job's directory may go, and its local modules (small, in memory): the first writable one
+_WORK_PARENTS = ("/tmp", "/var/tmp", "/dev/shm")
+_CODE_PARENTS = ("/dev/shm", "/tmp", "/var/tmp")
+_parents: Dict[Tuple[str, ...], str] = {}  # the ones found
+
+
+def _writable(candidates: Tuple[str, ...]) -> str:
+    if candidates not in _parents:  # Docker's /dev/shm always is writable
+        _parents[candidates] = next((p for p in candidates if os.access(p, os.W_OK | os.X_OK)), "/dev/shm")
+    return _parents[candidates]
 
 
 class WorkdirError(Exception):
@@ -33,42 +44,51 @@ class WorkdirError(Exception):
 
 
 class JobDirectory:
-    """``root`` with ``work/``, ``code/`` and ``tmp/`` in it, owned by the job's user."""
+    """A job's working directory ``work`` and the folder ``code`` of its local modules (made
+    only when it has some), owned by the job's user. Named before the job's process is forked;
+    ``make`` (the server) and ``wait_until_made`` (the job's process) meet at a pipe."""
 
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.work = os.path.join(root, "work")
-        self.code = os.path.join(root, "code")
-        self.tmp = os.path.join(root, "tmp")
+    def __init__(self) -> None:
+        name = os.urandom(6).hex()
+        self.work = os.path.join(_writable(_WORK_PARENTS), "celery_nb-job-" + name)
+        self.code = os.path.join(_writable(_CODE_PARENTS), "celery_nb-code-" + name)
+        self._made_r, self._made_w = os.pipe()
 
-    @classmethod
-    def create(cls) -> JobDirectory:
-        """A new, empty job directory (mode 0700) in the first writable of _PARENTS (Docker's
-        /dev/shm always is)."""
-        for parent in _PARENTS:
-            root = os.path.join(parent, "celery_nb-job-" + os.urandom(6).hex())
-            try:
-                os.mkdir(root, 0o700)
-                break
-            except OSError:
-                if parent == _PARENTS[-1]:
-                    raise
-        job_dir = cls(root)
-        for folder in (job_dir.work, job_dir.code, job_dir.tmp):
-            os.mkdir(folder, 0o700)
-        return job_dir
+    def make(self, previous: Optional[JobDirectory]) -> None:
+        """In the server, once the job's process is forked: remove ``previous`` (the last job's
+        directory), make this one (mode 0700) and let the job start."""
+        os.close(self._made_r)
+        if previous is not None:
+            previous.remove()
+        try:
+            os.mkdir(self.work, 0o700)
+        except OSError:
+            pass  # the job's process says so (enter)
+        try:
+            os.write(self._made_w, b".")
+        except BrokenPipeError:
+            pass  # the job's process has ended already: no request came
+        os.close(self._made_w)
 
-    def enter(self, header: Dict[str, Any], sections: List[memoryview], code: List[memoryview],
-              env: Dict[str, str]) -> None:
-        """In the job's process, before its code runs: write its uploads and shipped modules,
-        put the modules first on ``sys.path``, make ``work/`` its current directory and
-        ``tmp/`` its TMPDIR (unless the job's environment ``env`` sets one)."""
+    def wait_until_made(self) -> None:
+        """In the job's process, before it enters the directory."""
+        os.close(self._made_w)
+        os.read(self._made_r, 1)
+        os.close(self._made_r)
+
+    def enter(self, header: Dict[str, Any], sections: List[memoryview], code: List[memoryview]) -> None:
+        """In the job's process, before its code runs: make the working directory its current
+        one and write its uploads there, write its shipped modules and put them first on
+        ``sys.path``."""
         files = header.get("files") or {}
         try:
+            os.chdir(self.work)
             for folder in files.get("folders", ()):
                 os.makedirs(_inside(self.work, folder), exist_ok=True)
             for path, index, mode in files.get("upload", ()):
                 _write(_inside(self.work, path), sections[index], mode)
+            if code:
+                os.mkdir(self.code, 0o700)
             for bundle in code:
                 listing, sources = protocol.unpack_bundle(bundle)
                 for path, index in listing["files"]:
@@ -78,16 +98,11 @@ class JobDirectory:
                                         "the container: %s" % (self.work, exc)) from None
         if code:
             sys.path.insert(0, self.code)
-        if "TMPDIR" not in env:
-            os.environ["TMPDIR"] = self.tmp
-            tempfile = sys.modules.get("tempfile")
-            if tempfile is not None:
-                tempfile.tempdir = None  # computed again, from TMPDIR
-        os.chdir(self.work)
 
     def downloads(self, header: Dict[str, Any]) -> List[Tuple[str, Any]]:
         """After the job succeeded: the files its ``--download`` patterns match, as (path
-        relative to ``work/``, contents), in pattern order; a matched folder brings its files.
+        relative to the working directory, contents), in pattern order; a matched folder brings
+        its files.
         Says what it found (and which patterns matched nothing) in a "downloads" event."""
         patterns = (header.get("files") or {}).get("download") or []
         if not patterns:
@@ -111,40 +126,47 @@ class JobDirectory:
         return list(found.items())
 
     def remove(self) -> None:
-        """Remove the directory and all in it (the job's process group has been killed). A job
-        may have taken its own permissions on its files away: the server, the same user without
-        capabilities, gives them back to remove them, inside this directory only."""
-        import shutil
+        """Remove the directory and the modules' folder, and all in them (the job's process
+        group has been killed)."""
+        _remove_tree(self.work)
+        _remove_tree(self.code)
 
-        retried = set()
 
-        def writable_again(_function: Any, path: str, _error: Any) -> None:
-            if not path.startswith(self.root + os.sep) or path in retried:
-                return
-            retried.add(path)
-            try:
-                os.chmod(os.path.dirname(path), 0o700)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    os.chmod(path, 0o700)
-                    remove_tree(path)
-                else:
-                    os.unlink(path)
-            except OSError:
-                pass
+def _remove_tree(root: str) -> None:
+    """Remove ``root`` and all in it. A job may have taken its own permissions on its files
+    away: the server, the same user without capabilities, gives them back to remove them,
+    inside ``root`` only."""
+    import shutil
 
-        def remove_tree(path: str) -> None:
-            if sys.version_info >= (3, 12):
-                shutil.rmtree(path, onexc=writable_again)
-            else:
-                shutil.rmtree(path, onerror=writable_again)
+    retried = set()
 
+    def writable_again(_function: Any, path: str, _error: Any) -> None:
+        if not path.startswith(root + os.sep) or path in retried:
+            return
+        retried.add(path)
         try:
-            os.chmod(self.root, 0o700)
-        except FileNotFoundError:
-            return  # the job removed it itself
+            os.chmod(os.path.dirname(path), 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+                remove(path)
+            else:
+                os.unlink(path)
         except OSError:
             pass
-        remove_tree(self.root)
+
+    def remove(path: str) -> None:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=writable_again)
+        else:
+            shutil.rmtree(path, onerror=writable_again)
+
+    try:
+        os.chmod(root, 0o700)
+    except FileNotFoundError:
+        return  # never made (no modules shipped), or the job removed it itself
+    except OSError:
+        pass
+    remove(root)
 
 
 def _inside(base: str, relative: str) -> str:

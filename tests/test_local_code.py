@@ -9,6 +9,7 @@ import importlib
 import re
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_a_cell_imports_a_local_module_and_package(client: Client, notebook_dir:
     assert out["value"] == 40
     assert out["package"] == (pkg, f"{pkg}.sub.data")
     code = out["files"][0][:-len(f"{pkg}/__init__.py")]
-    assert code.startswith("/tmp/celery_nb-job-") and code.endswith("/code/")  # the job's own copy
+    assert re.fullmatch(r"/dev/shm/celery_nb-code-[0-9a-f]{12}/", code)  # the job's own copy
     assert out["files"] == [f"{code}{pkg}/__init__.py", f"{code}{pkg}/sub/data.py", f"{code}{feat}.py"]
     assert feat not in sys.modules and pkg not in sys.modules  # the kernel never imported them
 
@@ -104,11 +105,17 @@ def test_a_notebook_function_imports_a_local_module_in_its_body(client: Client, 
 def test_an_edited_module_is_picked_up_by_the_next_job(client: Client, notebook_dir: Path) -> None:
     name = _unique("config")
     path = notebook_dir / f"{name}.py"
-    cell = f"import {name}\nversion = {name}.VERSION\n"
+    cell = (f"import os, {name}\nversion = {name}.VERSION\nmine = os.path.dirname({name}.__file__)\n"
+            "copies = sorted(f'/dev/shm/{n}' for n in os.listdir('/dev/shm') if n.startswith('celery_nb-code-'))\n")
     path.write_text("VERSION = 1\n")
-    assert client.submit_cell(cell, {}, image=IMAGE).result(timeout=60) == {"version": 1}
+    first = client.submit_cell(cell, {}, image=IMAGE, memory="136m").result(timeout=60)
+    assert first["version"] == 1 and first["copies"] == [first["mine"]]
+    time.sleep(0.5)  # back in the pool
     path.write_text("VERSION = 2  # edited\n")
-    assert client.submit_cell(cell, {}, image=IMAGE).result(timeout=60) == {"version": 2}
+    job = client.submit_cell(cell, {}, image=IMAGE, memory="136m")
+    second = job.result(timeout=60)
+    assert second["version"] == 2 and job.container == "warm"
+    assert second["copies"] == [second["mine"]]  # the first job's copy is gone
 
 
 def test_an_unchanged_module_is_sent_once_and_fetched_once(redis_client: Client, redis_url: str,
