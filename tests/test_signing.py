@@ -85,3 +85,16 @@ def test_a_forged_result_is_not_unpickled(signed_client: Client, redis_url: str,
     with pytest.raises(SignatureError, match="was not unpickled"):
         job.result(timeout=30)
     assert not os.path.exists(planted)
+
+
+def test_local_modules_and_files_travel_signed(signed_client: Client, tmp_path, monkeypatch) -> None:
+    """The request names a local module's code by its hash, under the signature; the files a job
+    sends back are part of its signed result."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"signed_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("GREETING = 'signed hello'\n")
+    job = signed_client.submit_cell(f"import {name}\nopen('greeting.txt', 'w').write({name}.GREETING)\n", {},
+                                    image=IMAGE, queue="signed", download=["greeting.txt"])
+    assert job.result(timeout=60) == {}
+    assert (tmp_path / "greeting.txt").read_text() == "signed hello"
