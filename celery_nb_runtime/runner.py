@@ -254,7 +254,9 @@ def _run_child(request: memoryview, frames: FrameWriter, job_dir: Optional[workd
             outputs = run(header, sections)
         finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
             rich_output.send_figures()
-        result = _encode_result(outputs, job_dir.downloads(header) if job_dir is not None else [])
+        downloads = job_dir.downloads(header) if job_dir is not None else workdir.NO_DOWNLOADS
+        result = _encode_result(outputs, downloads.files)
+        downloads.announce()
         kind: int = protocol.FRAME_RESULT
     except JobFailed as failure:
         kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]

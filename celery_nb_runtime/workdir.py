@@ -43,6 +43,25 @@ class WorkdirError(Exception):
         self.kind = kind
 
 
+class Downloads:
+    """What a job's ``--download`` patterns matched: ``files`` (path relative to the working
+    directory, contents), and the patterns that matched nothing."""
+
+    def __init__(self, files: List[Tuple[str, Any]], unmatched: List[str], asked: bool) -> None:
+        self.files = files
+        self.unmatched = unmatched
+        self.asked = asked
+
+    def announce(self) -> None:
+        """Say what comes back (a "downloads" event: the kernel shows it), once it surely does."""
+        if self.asked and events.sink is not None:
+            events.sink({"type": "downloads", "files": [[path, len(data)] for path, data in self.files],
+                         "unmatched": self.unmatched})
+
+
+NO_DOWNLOADS = Downloads([], [], False)
+
+
 class JobDirectory:
     """A job's working directory ``work`` and the folder ``code`` of its local modules (made
     only when it has some), owned by the job's user. Named before the job's process is forked;
@@ -99,14 +118,10 @@ class JobDirectory:
         if code:
             sys.path.insert(0, self.code)
 
-    def downloads(self, header: Dict[str, Any]) -> List[Tuple[str, Any]]:
-        """After the job succeeded: the files its ``--download`` patterns match, as (path
-        relative to the working directory, contents), in pattern order; a matched folder brings
-        its files.
-        Says what it found (and which patterns matched nothing) in a "downloads" event."""
+    def downloads(self, header: Dict[str, Any]) -> Downloads:
+        """After the job succeeded: the files its ``--download`` patterns match, in pattern
+        order; a matched folder brings its files."""
         patterns = (header.get("files") or {}).get("download") or []
-        if not patterns:
-            return []
         found: Dict[str, Any] = {}
         unmatched = []
         for pattern in patterns:
@@ -120,10 +135,7 @@ class JobDirectory:
                     except OSError as exc:
                         raise WorkdirError("output", "--download %s: %s cannot be read in the container: %s"
                                            % (pattern, path, exc)) from None
-        if events.sink is not None:
-            events.sink({"type": "downloads", "files": [[path, len(data)] for path, data in found.items()],
-                         "unmatched": unmatched})
-        return list(found.items())
+        return Downloads(list(found.items()), unmatched, bool(patterns))
 
     def remove(self) -> None:
         """Remove the directory and the modules' folder, and all in them (the job's process

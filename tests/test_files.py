@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_nb import Client, InputError, JobOptions
+from celery_nb import Client, InputError, JobOptions, OutputError
 from tests.conftest import IMAGE, OTHER_PYTHON_IMAGE
 
 LIST_AND_HASH = """\
@@ -98,6 +98,14 @@ def test_downloads_by_glob_replace_files_whole(client: Client, kernel_dir: Path)
     assert not (kernel_dir / "out/plots/b.png").exists() and not (kernel_dir / "scratch.tmp").exists()
     leftovers = [p for p in kernel_dir.rglob("*") if p.name.endswith(".celery_nb-part")]
     assert leftovers == []
+
+
+def test_a_job_that_fails_sends_no_files_back(client: Client, kernel_dir: Path) -> None:
+    job = client.submit_cell("import threading\nopen('report.txt', 'w').write('written')\nlock = threading.Lock()\n",
+                             {}, image=IMAGE, download=["report.txt"])
+    with pytest.raises(OutputError, match="output variable 'lock' cannot be pickled"):
+        job.result(timeout=60)
+    assert job.downloads == {} and not (kernel_dir / "report.txt").exists()
 
 
 def test_a_function_downloads_what_it_wrote(client: Client, kernel_dir: Path) -> None:
