@@ -42,10 +42,10 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
-def resolve_uploads(paths: Sequence[str], cwd: str | None = None) -> Uploads:
-    """The files and folders ``paths`` name, relative to ``cwd`` (the kernel's working
-    directory); InputError for one that does not exist or two that land on the same path."""
-    cwd = cwd or os.getcwd()
+def resolve_uploads(paths: Sequence[str]) -> Uploads:
+    """The files and folders ``paths`` name, relative to the kernel's working directory;
+    InputError for one that does not exist or two that land on the same path."""
+    cwd = os.getcwd()
     files: dict[str, Upload] = {}
     folders: list[str] = []
     for given in paths:
@@ -104,10 +104,10 @@ def read_upload(upload: Upload) -> Any:
         raise InputError(f"--upload: cannot read {upload.source}: {exc.strerror}") from None
 
 
-def write_downloads(files: Sequence[tuple[str, Any]], cwd: str | None = None) -> None:
+def write_downloads(files: Sequence[tuple[str, Any]]) -> None:
     """Write each (path relative to the job's working directory, contents) at the same path
-    under ``cwd`` (default: the kernel's working directory), creating folders as needed."""
-    cwd = cwd or os.getcwd()
+    in the kernel's working directory, creating folders as needed."""
+    cwd = os.getcwd()
     for path, data in files:
         parts = path.split("/")
         if not path or os.path.isabs(path) or ".." in parts:  # the job's result names it: do not trust it
