@@ -58,7 +58,7 @@ class Client:
         self.app = (celery_app(broker_url) if broker_url else
                     worker_app(None, self.store, self.blobs, worker_name=EMBEDDED_WORKER, signer=self.signer))
         self._follower = JobFollower(self.store)
-        self.local_code = LocalCode()
+        self._local_code = LocalCode()
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
         if broker_url is None:
@@ -132,7 +132,7 @@ class Client:
                                     outputs if outputs is not None else names.assigns,
                                     outputs_explicit=outputs is not None, uploads=_uploads(job_options),
                                     download=job_options.download or (), dumps=referenced)
-        code = self.local_code.for_cell(source, first_line, referenced.modules)
+        code = self._local_code.for_cell(source, first_line, referenced.modules)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
         return self._send("cell", data, job_options, label, code)
 
@@ -146,7 +146,7 @@ class Client:
         referenced = ReferenceRecorder()
         data = payload.call_payload(fn, args, kwargs or {}, _uploads(job_options), job_options.download or (),
                                     dumps=referenced)
-        code = self.local_code.for_call(args[0] if fn is map_chunk else fn, referenced.modules)
+        code = self._local_code.for_call(args[0] if fn is map_chunk else fn, referenced.modules)
         if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
             label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
         else:
@@ -169,7 +169,7 @@ class Client:
             else:
                 request["payload"] = base64.b64encode(data).decode("ascii")
             if code:
-                request["code"] = self.local_code.send(code, self.blobs)
+                request["code"] = self._local_code.send(code, self.blobs)
             self._publish(job, self.signer.sign(request), options)
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
             self._follower.forget(job)
