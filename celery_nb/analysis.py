@@ -56,6 +56,24 @@ def analyse_cell(source: str, first_line: int = 1) -> CellNames:
     return CellNames(reads=frozenset(reads), assigns=assigns)
 
 
+@functools.lru_cache(maxsize=256)
+def imported_modules(source: str, first_line: int = 1) -> frozenset[str]:
+    """The top-level modules a cell imports (absolute imports, also inside its functions):
+    ``import a.b`` and ``from a.b import c`` import ``a``."""
+    return modules_imported_by(parse_cell(source, first_line))
+
+
+def modules_imported_by(tree: ast.AST) -> frozenset[str]:
+    """The top-level modules the absolute imports anywhere in ``tree`` import."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return frozenset(names)
+
+
 def select_inputs(names: CellNames, namespace_names: Collection[str], hidden: Collection[str] = ()) -> list[str]:
     """The names to ship: read by the cell, present in the kernel, not IPython internals."""
     return sorted(n for n in names.reads

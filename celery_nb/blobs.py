@@ -5,7 +5,8 @@ and read with pipelining, and read into one preallocated buffer, so a 100 MiB re
 the kernel one 100 MiB buffer that the unpickled arrays then use in place. An S3-compatible
 store instead, for workers on many hosts: CELERY_NB_BLOB_URL=s3://bucket/prefix (see
 S3BlobStore). The embedded default keeps blobs in memory. Blobs are deleted once their
-result has been collected.
+result has been collected; the code bundles of kernels' local modules, stored under their
+content hash, expire instead (and are touched by each job that uses them).
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ CHUNK_SIZE = 8 << 20
 
 
 class BlobStore(Protocol):
-    def put(self, pieces: list[Any]) -> dict[str, Any]:
-        """Store the concatenation of ``pieces`` (bytes-like); returns a JSON-able reference."""
+    def put(self, pieces: list[Any], name: str | None = None) -> dict[str, Any]:
+        """Store the concatenation of ``pieces`` (bytes-like); returns a JSON-able reference.
+        ``name``: the blob's name, e.g. a content hash, so that the same blob is stored once
+        (default: a new unique one)."""
 
     def get(self, ref: dict[str, Any]) -> memoryview: ...
 
@@ -39,6 +42,9 @@ class BlobStore(Protocol):
 
     def expire(self, ref: dict[str, Any], seconds: float) -> None:
         """Delete the blob after ``seconds`` instead of the store's usual expiry."""
+
+    def touch(self, ref: dict[str, Any]) -> bool:
+        """Whether the blob is still there (its expiry starts again where blobs have one)."""
 
 
 class MissingBlobError(KeyError):
@@ -101,9 +107,9 @@ class RedisBlobStore:
         self._ttl = ttl
         self._chunk_size = chunk_size
 
-    def put(self, pieces: list[Any]) -> dict[str, Any]:
+    def put(self, pieces: list[Any], name: str | None = None) -> dict[str, Any]:
         """All chunks, pipelined, sent from the pieces as they are (no intermediate copies)."""
-        key = f"celery_nb:blob:{uuid.uuid4().hex}"
+        key = f"celery_nb:blob:{name or uuid.uuid4().hex}"
         chunks = _chunks(pieces, self._chunk_size)
         self._retry.call_with_retry(lambda: self._put(key, chunks), lambda _error: None)
         return {"key": key, "size": sum(c.nbytes for c in chunks), "chunks": len(chunks)}
@@ -166,6 +172,12 @@ class RedisBlobStore:
         for i in range(ref["chunks"]):
             pipe.expire(f"{ref['key']}:{i}", max(1, int(seconds)))
         pipe.execute()
+
+    def touch(self, ref: dict[str, Any]) -> bool:
+        pipe = self._redis.pipeline(transaction=False)
+        for i in range(ref["chunks"]):
+            pipe.expire(f"{ref['key']}:{i}", self._ttl)
+        return all(pipe.execute())
 
 
 class _BulkIO:
@@ -251,8 +263,8 @@ class S3BlobStore:
         self._transfer = TransferConfig(multipart_threshold=CHUNK_SIZE, multipart_chunksize=CHUNK_SIZE,
                                         max_concurrency=8)
 
-    def put(self, pieces: list[Any]) -> dict[str, Any]:
-        key = f"{self._prefix}/{uuid.uuid4().hex}".lstrip("/")
+    def put(self, pieces: list[Any], name: str | None = None) -> dict[str, Any]:
+        key = f"{self._prefix}/{name or uuid.uuid4().hex}".lstrip("/")
         reader = _PiecesReader(pieces)
         self._s3.upload_fileobj(reader, self._bucket, key, Config=self._transfer)
         return {"s3_key": key, "size": reader.size}
@@ -275,6 +287,18 @@ class S3BlobStore:
 
     def expire(self, ref: dict[str, Any], seconds: float) -> None:
         """Nothing: S3 objects expire by the bucket's lifecycle rule for PREFIX."""
+
+    def touch(self, ref: dict[str, Any]) -> bool:
+        """Whether the object is there (its lifecycle rule counts from its upload, not from now)."""
+        import botocore.exceptions
+
+        try:
+            self._s3.head_object(Bucket=self._bucket, Key=ref["s3_key"])
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
 
 
 class _PiecesReader(io.RawIOBase):
@@ -334,9 +358,9 @@ class MemoryBlobStore:
         self._blobs: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def put(self, pieces: list[Any]) -> dict[str, Any]:
+    def put(self, pieces: list[Any], name: str | None = None) -> dict[str, Any]:
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        key = uuid.uuid4().hex
+        key = name or uuid.uuid4().hex
         with self._lock:
             self._blobs[key] = data
         return {"key": key, "size": memoryview(data).nbytes, "chunks": 1}
@@ -355,3 +379,7 @@ class MemoryBlobStore:
         timer = threading.Timer(seconds, self.delete, [ref])
         timer.daemon = True  # the kernel's exit does not wait for it
         timer.start()
+
+    def touch(self, ref: dict[str, Any]) -> bool:
+        with self._lock:
+            return ref["key"] in self._blobs

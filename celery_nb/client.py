@@ -28,8 +28,10 @@ from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, blob_sto
 from celery_nb.broker import TASK_NAME, celery_app, commands_before_publish
 from celery_nb.config import settings
 from celery_nb.errors import BrokerUnavailableError, InputError, SignatureError, UnknownJobError
+from celery_nb.files import Uploads, resolve_uploads
 from celery_nb.job import Job, JobFollower
 from celery_nb.jobstore import DEFAULT_TTL, FIRST_EVENT_ID, START, JobStore, MemoryJobStore, RedisJobStore
+from celery_nb.local_code import LocalCode, LocalModule, ReferenceRecorder
 from celery_nb.options import JobOptions
 from celery_nb.signing import Signer, digest
 from celery_nb.worker.app import worker_app
@@ -56,6 +58,7 @@ class Client:
         self.app = (celery_app(broker_url) if broker_url else
                     worker_app(None, self.store, self.blobs, worker_name=EMBEDDED_WORKER, signer=self.signer))
         self._follower = JobFollower(self.store)
+        self._local_code = LocalCode()
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
         if broker_url is None:
@@ -111,9 +114,9 @@ class Client:
         inputs come from ``namespace``.
 
         ``inputs``/``outputs`` override the automatic detection. The job's options are
-        ``options`` with ``option_fields`` (any JobOptions field: image=, memory=, ...) on top.
-        Raises SyntaxError, UnsupportedMagicError, OptionError and InputError locally, before
-        anything is submitted.
+        ``options`` with ``option_fields`` (any JobOptions field: image=, memory=, upload=, ...) on
+        top. The local modules the cell imports travel with it. Raises SyntaxError,
+        UnsupportedMagicError, OptionError and InputError locally, before anything is submitted.
         """
         job_options = JobOptions.build(options, **option_fields)
         cell = cell_syntax.to_python(source, first_line)
@@ -126,26 +129,34 @@ class Client:
             if missing:
                 raise InputError(f"--in names {', '.join(map(repr, missing))}, which the kernel does not have; "
                                  f"define {'it' if len(missing) == 1 else 'them'} first or fix --in")
+        referenced = ReferenceRecorder()
         data = payload.cell_payload(cell.source, first_line, {n: namespace[n] for n in inputs},
                                     outputs if outputs is not None else names.assigns,
-                                    outputs_explicit=outputs is not None, timed=cell.timed)
+                                    outputs_explicit=outputs is not None, timed=cell.timed,
+                                    uploads=_uploads(job_options), download=job_options.download or (),
+                                    dumps=referenced)
+        code = self._local_code.for_cell(cell.source, first_line, referenced.modules)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
-        return self._send("cell", data, job_options, label)
+        return self._send("cell", data, job_options, label, code)
 
     def submit(self, fn: Callable[..., Any], *args: Any, kwargs: Mapping[str, Any] | None = None,
                options: JobOptions | None = None, **option_fields: Any) -> Job:
         """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor
         version). The job's options are ``options`` with ``option_fields`` (any JobOptions
-        field: image=, memory=, fresh=, network=, gpus=, ...) on top."""
+        field: image=, memory=, fresh=, network=, gpus=, upload=, ...) on top. The local modules
+        it needs (``fn``'s own, those of the functions and classes it is given) travel with it."""
         job_options = JobOptions.build(options, **option_fields)
-        data = payload.call_payload(fn, args, kwargs or {})
+        referenced = ReferenceRecorder()
+        data = payload.call_payload(fn, args, kwargs or {}, _uploads(job_options), job_options.download or (),
+                                    dumps=referenced)
+        code = self._local_code.for_call(args[0] if fn is map_chunk else fn, referenced.modules)
         if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
             label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
         else:
             label = f"{_function_name(fn)}()"
-        return self._send("call", data, job_options, label)
+        return self._send("call", data, job_options, label, code)
 
-    def _send(self, kind: str, data: bytes, options: JobOptions, label: str) -> Job:
+    def _send(self, kind: str, data: bytes, options: JobOptions, label: str, code: Sequence[LocalModule]) -> Job:
         config = settings()
         options = options.with_defaults(config.job_defaults(kind))
         if self.embedded:  # the embedded worker consumes only the default queue: every job runs here
@@ -160,6 +171,8 @@ class Client:
                     request["payload_digest"] = digest(data)
             else:
                 request["payload"] = base64.b64encode(data).decode("ascii")
+            if code:
+                request["code"] = self._local_code.send(code, self.blobs)
             self._publish(job, self.signer.sign(request), options)
         except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
             self._follower.forget(job)
@@ -267,6 +280,11 @@ class Client:
 
 
 _DEFAULT_MAP_JOBS = 32
+
+
+def _uploads(options: JobOptions) -> Uploads | None:
+    """The files ``options.upload`` names (InputError if one is missing), read when the payload is built."""
+    return resolve_uploads(options.upload) if options.upload else None
 
 
 def _function_name(fn: Callable[..., Any]) -> str:

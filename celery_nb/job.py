@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Protocol
 from celery_nb import payload
 from celery_nb.blobs import MissingBlobError
 from celery_nb.errors import CeleryNBError, JobCancelled, LogUnavailableError, error_from_event
+from celery_nb.files import write_downloads
 from celery_nb.jobstore import START, Event, JobStore, Waker
 from celery_nb.logwindow import LogWindow
 from celery_nb.options import format_size
@@ -65,6 +66,10 @@ class Job:
         self.container_id: str | None = None  # the Docker id of the container it ran in (its last attempt's)
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
+        # the files the job's --download patterns matched (path -> size in bytes; result() writes them), and
+        # the patterns that matched nothing
+        self.downloads: dict[str, int] = {}
+        self.unmatched_downloads: list[str] = []
         self.timings: dict[str, float] = {}
         # once it ran: {"cpu_seconds", "peak_memory" (bytes), "memory_limit" (its container's, bytes)}
         self.usage: dict[str, Any] | None = None
@@ -112,6 +117,9 @@ class Job:
                 self._output.append(("display", {"data": event["data"], "metadata": event.get("metadata", {})}))
             elif kind == "progress":
                 self.progress = {k: event.get(k) for k in ("n", "total", "desc")}
+            elif kind == "downloads":
+                self.downloads = {path: size for path, size in event["files"]}
+                self.unmatched_downloads = list(event["unmatched"])
             elif kind == "done":  # a warm job that ended at once reported no start: this says it all
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
@@ -192,7 +200,9 @@ class Job:
             self._backend.cancel(self.id)
 
     def result(self, timeout: float | None = None) -> Any:
-        """The job's outputs: a dict of variables for a cell, the return value for a call.
+        """The job's outputs: a dict of variables for a cell, the return value for a call. The
+        first call also writes the files the job's --download patterns matched into the kernel's
+        working directory (``downloads`` lists them).
 
         Raises the job's error (RemoteError, JobTimeoutError, ...), JobCancelled, or
         TimeoutError if it is still running after ``timeout`` seconds.
@@ -207,7 +217,9 @@ class Job:
             if self._outputs is None:
                 decode_started = time.time()
                 data = self._backend.collect(self.id, self._result_blob, self._result_ref, self._result_sig)
-                self._result_ref = None
+                # kept until it has been loaded: a call after a failure (a full disk) tries again
+                self._result_blob, self._result_ref = data, None
+                write_downloads(payload.result_files(data))
                 self._outputs, self.skipped_outputs = payload.load_result(data)
                 if self.skipped_outputs:
                     print(payload.skipped_outputs_note(self.skipped_outputs), file=sys.stderr)
@@ -290,7 +302,7 @@ class Job:
         return {k: max(0.0, v) for k, v in parts.items()}
 
     def usage_text(self) -> str:
-        """What the job used, e.g. "peak 1.2 GiB of 2 GiB, CPU 3.40 s" ("" before it has run): the
+        """What the job used, e.g. "peak 1.2 GiB of 2.0 GiB, CPU 3.40 s" ("" before it has run): the
         peak memory of its processes against its container's memory limit, and their CPU time."""
         if not self.usage:
             return ""

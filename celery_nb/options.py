@@ -11,11 +11,12 @@ Adding an option: a field here (its flag, help and parser), and its handling on 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from celery_nb.errors import OptionError
+from celery_nb.errors import InputError, OptionError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -43,12 +44,11 @@ def format_memory(size: int) -> str:
 
 
 def format_size(size: int) -> str:
-    """A measured size for people: 1.2 GiB, 208 MiB, 2 GiB."""
+    """A measured size for people: 980 B, 12.3 KiB, 208 MiB, 2.0 GiB."""
     for unit in ("t", "g", "m", "k"):
         if size >= _UNITS[unit]:
             value = size / _UNITS[unit]
-            number = f"{value:.1f}".removesuffix(".0") if value < 10 else f"{value:.0f}"
-            return f"{number} {unit.upper()}iB"
+            return f"{value:.1f} {unit.upper()}iB" if value < 100 else f"{value:.0f} {unit.upper()}iB"
     return f"{size} B"
 
 
@@ -104,6 +104,48 @@ def _text(flag: str, value: Any) -> str:
     return value.strip()
 
 
+def _strings(flag: str, value: str | os.PathLike | Iterable[str | os.PathLike], what: str) -> tuple[str, ...] | None:
+    """One string (or path) or several, as the magic's repeatable flags and keyword options give
+    them; the magic keeps the quotes of ``--flag "a b"``, which are taken off."""
+    values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    strings = []
+    for item in values:
+        item = os.fspath(item) if isinstance(item, os.PathLike) else item
+        if isinstance(item, str) and len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1]
+        if not isinstance(item, str) or not item.strip():
+            raise OptionError(f"{flag} {item!r}: give {what}")
+        strings.append(item)
+    return tuple(strings) or None
+
+
+def _uploads(flag: str, value: Any) -> tuple[str, ...] | None:
+    """Paths in the kernel; whether they exist is checked when a job is submitted (celery_nb.files)."""
+    return _strings(flag, value, "a file or folder path")
+
+
+def _downloads(flag: str, value: Any) -> tuple[str, ...] | None:
+    patterns = _strings(flag, value, "a glob pattern, e.g. 'out/*.csv'")
+    for pattern in patterns or ():
+        if os.path.isabs(pattern) or pattern.startswith("~") or ".." in pattern.split("/"):
+            raise InputError(f"{flag} {pattern!r} would reach outside the job's working directory: a pattern is "
+                             f"relative to it and stays inside it (no absolute path, no '..'), e.g. 'out/*.csv'")
+    return patterns
+
+
+MOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _mounts(flag: str, value: Any) -> tuple[str, ...] | None:
+    """Names the worker's CELERY_NB_MOUNTS offers: a job never names a host path."""
+    names = _strings(flag, value, "the name of a mount the worker offers (CELERY_NB_MOUNTS)")
+    for name in names or ():
+        if not MOUNT_NAME.match(name):
+            raise OptionError(f"{flag} {name!r} is not a mount name: a job names a mount the worker offers "
+                              f"(its CELERY_NB_MOUNTS, e.g. datasets), never a host path")
+    return names
+
+
 def _switch(flag: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise OptionError(f"{flag} takes True or False, got {value!r}")
@@ -114,8 +156,8 @@ def _option(flag: str, help: str, parse: Callable[[str, Any], Any], *, short: st
             metavar: str | None = None, kind: str = "value", default: Any = None) -> Any:
     """A JobOptions field: how the magic spells it, and ``parse(flag, value)``, which turns what
     a user may give (a string from the magic, or a Python value) into the field's value or
-    raises OptionError. ``kind``: "value" (``--flag X``), "append" (repeatable, adds up),
-    "switch" (``--flag`` alone)."""
+    raises OptionError (InputError: a download that would escape the job's directory).
+    ``kind``: "value" (``--flag X``), "append" (repeatable, adds up), "switch" (``--flag`` alone)."""
     metadata = {"flag": flag, "short": short, "metavar": metavar, "help": help, "kind": kind, "parse": parse}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=metadata)
@@ -152,6 +194,17 @@ class JobOptions:
     fresh: bool | None = _option(
         "--fresh", "run in a brand-new container instead of a warm one from the worker's pool", _switch,
         kind="switch")
+    upload: tuple[str, ...] | None = _option(
+        "--upload", "file or folder to copy into the job's working directory; a relative path keeps its layout "
+                    "(data/train.csv is data/train.csv in the job), another lands there by its name; repeatable",
+        _uploads, metavar="PATH", kind="append")
+    download: tuple[str, ...] | None = _option(
+        "--download", "glob of files in the job's working directory (e.g. 'out/*.png', a folder, '**/*.csv') "
+                      "to copy into the kernel's working directory at the same paths once the job succeeds; "
+                      "repeatable", _downloads, metavar="PATTERN", kind="append")
+    mount: tuple[str, ...] | None = _option(
+        "--mount", "a data folder the worker offers by name (its CELERY_NB_MOUNTS), mounted at /mnt/NAME; "
+                   "repeatable", _mounts, metavar="NAME", kind="append")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

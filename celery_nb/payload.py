@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 import cloudpickle
 
 from celery_nb.errors import InputError, OutputError
+from celery_nb.files import Uploads, read_upload
 from celery_nb_runtime import protocol
 
 
@@ -23,8 +24,10 @@ def _pickle_or_raise(writer: protocol.ValueWriter, value: Any, describe: Callabl
 
 
 def cell_payload(source: str, first_line: int, inputs: Mapping[str, Any],
-                 outputs: Sequence[str], outputs_explicit: bool, timed: bool = False) -> bytes:
-    writer = protocol.ValueWriter(cloudpickle.dumps)
+                 outputs: Sequence[str], outputs_explicit: bool, timed: bool = False, uploads: Uploads | None = None,
+                 download: Sequence[str] = (), dumps: Callable[..., bytes] = cloudpickle.dumps) -> bytes:
+    """``dumps`` pickles the inputs (e.g. a local_code.ReferenceRecorder)."""
+    writer = protocol.ValueWriter(dumps)
     index = {
         name: _pickle_or_raise(writer, value, lambda exc, name=name: (
             f"input variable {name!r} ({type(value).__name__}) cannot be pickled to send it to the "
@@ -32,17 +35,42 @@ def cell_payload(source: str, first_line: int, inputs: Mapping[str, Any],
         for name, value in inputs.items()
     }
     header = protocol.cell_header(source, first_line, index, list(outputs), outputs_explicit, timed)
+    _add_files(writer, header, uploads, download)
     return b"".join(protocol.pack_bundle(header, writer.sections))
 
 
-def call_payload(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> bytes:
-    writer = protocol.ValueWriter(cloudpickle.dumps)
+def call_payload(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], uploads: Uploads | None = None,
+                 download: Sequence[str] = (), dumps: Callable[..., bytes] = cloudpickle.dumps) -> bytes:
+    """``dumps`` pickles the function and its arguments (e.g. a local_code.ReferenceRecorder)."""
+    writer = protocol.ValueWriter(dumps)
     name = getattr(fn, "__qualname__", repr(fn))
     call = _pickle_or_raise(writer, (fn, args, dict(kwargs)), lambda exc: (
         f"function {name!r} or its arguments cannot be pickled to send them to the container: {exc}"))
     header = {"v": protocol.PROTOCOL_VERSION, "kind": "call", "call": call,
               "python": list(sys.version_info[:2]), "function": name}
+    _add_files(writer, header, uploads, download)
     return b"".join(protocol.pack_bundle(header, writer.sections))
+
+
+def _add_files(writer: protocol.ValueWriter, header: dict[str, Any], uploads: Uploads | None,
+               download: Sequence[str]) -> None:
+    """The job's uploads as sections of its payload, and its download patterns, in ``header``."""
+    if uploads is None and not download:
+        return
+    files: dict[str, Any] = {"download": list(download)}
+    if uploads is not None:
+        files["folders"] = list(uploads.folders)
+        files["upload"] = []
+        for upload in uploads.files:
+            files["upload"].append([upload.path, len(writer.sections), upload.mode])
+            writer.sections.append(read_upload(upload))
+    header["files"] = files
+
+
+def result_files(data: Any) -> list[tuple[str, memoryview]]:
+    """The files a job's result brings back (its --download): (path, contents)."""
+    header, sections = protocol.unpack_bundle(data)
+    return [(path, sections[index]) for path, index in header.get("files", ())]
 
 
 def load_result(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:

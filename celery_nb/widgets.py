@@ -20,6 +20,7 @@ from celery_nb.kernel_hooks import serve_while_busy
 from celery_nb.options import format_size
 
 LOG_TAIL_LINES = 30
+DOWNLOADS_LISTED = 20  # files named in a job's view; more are counted
 # Colours come from JupyterLab's theme (its CSS variables), so that light and dark themes both
 # read well, with fixed ones where there is no theme. A status badge is white text on the strong
 # shade of its status's colour; the jobs table writes the status in the normal shade.
@@ -63,6 +64,19 @@ def log_tail(job: Job, lines: int = LOG_TAIL_LINES) -> list[tuple[str, str]]:
     return tail
 
 
+def downloads_text(job: Job) -> str:
+    """What the job's --download patterns brought back, with sizes, and which matched nothing
+    ("" when it asked for no files)."""
+    parts = []
+    if job.downloads:
+        listed = [f"{path} ({format_size(size)})" for path, size in list(job.downloads.items())[:DOWNLOADS_LISTED]]
+        more = len(job.downloads) - len(listed)
+        parts.append("files back: " + ", ".join(listed) + (f" and {more} more" if more else ""))
+    if job.unmatched_downloads:
+        parts.append("no file matched --download " + ", ".join(job.unmatched_downloads))
+    return "; ".join(parts)
+
+
 class _RedrawnOnEvents:
     """A view that redraws when its jobs' events arrive (throttled) and when they end."""
 
@@ -103,6 +117,7 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         self.bar_label = w.HTML()
         self.bar_row = w.HBox([self.bar, self.bar_label], layout=w.Layout(align_items="center", display="none"))
         self.logs = w.HTML()
+        self.downloads = w.HTML()
         self.timings = w.HTML()
         super().__init__([
             w.HBox([self.status, self.title, self.elapsed, self.cancel_button],
@@ -110,6 +125,7 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             self.bar_row,
             self.logs,
             *([self.displays] if self.displays is not None else []),
+            self.downloads,
             self.timings,
         ], layout=w.Layout(border=f"1px solid {_BORDER}", padding="4px 8px", margin="2px 0"))
         self._follow([job])
@@ -151,6 +167,10 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             shown = len(self.displays.outputs)
             self.displays.outputs += tuple({"output_type": "display_data", **bundle}
                                            for bundle in job.displays[shown:])
+        downloads = downloads_text(job)
+        if downloads:
+            self.downloads.value = (f'<div class="celery-nb-downloads" style="margin:2px 0">'
+                                    f'{html.escape(downloads)}</div>')
         if job.finished:
             parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
             error = (f'<div style="color:{_ERROR}">{html.escape(str(job.error).splitlines()[0])}</div>'
@@ -248,7 +268,8 @@ def _clipped(line: str) -> str:
 
 def text_summary(job: Job) -> str:
     tail = "".join(t for _s, t in log_tail(job, 10))
-    return job.summary() + (("\n" + tail.rstrip("\n")) if tail else "")
+    downloads = downloads_text(job)
+    return job.summary() + (("\n" + tail.rstrip("\n")) if tail else "") + (f"\n{downloads}" if downloads else "")
 
 
 class TextProgress:
@@ -271,6 +292,8 @@ class TextProgress:
         if job.status != self._status:
             self._status = job.status
             print(f"[celery_nb] {job.summary()}", file=sys.stderr, flush=True)
+            if job.finished and downloads_text(job):
+                print(f"[celery_nb] {downloads_text(job)}", file=sys.stderr, flush=True)
 
 
 class JobView:

@@ -17,7 +17,7 @@ import json
 import pickle
 import struct
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 PROTOCOL_VERSION = 1
 PICKLE_PROTOCOL = 5
@@ -36,7 +36,7 @@ FRAME_EVENT = 3  # JSON: progress, display, ...
 FRAME_RESULT = 4  # bundle
 FRAME_ERROR = 5  # JSON: {"kind", "message", "exc_type", "traceback"}
 FRAME_END = 6  # JSON: how the job's process ended {"exit", "signal", "oom_kills", "usage"}; the server is ready again
-FRAME_REQUEST = 7  # worker -> container on stdin: bundle {"env", "spool"} + [job payload]
+FRAME_REQUEST = 7  # worker -> container on stdin: bundle {"env", "spool"} + [job payload, code bundles...]
 FRAME_RESULT_FILE = 8  # JSON {"path", "size"}: the result bundle, written to the spool directory
 FRAME_USAGE = 9  # JSON {"cpu_seconds", "peak_memory"}: what the job used, just before its RESULT or ERROR
 FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST,
@@ -68,10 +68,17 @@ def cell_header(source: str, first_line: int, inputs: Dict[str, List[int]], outp
             "python": list(sys.version_info[:2])}
 
 
-def pack_request(payload: Buffer, env: Dict[str, str], spool: Optional[str]) -> bytes:
+def pack_request(payload: Buffer, env: Dict[str, str], spool: Optional[str], code: Sequence[Buffer] = ()) -> bytes:
     """The body of a REQUEST frame: the job's environment, where to spool a big result (None:
-    nowhere), and its payload bundle."""
-    return b"".join(pack_bundle({"env": env, "spool": spool}, [payload]))
+    nowhere), its payload bundle and the code bundles of the kernel's local modules it needs."""
+    return b"".join(pack_bundle({"env": env, "spool": spool}, [payload, *code]))
+
+
+def code_bundle(files: Dict[str, Buffer]) -> List[Buffer]:
+    """The pieces of a code bundle: one module or package of the kernel, as source files by their
+    path relative to the folder it was imported from (e.g. "mylib/__init__.py")."""
+    paths = sorted(files)
+    return pack_bundle({"files": [[path, i] for i, path in enumerate(paths)]}, [files[path] for path in paths])
 
 
 def unpack_bundle(data: Buffer) -> Tuple[Dict[str, Any], List[memoryview]]:

@@ -28,7 +28,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import celery_nb_runtime
-from celery_nb_runtime import cell, events, protocol, rich_output
+from celery_nb_runtime import cell, events, protocol, rich_output, workdir
 
 CELL_BUILTINS = tuple(cell.BUILTINS)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
@@ -238,7 +238,9 @@ def _required_outputs(header: Dict[str, Any]) -> List[str]:
     return list(header["outputs"]) if header.get("outputs_explicit") else []
 
 
-def _encode_result(outputs: Dict[str, Any], required: List[str]) -> List[Any]:
+def _encode_result(outputs: Dict[str, Any], required: List[str], files: List[Tuple[str, Any]]) -> List[Any]:
+    """The result bundle: the outputs, pickled (those not ``required`` that cannot be are skipped
+    and named), and ``files`` (path, contents) the job downloads."""
     writer = protocol.ValueWriter(_dumps)
     index, skipped = {}, {}
     for name, value in outputs.items():
@@ -254,9 +256,11 @@ def _encode_result(outputs: Dict[str, Any], required: List[str]) -> List[Any]:
                 what, advice = "output variable %r" % name, "leave it out of --out, or assign it plain data"
             raise JobFailed("output", "%s (%s) cannot be pickled to send it back: %s: %s; %s"
                             % (what, type(value).__name__, type(exc).__name__, exc, advice), exc) from None
-    header = {"outputs": index, "required": required, "skipped": skipped,
-              "types": {name: type(outputs[name]).__name__ for name in index}}
-    return protocol.pack_bundle(header, writer.sections)
+    header: Dict[str, Any] = {"outputs": index, "required": required, "skipped": skipped,
+                              "types": {name: type(outputs[name]).__name__ for name in index}}
+    if files:
+        header["files"] = [[path, len(writer.sections) + i] for i, (path, _data) in enumerate(files)]
+    return protocol.pack_bundle(header, writer.sections + [data for _path, data in files])
 
 
 def _prepare_child(frames: FrameWriter) -> None:
@@ -267,21 +271,29 @@ def _prepare_child(frames: FrameWriter) -> None:
     sys.meta_path.insert(0, _ImportPatches())
 
 
-def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory) -> None:
-    """The job, in the forked child, whose fd 1/2 are already the log pipes."""
-    outer, (payload,) = protocol.unpack_bundle(request)
+def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory,
+               job_dir: Optional[workdir.JobDirectory]) -> None:
+    """The job, in the forked child, whose fd 1/2 are already the log pipes, in ``job_dir``
+    (None: the rehearsal of _warm_up)."""
+    outer, (payload, *code) = protocol.unpack_bundle(request)
     os.environ.update(outer["env"])
     try:
         header, sections = protocol.unpack_bundle(payload)
+        if job_dir is not None:
+            job_dir.enter(header, sections, code)
         run = _run_cell if header["kind"] == "cell" else _run_call
         try:
             outputs = run(header, sections)
         finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
             rich_output.send_figures()
-        result = _encode_result(outputs, _required_outputs(header))
+        downloads = job_dir.downloads(header) if job_dir is not None else workdir.NO_DOWNLOADS
+        result = _encode_result(outputs, _required_outputs(header), downloads.files)
+        downloads.announce()
         kind: int = protocol.FRAME_RESULT
     except JobFailed as failure:
         kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]
+    except workdir.WorkdirError as failure:  # its uploads could not be written, or its downloads read
+        kind, result = protocol.FRAME_ERROR, [json.dumps(JobFailed(failure.kind, str(failure)).as_json()).encode()]
     sys.stdout.flush()
     sys.stderr.flush()  # the job's output is in the pipes before its last frame
     spool = outer.get("spool")
@@ -514,7 +526,7 @@ def _warm_up(memory: _JobMemory) -> None:
     payload = b"".join(protocol.pack_bundle(protocol.cell_header("warm = 1", 1, {}, ["warm"], False), []))
     request = protocol.pack_request(payload, {}, None)
     with open(os.devnull, "wb") as devnull:
-        _run_child(memoryview(request), FrameWriter(devnull.fileno()), memory)
+        _run_child(memoryview(request), FrameWriter(devnull.fileno()), memory, None)
 
 
 _EXIT_NO_MORE_REQUESTS = 99
@@ -534,9 +546,11 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
 
         gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
     memory = _JobMemory()
+    previous: Optional[workdir.JobDirectory] = None
     while True:
         oom_before = _oom_kills()
         memory.start()
+        job_dir = workdir.JobDirectory()  # the next job's
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         frames_r, frames_w = os.pipe()
@@ -562,8 +576,9 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:
+                    job_dir.wait_until_made()
                     memory.running()
-                    _run_child(memoryview(request), frames_writer, memory)
+                    _run_child(memoryview(request), frames_writer, memory, job_dir)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
                 code = 70
@@ -571,6 +586,8 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os._exit(code)
         for fd in (stdout_w, stderr_w, frames_w):
             os.close(fd)
+        job_dir.make(previous)  # while the job's process warms up and waits for its request
+        previous = job_dir
         relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, memory)
         status, rusage = relay.run(pid)
         while True:  # we are PID 1: reap whatever was reparented to us
@@ -588,6 +605,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
             "usage": _usage([rusage], memory.peak()),
         }).encode())
         if one_shot:
+            job_dir.remove()
             while os.read(requests_fd, _READ_CHUNK):
                 pass
             return 0

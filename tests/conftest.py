@@ -36,6 +36,7 @@ NOTEBOOK_IMAGES = {
     "quickstart": {"QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE},
     "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
     "fan_out": {},
+    "local_code_and_files": {},
 }
 
 

@@ -37,7 +37,8 @@ CELL_STATE_JS = """cell => {
     const bar = cell.querySelector('.widget-hprogress .progress-bar');
     return {prompt: text('.jp-InputPrompt'), status: text('.celery-nb-status'), logs: text('.celery-nb-logs'),
             bar: bar ? parseFloat(bar.style.width) : null, timings: text('.celery-nb-timings'),
-            title: text('.celery-nb-title'), output: text('.jp-OutputArea') || ''};
+            title: text('.celery-nb-title'), downloads: text('.celery-nb-downloads'),
+            output: text('.jp-OutputArea') || ''};
 }"""
 
 
@@ -52,8 +53,9 @@ def _api(url: str, token: str, path: str, method: str = "GET") -> object:
 def jupyter_lab(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A JupyterLab server on a copy of notebooks/, kernels on the embedded default; (url, token)."""
     root = tmp_path_factory.mktemp("lab")
-    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
-        shutil.copy(notebook, root)
+    # the notebooks with the files next to them (local_code_and_files.ipynb's module and data)
+    shutil.copytree(ROOT / "notebooks", root, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("output", "__pycache__", ".ipynb_checkpoints"))
     settings = root / ".settings"
     for name, values in {"apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
                          "notebook-extension/tracker": {"windowingMode": "none"}}.items():
@@ -369,3 +371,16 @@ def test_the_widget_and_the_jobs_table_in_the_dark_theme(page, jupyter_lab: tupl
             "height": min(bottom["y"] + bottom["height"] - box["y"], 1100)})
     finally:
         _theme(page, "JupyterLab Light")
+
+
+def test_local_code_and_files_as_a_person_sees_them(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
+    nb = Notebook(page, jupyter_lab, "local_code_and_files")
+    nb.run("setup")
+    state = nb.run("summarize")
+    assert state["status"] == "succeeded", state
+    assert "the job's working directory holds ['data'] and data/ holds ['measurements.csv']" in state["logs"]
+    assert re.fullmatch(r"files back: output/summary\.json \(\d+ B\); no file matched --download plots/\*\.png",
+                        state["downloads"]), state["downloads"]
+    nb.screenshot("local-code-and-files-1-downloads.png", "summarize")
+    assert nb.run("read-back")["output"].startswith("output/summary.json: True")
+    assert nb.run("functions")["output"].startswith("submit: True")

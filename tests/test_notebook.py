@@ -4,6 +4,7 @@ The quickstart's checks are shared with tests/test_compose.py (tests/quickstart.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sys
 
@@ -35,6 +36,13 @@ def data_science(docker_client: docker.DockerClient, tmp_path_factory: pytest.Te
 @pytest.fixture(scope="module")
 def fan_out(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return execute_notebook("fan_out", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def local_code_and_files(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    summary = ROOT / "notebooks/output/summary.json"
+    summary.unlink(missing_ok=True)  # left by an earlier run: this one must write it
+    return execute_notebook("local_code_and_files", tmp_path_factory)
 
 
 def _displayed(cell, mime: str) -> list:
@@ -96,3 +104,23 @@ def test_fan_out_maps_in_chunks_with_results_in_order(fan_out: dict) -> None:
                                              f"items per chunk: [50000, 50000, 50000, 50000]\n")
     mean = sum(_collatz_steps(n) for n in range(1, 1_001)) / 1000
     assert checks.text_of(cells["imap"]) == f"mean chain length for 1..1000: {mean:.2f}\n"
+
+
+def test_local_code_and_files_reach_the_job_and_come_back(local_code_and_files: dict) -> None:
+    cells = local_code_and_files["cells"]
+    summarize, = _displayed(cells["summarize"], "text/plain")  # the job's text view: it imported features.py
+    assert "succeeded" in summarize
+    assert "the job's working directory holds ['data'] and data/ holds ['measurements.csv']" in summarize
+    summary = json.loads((ROOT / "notebooks/output/summary.json").read_text())  # downloaded next to the notebook
+    assert sorted(summary) == ["east", "north", "south"] and all(s["readings"] == 30 for s in summary.values())
+    size = (ROOT / "notebooks/output/summary.json").stat().st_size
+    listed = f"files back: output/summary.json ({size} B); no file matched --download plots/*.png"
+    assert listed in summarize
+    states = local_code_and_files["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(listed in str(m["state"].get("value")) and "celery-nb-downloads" in str(m["state"].get("value"))
+               for m in states.values())  # the live widget lists them too
+    assert checks.text_of(cells["read-back"]) == f"output/summary.json: True - south: {summary['south']}\n"
+    means = [summary[station]["mean"] for station in ("east", "north", "south")]
+    assert checks.text_of(cells["functions"]) == f"submit: True\nmap: {means}\n"
+    workdir, = _displayed(cells["workdir"], "text/plain")
+    assert "files earlier jobs left here: []" in workdir

@@ -59,6 +59,7 @@ def test_big_payloads_and_results_travel_through_s3_and_are_deleted(s3_blob_url,
     worker = start_worker(redis_url, "s3q", "s3")
     try:
         client = Client(redis_url)
+        in_redis = set(redis_lib.Redis.from_url(redis_url).keys("celery_nb:blob:*"))  # other tests' local modules
         blob = bytes(range(256)) * (12 * 4096)  # 12 MiB in, twice that out
         job = client.submit_cell("import time\ntime.sleep(1)\ndoubled = data * 2\n", {"data": blob}, image=IMAGE,
                                  memory="512m", queue="s3q")
@@ -68,6 +69,29 @@ def test_big_payloads_and_results_travel_through_s3_and_are_deleted(s3_blob_url,
         assert done["result_ref"]["size"] > len(blob) * 2 and "s3_key" in done["result_ref"]
         assert job.result(timeout=60)["doubled"] == blob * 2
         assert _objects(s3) == []  # input deleted by the worker, result by the kernel
-        assert redis_lib.Redis.from_url(redis_url).keys("celery_nb:blob:*") == []  # nothing went through Redis
+        # nothing went through Redis
+        assert set(redis_lib.Redis.from_url(redis_url).keys("celery_nb:blob:*")) == in_redis
+    finally:
+        stop_process(worker)
+
+
+def test_local_modules_are_stored_once_in_s3_and_again_when_gone(s3_blob_url, redis_url: str, tmp_path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _url, s3 = s3_blob_url
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "s3_helpers.py").write_text("ANSWER = 42\n")
+    worker = start_worker(redis_url, "s3q", "s3")
+    try:
+        client = Client(redis_url)
+        cell = "import s3_helpers\nanswer = s3_helpers.ANSWER\n"
+        assert client.submit_cell(cell, {}, image=IMAGE, queue="s3q").result(timeout=60) == {"answer": 42}
+        key, = _objects(s3)  # the module's code, under its content hash
+        assert key.startswith(f"{PREFIX}/code-")
+        assert client.submit_cell(cell, {}, image=IMAGE, queue="s3q").result(timeout=60) == {"answer": 42}
+        assert _objects(s3) == [key]
+        s3.delete_object(Bucket=BUCKET, Key=key)  # a lifecycle rule removed it: the kernel sends it again
+        assert client.submit_cell(cell, {}, image=IMAGE, queue="s3q").result(timeout=60) == {"answer": 42}
+        assert _objects(s3) == [key]
     finally:
         stop_process(worker)

@@ -159,3 +159,16 @@ def test_a_signature_is_valid_from_its_signing_time_to_its_expiry_give_or_take_t
                                 hashlib.sha256).hexdigest()
     with pytest.raises(SignatureError, match="carries no signing time"):
         signer.check(unstamped, "the worker's")
+
+
+def test_local_modules_and_files_travel_signed(signed_client: Client, tmp_path, monkeypatch) -> None:
+    """The request names a local module's code by its hash, under the signature; the files a job
+    sends back are part of its signed result."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"signed_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("GREETING = 'signed hello'\n")
+    job = signed_client.submit_cell(f"import {name}\nopen('greeting.txt', 'w').write({name}.GREETING)\n", {},
+                                    image=IMAGE, queue="signed", download=["greeting.txt"])
+    assert job.result(timeout=60) == {}
+    assert (tmp_path / "greeting.txt").read_text() == "signed hello"

@@ -136,6 +136,7 @@ def _create(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, 
         read_only=spec.read_only,
         tmpfs={"/tmp": ""} if spec.read_only else None,
         device_requests=device_requests(spec.gpus),
+        mounts=[docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
     )
     return client.api.create_container(
         spec.image,

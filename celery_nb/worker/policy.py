@@ -2,19 +2,20 @@
 ``JobOptions``. A client may ask for anything; the policy decides, and a ``PolicyError`` names
 the rule a request breaks.
 
-Whatever the request, containers never run privileged, get no host mounts and no devices but
-the GPUs the policy allows, drop all capabilities and set no-new-privileges (see
-docker_api.start_container).
+Whatever the request, containers never run privileged, get no host folder but the mounts the
+policy offers by name and no devices but the GPUs it allows, drop all capabilities and set
+no-new-privileges (see docker_api.start_container).
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import hashlib
+import os
 from dataclasses import dataclass
 
 from celery_nb.errors import OptionError, PolicyError
-from celery_nb.options import JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
+from celery_nb.options import MOUNT_NAME, JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
 from celery_nb.worker.settings import WorkerSettings
 
 # Environment variables that act when a process starts, not when a running one changes them:
@@ -34,6 +35,19 @@ def acts_at_start(name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class DataMount:
+    """A host folder the worker offers jobs (CELERY_NB_MOUNTS), mounted at /mnt/``name``."""
+
+    name: str
+    source: str  # the host path
+    read_only: bool
+
+    @property
+    def target(self) -> str:
+        return f"/mnt/{self.name}"
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """Everything a container is created with: two containers of the same spec are
     interchangeable, so the spec is the warm pool's key."""
@@ -47,6 +61,7 @@ class ContainerSpec:
     user: str | None
     gpus: str | None  # an options.parse_gpus spec: docker's device request
     env: tuple[tuple[str, str], ...] = ()  # the job's variables that act at start (acts_at_start), sorted
+    mounts: tuple[DataMount, ...] = ()
 
     @property
     def pool_key(self) -> str:
@@ -79,6 +94,7 @@ class WorkerPolicy:
     read_only: bool = False
     user: str | None = None
     max_gpus: int | None = 0  # None: any request, even --gpus all
+    mounts: tuple[DataMount, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> WorkerPolicy:
@@ -100,6 +116,7 @@ class WorkerPolicy:
             read_only=settings.read_only,
             user=settings.user or None,
             max_gpus=_max_gpus(settings.gpus),
+            mounts=_data_mounts(settings.mounts),
         )
 
     def plan(self, options: JobOptions) -> JobPlan:
@@ -126,7 +143,8 @@ class WorkerPolicy:
         container = ContainerSpec(
             image=image, memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None, pids=self.pids_limit,
             network=network, read_only=self.read_only, user=self.user,
-            gpus=self._check_gpus(options.gpus) if options.gpus else None, env=tuple(sorted(start_env.items())))
+            gpus=self._check_gpus(options.gpus) if options.gpus else None, env=tuple(sorted(start_env.items())),
+            mounts=self._check_mounts(options.mount or ()))
         return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh),
                        env={name: value for name, value in options.env.items() if name not in start_env})
 
@@ -155,9 +173,33 @@ class WorkerPolicy:
             raise PolicyError(f"{asked} exceeds this worker's maximum of {self.max_gpus} "
                               f"(CELERY_NB_GPUS={self.max_gpus}); ask for at most {self.max_gpus}")
 
+    def _check_mounts(self, names: tuple[str, ...]) -> tuple[DataMount, ...]:
+        offered = {mount.name: mount for mount in self.mounts}
+        for name in names:
+            if name not in offered:
+                which = (f"it offers {', '.join(sorted(offered))}; pick one of those" if offered
+                         else "it offers none: its CELERY_NB_MOUNTS is unset")
+                raise PolicyError(f"--mount {name}: this worker offers no mount of that name ({which}), or ask "
+                                  f"the worker's operator to add it to CELERY_NB_MOUNTS")
+        return tuple(offered[name] for name in sorted(set(names)))
+
 
 def _words(value: str) -> tuple[str, ...]:
     return tuple(word.strip() for word in value.split(",") if word.strip())
+
+
+def _data_mounts(value: str) -> tuple[DataMount, ...]:
+    """CELERY_NB_MOUNTS: NAME=HOST_PATH[:ro|:rw], comma-separated."""
+    mounts = {}
+    for entry in _words(value):
+        name, _, target = entry.partition("=")
+        name = name.strip()
+        path, _, mode = target.rpartition(":") if target.endswith((":ro", ":rw")) else (target, "", "ro")
+        if not MOUNT_NAME.match(name) or not os.path.isabs(path) or name in mounts:
+            raise ValueError(f"CELERY_NB_MOUNTS: {entry!r} is not NAME=/host/path:ro or NAME=/host/path:rw "
+                             f"(NAME: letters, digits, _ . -, each name once)")
+        mounts[name] = DataMount(name, path, mode == "ro")
+    return tuple(mounts.values())
 
 
 def _max_gpus(value: str) -> int | None:

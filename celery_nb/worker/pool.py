@@ -96,8 +96,9 @@ class PoolBook:
 class ContainerPool:
     """Idle runtime containers per ContainerSpec (its pool_key), reused by later jobs of that spec.
 
-    Each job still runs in a fresh process forked by the container's server, so globals
-    do not leak between jobs; files written in the container do persist (use --fresh).
+    Each job still runs in a fresh process forked by the container's server, in a working
+    directory of its own, so globals and those files do not leak between jobs; files written
+    elsewhere in the container do persist (use --fresh).
     """
 
     def __init__(self, worker: str, settings: WorkerSettings) -> None:

@@ -41,6 +41,11 @@ class WorkerSettings(EnvConfigurable):
     gpus = Unicode(
         "0", help="GPUs a job may ask for with --gpus: 'all', a number, or 0 for none (every request refused).",
     ).tag(config=True, env="CELERY_NB_GPUS")
+    mounts = Unicode(
+        "", help="Host folders jobs may ask for by name with --mount NAME, mounted at /mnt/NAME: comma-separated "
+                 "NAME=HOST_PATH:ro or :rw, e.g. 'datasets=/srv/datasets:ro,scratch=/srv/scratch:rw' (ro when the "
+                 "mode is left out). Unset: none; a job never names a host path itself.",
+    ).tag(config=True, env="CELERY_NB_MOUNTS")
 
     # -- the warm pool (celery_nb.worker.pool) --------------------------------------------
     pool_size = Int(4, help="Idle containers kept per (image, limits); 0 turns the warm pool off.").tag(

@@ -21,6 +21,7 @@ from celery_nb.options import JobOptions, format_memory, format_size
 from celery_nb.signing import Signer, digest
 from celery_nb.worker import docker_api
 from celery_nb.worker.channel import SPOOL_DIR, ContainerExited, ExitStatus, RuntimeContainer
+from celery_nb.worker.codecache import CodeCache
 from celery_nb.worker.leases import LeaseKeeper
 from celery_nb.worker.logs import JobLog
 from celery_nb.worker.policy import JobPlan, WorkerPolicy
@@ -30,7 +31,8 @@ from celery_nb_runtime import protocol
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
 _END_GRACE = 5.0  # s a job's process may take to exit after its result, before its container is dropped
 _HELD_BACK_FOR = 0.02  # s a warm job runs before its start is reported (if it has not ended by then)
-_RELAYED_EVENT_TYPES = {"progress", "display"}  # display: rich output, at most ~1 MiB each (the runtime sees to it)
+# display: rich output, at most ~1 MiB each (the runtime sees to it); downloads: the files the job sends back
+_RELAYED_EVENT_TYPES = {"progress", "display", "downloads"}
 _HELD_POLL_INTERVAL = 1.0  # s; how often a job delivered twice checks on the run that holds it
 _LOG_STREAMS = {protocol.FRAME_STDOUT: "stdout", protocol.FRAME_STDERR: "stderr"}
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class WorkerServices:
     pool: ContainerPool
     signer: Signer
     leases: LeaseKeeper
+    code: CodeCache
 
 
 class JobRun:
@@ -59,6 +62,7 @@ class JobRun:
         self.policy = services.policy
         self.pool = services.pool
         self.signer = services.signer
+        self.code = services.code
         self.request = request
         self.job_id: str = request["job_id"]
         self.worker = worker
@@ -278,7 +282,8 @@ class JobRun:
             f"result" + (f"; its last output:\n{stderr[-2000:]}" if stderr else ""))}
 
     def _request_for(self, runtime: RuntimeContainer, plan: JobPlan) -> bytes:
-        """The REQUEST frame body: env, where to spool a big result, and the job's payload."""
+        """The REQUEST frame body: env, where to spool a big result, the job's payload and the
+        code of the kernel's local modules it needs."""
         if "payload_ref" in self.request:
             payload = self.blobs.get(self.request["payload_ref"])
             if self.signer.enabled and digest(payload) != self.request.get("payload_digest"):
@@ -287,7 +292,8 @@ class JobRun:
         else:
             payload = base64.b64decode(self.request["payload"])
         spool = SPOOL_DIR if runtime.spools else None
-        return protocol.pack_request(payload, plan.env, spool)
+        code = [self.code.get(module) for module in self.request.get("code", ())]
+        return protocol.pack_request(payload, plan.env, spool, code)
 
     def _relay(self, runtime: RuntimeContainer, kind: int, body: bytes) -> None:
         """One frame of the runtime as an event (or the kept result/error)."""
