@@ -83,7 +83,7 @@ def test_usage_is_shown_in_the_widget_the_summary_and_the_jobs_table(redis_clien
     job = redis_client.submit(allocate_and_burn, 50, 0.2, image=IMAGE)
     job.result(timeout=120)
     text = job.usage_text()
-    assert text.startswith("peak ") and " MiB of 2 GiB, CPU 0." in text  # the worker's default limit
+    assert text.startswith("peak ") and " MiB of 2.0 GiB, CPU 0." in text  # the worker's default limit
     assert re.search(f'<span class="celery-nb-usage" style="[^"]*"> · {re.escape(text)}</span>', JobWidget(job).timings.value)
     assert job.summary().endswith(f" | {text}")
     header, row = jobs_text_table([job]).splitlines()
