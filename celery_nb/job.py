@@ -52,6 +52,7 @@ class Job:
         self.status = "queued"
         self.worker: str | None = None
         self.container: str | None = None  # "warm" (reused from the worker's pool) or "cold"
+        self.environment: str | None = None  # of a job with --pip: "cached" (the worker host had it) or "built"
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         self.timings: dict[str, float] = {}
@@ -81,9 +82,12 @@ class Job:
                 self.attempts = event.get("attempt", self.attempts)
                 if self.status == "starting":
                     self.timings["received"] = event["t"]
+                elif self.status == "building":
+                    self.timings["building"] = event["t"]
                 elif self.status == "running":
                     self.timings["started"] = event["t"]
                     self.container = event.get("container")
+                    self.environment = event.get("environment")
             elif kind == "log":
                 self._output.append((event["stream"], event["text"]))
             elif kind == "display":
@@ -93,6 +97,7 @@ class Job:
             elif kind == "done":  # a warm job that ended at once reported no start: this says it all
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
+                self.environment = event.get("environment") or self.environment
                 self.attempts = event.get("attempt") or self.attempts
                 self.timings.update(event.get("timings", {}))
                 self.timings["collected"] = time.time()
@@ -212,13 +217,15 @@ class Job:
         return (self.finished_at or time.time()) - self.submitted_at
 
     def timing_breakdown(self) -> dict[str, float]:
-        """Seconds spent queued, starting the container, running, and bringing results back;
-        the phase a job is in counts up to now."""
+        """Seconds spent queued, building the job's environment (--pip), starting the container,
+        running, and bringing results back; the phase a job is in counts up to now."""
         t = self.timings
         now = self.finished_at or time.time()
         parts = {"queued": t.get("received", now) - self.submitted_at}
+        if "building" in t:
+            parts["build"] = t.get("built", t.get("started", now)) - t["building"]
         if "received" in t:
-            parts["start"] = t.get("started", now) - t["received"]
+            parts["start"] = t.get("started", now) - t["received"] - parts.get("build", 0.0)
         if "started" in t:
             parts["run"] = t.get("exited", t.get("finished", now)) - t["started"]
         if "transfer" in t:
@@ -240,6 +247,8 @@ class Job:
         line = f"celery_nb job {self.id[:12]} [{self.image}] {self.label}: {self.status}{where} after {self.elapsed:.1f} s"
         if self.progress:
             line += f" | {self.progress_text()}"
+        if self.environment:
+            line += f" | environment {self.environment}"
         if self.finished:
             line += " | " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timing_breakdown().items())
         return line

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import cloudpickle
 
+from celery_nb.distributions import version_table
 from celery_nb.errors import InputError, OutputError
 from celery_nb_runtime import protocol
 
@@ -53,8 +54,11 @@ def load_result(data: bytes) -> dict[str, Any]:
         try:
             outputs[name] = protocol.load_value(sections, indexes)
         except Exception as exc:
+            theirs = header.get("versions", {})  # the environment's versions of what its job imported
+            modules = protocol.pickled_modules(sections[indexes[0]])
+            table = version_table({module: theirs.get(module) for module in modules})
             raise OutputError(
                 f"output variable {name!r} came back from the container but cannot be loaded in the "
                 f"kernel: {type(exc).__name__}: {exc}. Install the module it needs in the kernel, or "
-                f"leave the variable out with --out.") from exc
+                f"leave the variable out with --out." + (f"\n{table}" if table else "")) from exc
     return outputs

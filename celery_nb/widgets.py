@@ -18,7 +18,7 @@ from IPython.display import display
 from celery_nb.job import Job
 
 LOG_TAIL_LINES = 30
-_STATUS_COLOURS = {"queued": "#6c757d", "starting": "#0d6efd", "running": "#0d6efd",
+_STATUS_COLOURS = {"queued": "#6c757d", "starting": "#0d6efd", "building": "#6f42c1", "running": "#0d6efd",
                    "succeeded": "#198754", "failed": "#dc3545", "cancelled": "#fd7e14"}
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _MIN_REDRAW_INTERVAL = 0.1  # s; log floods must not flood the frontend with comm messages
@@ -98,11 +98,14 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         super().redraw()
         job = self.job
         colour = _STATUS_COLOURS.get(job.status, "#6c757d")
+        shown = "building environment" if job.status == "building" else job.status
         self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
-                             f'border-radius:4px;padding:1px 8px;font-weight:bold">{job.status}</span>')
+                             f'border-radius:4px;padding:1px 8px;font-weight:bold">{shown}</span>')
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
         if job.container:
             worker += f" ({job.container} container)"
+        if job.environment:  # --pip: the worker host had the job's environment, or built it
+            worker += f' · <span class="celery-nb-environment">environment {job.environment}</span>'
         if job.attempts > 1:  # its first worker died; the job ran again from the start
             worker += f' · <span class="celery-nb-attempt">attempt {job.attempts}</span>'
         self.title.value = (f'<span class="celery-nb-title">&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '

@@ -25,7 +25,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 import celery_nb_runtime
-from celery_nb_runtime import events, protocol, rich_output
+from celery_nb_runtime import events, protocol, rich_output, versions
 
 CELL_BUILTINS = ("display",)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
@@ -36,16 +36,22 @@ class JobFailed(Exception):
     """A failure to report as an ERROR frame: kind is one of input/output/version/remote."""
 
     def __init__(self, kind: str, message: str, exc: Optional[BaseException] = None,
-                 tb_text: Optional[str] = None) -> None:
+                 tb_text: Optional[str] = None, **details: Any) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.exc_type = type(exc).__name__ if exc is not None else None
         self.tb_text = tb_text
+        self.details = details  # "packages": {module: version here}, "python": [3, 9]: for the kernel's table
 
     def as_json(self) -> Dict[str, Any]:
         return {"kind": self.kind, "message": self.message, "exc_type": self.exc_type,
-                "traceback": self.tb_text}
+                "traceback": self.tb_text, **self.details}
+
+
+def _packages_of(sections: List[memoryview], indexes: List[int]) -> Dict[str, Optional[str]]:
+    """The packages a pickled value that did not load refers to, with their versions here."""
+    return versions.installed_versions(protocol.pickled_modules(sections[indexes[0]]))
 
 
 class FrameWriter:
@@ -151,7 +157,8 @@ def _load_inputs(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str
             namespace[name] = protocol.load_value(sections, indexes)
         except Exception as exc:
             raise JobFailed("input", "input variable %r could not be loaded in the container: %s: %s"
-                            % (name, type(exc).__name__, exc), exc) from None
+                            % (name, type(exc).__name__, exc), exc,
+                            packages=_packages_of(sections, indexes)) from None
     return namespace
 
 
@@ -186,12 +193,14 @@ def _run_call(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, A
             "functions travel with cloudpickle, which needs the same Python minor version in the "
             "kernel and the image: the kernel runs Python %d.%d, this image runs Python %d.%d. "
             "Use an image with Python %d.%d, or run the code as a %%%%celery_docker cell (cells "
-            "travel as source and work with any Python 3.9+)." % (kernel_python + sys.version_info[:2] + kernel_python))
+            "travel as source and work with any Python 3.9+)." % (kernel_python + sys.version_info[:2] + kernel_python),
+            python=list(sys.version_info[:2]))
     try:
         fn, args, kwargs = protocol.load_value(sections, header["call"])
     except Exception as exc:
         raise JobFailed("input", "the function or its arguments could not be loaded in the container: "
-                        "%s: %s" % (type(exc).__name__, exc), exc) from None
+                        "%s: %s" % (type(exc).__name__, exc), exc,
+                        packages=_packages_of(sections, header["call"])) from None
     try:
         return {"return": fn(*args, **kwargs)}
     except BaseException as exc:
@@ -225,7 +234,7 @@ def _encode_result(outputs: Dict[str, Any]) -> List[Any]:
         except Exception as exc:
             raise JobFailed("output", "output variable %r cannot be pickled to send it back: %s: %s"
                             % (name, type(exc).__name__, exc), exc) from None
-    return protocol.pack_bundle({"outputs": index}, writer.sections)
+    return protocol.pack_bundle({"outputs": index, "versions": versions.loaded_versions()}, writer.sections)
 
 
 def _prepare_child(frames: FrameWriter) -> None:

@@ -13,6 +13,7 @@ from celery_nb.blobs import BlobStore
 from celery_nb.broker import TASK_NAME, celery_app
 from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore, connect_redis
 from celery_nb.signing import Signer
+from celery_nb.worker.environments import Environments
 from celery_nb.worker.leases import LeaseKeeper, UnackedIndex
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb.worker.pool import ContainerPool
@@ -35,8 +36,9 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
     # kombu's index of delivered, unacked messages (its key: no key prefix is set)
     unacked = UnackedIndex(connect_redis(broker_url), "unacked_index") if broker_url else None
     pool = ContainerPool(worker_name or "", settings)
-    services = WorkerServices(store, blobs, WorkerPolicy.from_settings(settings), pool, signer or Signer(),
-                              LeaseKeeper(store, unacked))
+    policy = WorkerPolicy.from_settings(settings)
+    services = WorkerServices(store, blobs, policy, pool, signer or Signer(), LeaseKeeper(store, unacked),
+                              Environments(settings, policy))
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store

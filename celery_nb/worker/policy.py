@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 
 from celery_nb.errors import OptionError, PolicyError
-from celery_nb.options import JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
+from celery_nb.options import AUTO, JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
 from celery_nb.worker.settings import WorkerSettings
 
 
@@ -31,6 +31,7 @@ class ContainerSpec:
     read_only: bool
     user: str | None
     gpus: str | None  # an options.parse_gpus spec: docker's device request
+    environment: str | None = None  # the volume holding the job's environment (worker.environments), read-only
 
     @property
     def pool_key(self) -> str:
@@ -47,6 +48,7 @@ class JobPlan:
     timeout: float | None
     fresh: bool
     env: dict[str, str]
+    requirements: tuple[str, ...] = ()  # installed on top of container.image: the job's environment (sorted)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class WorkerPolicy:
     read_only: bool = False
     user: str | None = None
     max_gpus: int | None = 0  # None: any request, even --gpus all
+    allow_pip: bool = True
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> WorkerPolicy:
@@ -83,6 +86,7 @@ class WorkerPolicy:
             read_only=settings.read_only,
             user=settings.user or None,
             max_gpus=_max_gpus(settings.gpus),
+            allow_pip=settings.allow_pip,
         )
 
     def plan(self, options: JobOptions) -> JobPlan:
@@ -108,7 +112,20 @@ class WorkerPolicy:
             image=image, memory=memory, nano_cpus=int(cpus * 1e9) if cpus else None, pids=self.pids_limit,
             network=network, read_only=self.read_only, user=self.user,
             gpus=self._check_gpus(options.gpus) if options.gpus else None)
-        return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh), env=options.env)
+        return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh), env=options.env,
+                       requirements=self._check_requirements(options))
+
+    def _check_requirements(self, options: JobOptions) -> tuple[str, ...]:
+        """The packages the job's environment needs on top of its image (--pip, --requirements)."""
+        wanted = tuple(sorted({*(options.pip or ()), *(options.requirements or ())}))
+        if wanted and not self.allow_pip:
+            raise PolicyError(f"--pip/--requirements ({' '.join(wanted)}): this worker builds no environments "
+                              f"(CELERY_NB_ALLOW_PIP is off); use an image that has the packages, or ask the "
+                              f"worker's operator")
+        if AUTO in wanted:
+            raise PolicyError("--pip auto reached the worker unresolved: the kernel pins it (celery_nb.requirements); "
+                              "send the job from a celery_nb kernel, or name the packages")
+        return wanted
 
     def _check_gpus(self, requested: str) -> str:
         try:

@@ -1,0 +1,661 @@
+"""Per-job environments: an image plus the packages a job asks for (--pip, --requirements),
+built once per host with uv and kept, so that later jobs of the same (image, requirements)
+start at once, in warm containers of their own.
+
+An environment is two Docker objects named by a hash of what decides its content (the base
+image's id, the normalised requirements, the platform, the package indexes):
+
+- a volume holding a virtual environment that uv made from the image's own python3 (the
+  image's packages stay visible), mounted read-only at ENVIRONMENT_DIR into the job's
+  containers. The packages are not committed into an image layer: a build costs what installing
+  them costs, and no job can change them;
+- the image ``celery-nb-env:<hash>``: the base image with PATH and VIRTUAL_ENV pointing into
+  the environment and labels saying what it holds (an empty layer). It is tagged last, so its
+  existence means the environment is complete: a failed or interrupted build leaves nothing
+  that looks usable.
+
+A build runs in a container of the base image, on the bridge network whatever the job's, into
+which uv, the CA bundle and the requirements are copied through the Docker API (never a host
+path: a worker in a container talks to the host's daemon), with uv's download cache in a volume
+of its own. The build container's name is unique per hash, so the processes of one host
+(worker threads and processes, compose replicas, kernels' embedded workers) build an environment
+once: the others follow the first one's output and use its result. Environments beyond
+CELERY_NB_ENV_CACHE_SIZE go least recently used first; Docker refuses to remove one a container
+uses. ``celery-nb envs list`` / ``celery-nb envs prune``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import queue
+import re
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import docker
+import docker.errors
+
+from celery_nb.errors import EnvironmentBuildError, JobCancelled
+from celery_nb.options import requirement_name
+from celery_nb.worker import docker_api
+from celery_nb.worker.docker_api import ENVIRONMENT_DIR
+from celery_nb.worker.policy import ContainerSpec, WorkerPolicy
+from celery_nb.worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+REPOSITORY = "celery-nb-env"  # environment images: celery-nb-env:<hash>
+LABEL_ENVIRONMENT = "celery_nb.env"  # on environment images and volumes: the hash
+LABEL_VOLUME = "celery_nb.env.volume"
+LABEL_BASE = "celery_nb.env.base"
+LABEL_BASE_ID = "celery_nb.env.base_id"
+LABEL_REQUIREMENTS = "celery_nb.env.requirements"
+LABEL_PYTHON = "celery_nb.env.python"
+LABEL_SIZE = "celery_nb.env.size"
+LABEL_BUILD = "celery_nb.env.build"  # on build containers: the hash they build
+UV_CACHE_VOLUME = "celery-nb-uv-cache"
+LABEL_UV_CACHE = "celery_nb.uv_cache"
+BUILD_TIMEOUT = 1800.0  # s a build may take before it is stopped
+_RECIPE = 1  # how environments are built: part of their hash, so a new recipe builds them anew
+_BUILD_DIR = "/celery-nb-build"  # in the build container: uv, the CA bundle, the requirements
+_UV_CACHE_DIR = "/celery-nb-uv-cache"
+_DONE = "\0celery-nb-build "  # the driver's last line: {"exit", "size", "python"}
+_REFRESH_INTERVAL = 60.0  # s between two checks that an environment in use is still there (and marks of its use)
+_STALE_BUILD = 30.0  # s a build container may stay unstarted, or ended, before it is taken for a dead builder's
+_UV_LINE = re.compile(r"^\s*(Resolved|Prepared|Downloaded)\s+(\d+ packages?|\S+)")
+
+# Runs in the build container with the image's python3 (3.9+): uv makes the environment from
+# that Python and installs the requirements; the last line says how it went.
+_DRIVER = r"""
+import json, os, subprocess, sys, time
+build, env, timeout, index = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+uv, deadline, code = build + "/uv", time.monotonic() + float(sys.argv[3]), 0
+steps = [[uv, "venv", "--python", sys.executable, "--system-site-packages", env],
+         [uv, "pip", "install", "--python", env + "/bin/python", "-r", build + "/requirements.txt"] + index]
+for step in steps:
+    try:
+        code = subprocess.run(step, stderr=subprocess.STDOUT, timeout=max(1, deadline - time.monotonic())).returncode
+    except subprocess.TimeoutExpired:
+        print("the build took longer than %d s and was stopped" % timeout)
+        code = 124
+    except OSError as exc:
+        print("uv cannot run in this image (%s): it needs a glibc-based Linux image" % exc)
+        code = 126
+    if code:
+        break
+size = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(env) for f in files) if not code else 0
+sys.stdout.flush()
+print("\0celery-nb-build " + json.dumps({"exit": code, "size": size, "python": "%d.%d.%d" % sys.version_info[:3]}))
+"""
+
+
+class BuildProgress(Protocol):
+    """What a build tells the job that waits for it."""
+
+    def started(self) -> None:
+        """The environment is being built (or another process's build of it is awaited)."""
+
+    def output(self, text: str) -> None:
+        """Lines of the installer's output (each ends with a newline)."""
+
+    def cancelled(self) -> bool:
+        """Whether the job was cancelled meanwhile (asked now and then while the build runs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    """A ready environment: its image (the base image, pointing into it) and volume."""
+
+    image: str
+    volume: str
+    base_image: str
+    state: str  # "cached": this host had it; "built": built (or its build awaited) for the job
+
+    def container(self, spec: ContainerSpec) -> ContainerSpec:
+        """``spec`` (of the base image) running in this environment: warm containers of its own."""
+        return dataclasses.replace(spec, image=self.image, environment=self.volume)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvironmentInfo:
+    """What ``celery-nb envs list`` shows of one environment."""
+
+    image: str
+    base_image: str
+    requirements: tuple[str, ...]
+    python: str
+    size: int
+    last_used: float  # epoch s: when a job last used it (its image was last tagged)
+    volume: str
+    in_use: int  # containers using it
+
+
+@dataclasses.dataclass
+class _Remembered:
+    environment: Environment
+    key: str
+    checked: float  # time.monotonic() of the last look at Docker
+
+
+class Environments:
+    """The environments of this worker host: built on demand, remembered by this process (a
+    job whose environment is known costs no Docker call), bounded, listed and pruned."""
+
+    def __init__(self, settings: WorkerSettings, policy: WorkerPolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+        self._known: dict[tuple[str, tuple[str, ...]], _Remembered] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, base_image: str, requirements: tuple[str, ...]) -> Environment | None:
+        """The environment this process knows for (image, requirements), or None: no Docker
+        call on the job's path; now and then a background look that it is still there."""
+        with self._lock:
+            remembered = self._known.get((base_image, requirements))
+            if remembered is None:
+                return None
+            stale = time.monotonic() - remembered.checked > _REFRESH_INTERVAL
+            if stale:
+                remembered.checked = time.monotonic()
+        if stale:
+            threading.Thread(target=self._refresh, args=(base_image, requirements, remembered),
+                             name="celery_nb-env-refresh", daemon=True).start()
+        return dataclasses.replace(remembered.environment, state="cached")
+
+    def forget(self, environment: Environment) -> None:
+        """Its image is gone (pruned): the next job builds it again."""
+        with self._lock:
+            for key, remembered in list(self._known.items()):
+                if remembered.environment.image == environment.image:
+                    del self._known[key]
+
+    def _remember(self, requirements: tuple[str, ...], environment: Environment, key: str) -> None:
+        with self._lock:
+            self._known[(environment.base_image, requirements)] = _Remembered(environment, key, time.monotonic())
+
+    def _refresh(self, base_image: str, requirements: tuple[str, ...], remembered: _Remembered) -> None:
+        """Mark the environment as used now (its image tagged again: ``envs list``'s last use and
+        the pruning order) and forget it if it is gone or its base image tag moved on."""
+        try:
+            client = docker_api.connect()
+            client.api.tag(remembered.environment.image, REPOSITORY, remembered.key)
+            if client.images.get(base_image).id == _labels(client, remembered.environment.image).get(LABEL_BASE_ID):
+                return
+        except docker.errors.DockerException:
+            pass
+        log.info("celery_nb: environment %s is gone or its image %r changed; the next job builds it again",
+                 remembered.environment.image, base_image)
+        self.forget(remembered.environment)
+
+    def ensure(self, base_image: str, requirements: tuple[str, ...], progress: BuildProgress) -> Environment:
+        """The environment of ``requirements`` on ``base_image``: remembered, found on this host,
+        or built now (once, whoever else asks for it meanwhile). EnvironmentBuildError names
+        what failed with the installer's own lines; JobCancelled if the job was cancelled."""
+        remembered = self.cached(base_image, requirements)
+        if remembered is not None:
+            return remembered
+        client = docker_api.connect()
+        base = _inspect_base(client, base_image, self.policy.pull)
+        key = _environment_key(base, requirements, index_arguments(self.settings))
+        building = False
+        for _attempt in range(3):  # a build another process started may fail: then build it here
+            environment = _existing(client, key, base_image)
+            if environment is None:
+                if not building:
+                    progress.started()
+                environment = self._build_or_follow(client, base, key, requirements, progress, building)
+                building = True
+            elif building:  # another process built it while this job waited
+                environment = dataclasses.replace(environment, state="built")
+            if environment is not None:
+                self._remember(requirements, environment, key)
+                return environment
+        raise EnvironmentBuildError(f"the environment for image {base_image!r} with {' '.join(requirements)} could "
+                                    f"not be built: the builds of other workers on this host failed; run the job again")
+
+    def _build_or_follow(self, client: docker.DockerClient, base: dict[str, Any], key: str,
+                         requirements: tuple[str, ...], progress: BuildProgress, waiting: bool) -> Environment | None:
+        """Build the environment here, or follow the build another process runs (then None:
+        look again whether it succeeded); ``waiting``: the job said so already."""
+        build = _Build(self.settings, self.policy, client, base, key, requirements, progress)
+        try:
+            build.create()
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: the build container's name is taken: a build is running
+                raise EnvironmentBuildError(f"could not start the build of the environment for image "
+                                            f"{build.base_image!r}: {exc.explanation or exc}") from None
+            if not waiting:
+                progress.output("[environment] another worker on this host is building this environment; "
+                                "waiting for it\n")
+            _follow(client, build.name, progress)
+            return None
+        environment = build.run()
+        threading.Thread(target=self.prune, name="celery_nb-env-prune", daemon=True).start()
+        return environment
+
+    def prune(self) -> list[str]:
+        """Keep at most CELERY_NB_ENV_CACHE_SIZE environments (see ``prune``)."""
+        try:
+            return prune(docker_api.connect(), keep=self.settings.env_cache_size)
+        except docker.errors.DockerException as exc:
+            log.warning("celery_nb: could not prune environments: %s", exc)
+            return []
+
+
+class _Build:
+    """One build of one environment in a container of its base image."""
+
+    def __init__(self, settings: WorkerSettings, policy: WorkerPolicy, client: docker.DockerClient,
+                 base: dict[str, Any], key: str, requirements: tuple[str, ...], progress: BuildProgress) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.client = client
+        self.base = base
+        self.base_image = base["name"]
+        self.key = key
+        self.requirements = requirements
+        self.progress = progress
+        self.name = f"celery-nb-build-{key}"
+        self.volume = f"celery-nb-env-{key}-{uuid.uuid4().hex[:8]}"
+        self.lines: list[str] = []
+        self.arguments = index_arguments(settings)
+
+    def create(self) -> None:
+        """The build container (its name is the host's lock on this build), with the new
+        environment's volume and uv's cache mounted, and uv, the CA bundle and the
+        requirements copied in. Raises APIError 409 when another build holds the name."""
+        environment = {"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "copy",
+                       "UV_CACHE_DIR": _UV_CACHE_DIR, "UV_NO_PROGRESS": "1", "NO_COLOR": "1"}
+        if self.settings.build_ca_bundle:
+            environment["SSL_CERT_FILE"] = f"{_BUILD_DIR}/ca.crt"
+        host_config = self.client.api.create_host_config(
+            mem_limit=self.policy.default_memory, memswap_limit=self.policy.default_memory,
+            pids_limit=self.policy.pids_limit, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            privileged=False, network_mode="bridge",
+            log_config=docker.types.LogConfig(type="json-file"),  # what other processes waiting for it follow
+            mounts=[docker.types.Mount(ENVIRONMENT_DIR, self.volume, type="volume",
+                                       labels={LABEL_ENVIRONMENT: self.key}),
+                    docker.types.Mount(_UV_CACHE_DIR, UV_CACHE_VOLUME, type="volume", labels={LABEL_UV_CACHE: "1"})])
+        files = self._files()  # before the container: a missing CA bundle or uv fails with nothing to clean up
+        try:
+            self.container_id = self.client.api.create_container(
+                self.base["id"], name=self.name, user="0", environment=environment, host_config=host_config,
+                command=["python3", "-c", _DRIVER, _BUILD_DIR, ENVIRONMENT_DIR, str(BUILD_TIMEOUT), *self.arguments],
+                labels={LABEL_BUILD: self.key, docker_api.LABEL_OWNER: docker_api.OWNER}, detach=True)["Id"]
+            try:
+                self.client.api.put_archive(self.container_id, "/", files)
+            except BaseException:
+                self._discard()
+                raise
+        finally:
+            files.close()
+
+    def _files(self) -> Any:
+        """A tar of the build directory: uv, the CA bundle, the requirements."""
+        archive = tempfile.TemporaryFile()  # uv is ~40 MB: not in memory
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            tar.add(_uv_binary(), f"{_BUILD_DIR.lstrip('/')}/uv")
+            if self.settings.build_ca_bundle:
+                try:
+                    tar.add(self.settings.build_ca_bundle, f"{_BUILD_DIR.lstrip('/')}/ca.crt")
+                except OSError as exc:
+                    raise EnvironmentBuildError(
+                        f"CELERY_NB_BUILD_CA_BUNDLE={self.settings.build_ca_bundle!r} cannot be read on the worker "
+                        f"host ({exc.strerror}); point it to a PEM file of CA certificates") from None
+            text = "".join(f"{line}\n" for line in self.requirements).encode()
+            info = tarfile.TarInfo(f"{_BUILD_DIR.lstrip('/')}/requirements.txt")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+        archive.seek(0)
+        return archive
+
+    def run(self) -> Environment:
+        """Start the build, relay its output, and tag the environment's image if it succeeded."""
+        started = time.monotonic()
+        self.progress.output(f"[environment] building it for image {self.base_image!r}: "
+                             f"{' '.join(self.requirements)}\n")
+        try:
+            lines = self.client.api.attach(self.container_id, stdout=True, stderr=True, stream=True, logs=True)
+            self.client.api.start(self.container_id)
+            done = _relay(lines, self.progress, self.lines, on_cancel=self._discard)
+        except docker.errors.DockerException as exc:
+            self._discard()
+            raise EnvironmentBuildError(f"the build of the environment for image {self.base_image!r} failed: "
+                                        f"{exc}") from None
+        if done is None or done.get("exit") != 0:
+            self._discard()
+            raise _build_error(self.base_image, self.requirements, self.lines, self.arguments, done)
+        try:
+            environment = self._tag(done)
+        except docker.errors.DockerException as exc:
+            self._discard()
+            raise EnvironmentBuildError(f"the environment for image {self.base_image!r} was built but could not be "
+                                        f"tagged: {exc}") from None
+        _remove_container(self.client, self.container_id)  # only now: its name keeps others waiting until here
+        self.progress.output(f"[environment] ready in {time.monotonic() - started:.1f} s: {environment.image}, "
+                             f"{done['size'] / 1e6:.0f} MB\n")
+        return environment
+
+    def _tag(self, done: dict[str, Any]) -> Environment:
+        """The environment's image: the base image pointing into the environment, with what it
+        holds in its labels; tagged last, it marks the environment complete."""
+        labels = {LABEL_ENVIRONMENT: self.key, LABEL_VOLUME: self.volume, LABEL_BASE: self.base_image,
+                  LABEL_BASE_ID: self.base["id"], LABEL_REQUIREMENTS: "\n".join(self.requirements),
+                  LABEL_PYTHON: str(done["python"]), LABEL_SIZE: str(done["size"])}
+        path = f"PATH={ENVIRONMENT_DIR}/bin:{self.base['path']}"
+        holder = self.client.api.create_container(self.base["id"], command=["python3"])["Id"]  # never started
+        try:
+            self.client.api.commit(holder, repository=REPOSITORY, tag=self.key,
+                                   conf={"Env": [path, f"VIRTUAL_ENV={ENVIRONMENT_DIR}"], "Labels": labels})
+        finally:
+            self.client.api.remove_container(holder, force=True)
+        return Environment(f"{REPOSITORY}:{self.key}", self.volume, self.base_image, "built")
+
+    def _discard(self) -> None:
+        """Remove the build container and its volume: nothing half-built stays."""
+        _remove_container(self.client, self.container_id)
+        _remove_volume(self.client, self.volume)
+
+
+def _relay(chunks: Iterable[bytes], progress: BuildProgress, kept: list[str],
+           on_cancel: Callable[[], None] | None = None) -> dict[str, Any] | None:
+    """Relay a build's output to ``progress`` as lines with a package counter, keeping them in
+    ``kept``, until it ends; its final report, or None if it ended without one. A cancelled job
+    stops waiting (``on_cancel``: and stops the build)."""
+    lines: queue.Queue[str | None] = queue.Queue()  # None: the output ended
+    threading.Thread(target=_read_lines, args=(chunks, lines), name="celery_nb-env-output", daemon=True).start()
+    counter = _PackageCounter()
+    done = None
+    while True:
+        batch = _waiting(lines, 0.5)
+        shown = []
+        for line in batch:
+            if line is not None and line.startswith(_DONE):
+                done = json.loads(line[len(_DONE):])
+            elif line is not None:
+                kept.append(line)
+                shown.append(counter.label(line))
+        if shown:  # one event for what came at once: a burst of lines costs one round trip
+            progress.output("".join(shown))
+        if None in batch:
+            return done
+        if progress.cancelled():
+            if on_cancel is not None:
+                on_cancel()
+            raise JobCancelled("cancelled while its environment was being built")
+
+
+def _waiting(lines: queue.Queue[str | None], timeout: float) -> list[str | None]:
+    """What the queue holds, waiting up to ``timeout`` s for a first item."""
+    try:
+        batch = [lines.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while batch[-1] is not None and not lines.empty():
+        batch.append(lines.get_nowait())
+    return batch
+
+
+def _read_lines(chunks: Iterable[bytes], lines: queue.Queue[str | None]) -> None:
+    pending = b""
+    try:
+        for chunk in chunks:
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                lines.put(line.decode("utf-8", "replace").rstrip("\r"))
+    except docker.errors.DockerException:
+        pass  # the container went away
+    finally:
+        if pending:
+            lines.put(pending.decode("utf-8", "replace"))
+        lines.put(None)
+
+
+class _PackageCounter:
+    """``[environment 3/17 packages]``: packages resolved, and how many of them are ready."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.ready = 0
+
+    def label(self, line: str) -> str:
+        match = _UV_LINE.match(line)
+        if match and match.group(1) == "Resolved":
+            self.total = int(match.group(2).split()[0])
+        elif match and match.group(1) == "Downloaded":
+            self.ready += 1
+        elif match and match.group(1) == "Prepared":
+            self.ready = int(match.group(2).split()[0])
+        elif line.startswith("Installed "):  # the last of them are in place (cached ones are never "prepared")
+            self.ready = self.total or 0
+        if self.total is None:
+            return f"[environment] {line}\n"
+        return f"[environment {min(self.ready, self.total)}/{self.total} packages] {line}\n"
+
+
+def _follow(client: docker.DockerClient, name: str, progress: BuildProgress) -> None:
+    """Relay the output of a build another process runs, and wait until its builder has tagged
+    the environment (or given up) and removed the build container. One whose builder died (never
+    started, or ended long ago) is removed."""
+    relayed = False
+    while True:
+        try:
+            state = client.api.inspect_container(name)
+        except docker.errors.NotFound:
+            return
+        status = state["State"]["Status"]
+        if status == "running" and not relayed:
+            _relay(client.api.logs(name, stream=True, follow=True), progress, [])
+            relayed = True
+            continue
+        if (status == "created" and _age(state["Created"]) > _STALE_BUILD
+                or status in ("exited", "dead") and _age(state["State"]["FinishedAt"]) > _STALE_BUILD):
+            log.warning("celery_nb: removing build container %s, left behind by a builder that died", name)
+            _remove_container(client, name)
+            return
+        if progress.cancelled():
+            raise JobCancelled("cancelled while its environment was being built")
+        time.sleep(0.2)
+
+
+def _remove_container(client: docker.DockerClient, container: str) -> None:
+    docker_api.remove([client.containers.prepare_model({"Id": container})])
+
+
+def _build_error(base_image: str, requirements: tuple[str, ...], lines: list[str], arguments: list[str],
+                 done: dict[str, Any] | None) -> EnvironmentBuildError:
+    """What failed, in the user's terms: the requirement the installer names (or all of them),
+    its own error lines, and what to do."""
+    text = "\n".join(lines).lower()
+    named = [r for r in requirements if re.search(rf"\b{re.escape(requirement_name(r))}\b", text)] or requirements
+    if "certificate" in text:
+        hint = ("the build could not verify the package index's TLS certificate: point CELERY_NB_BUILD_CA_BUNDLE "
+                "on the worker to the CA bundle your network's proxy needs")
+    elif re.search(r"failed to fetch|dns error|connect|timed out|network", text):
+        index = next((a.split("=", 1)[1] for a in arguments if a.startswith("--default-index=")), "uv's default index")
+        hint = (f"the build could not reach the package index ({index}): check the worker host's network, or set "
+                f"CELERY_NB_PIP_INDEX_URL to an index it can reach")
+    else:
+        hint = "fix the requirement (pip's specifiers: name, name==1.2.3, name>=1.2) and run the job again"
+    how = f"the installer exited with code {done['exit']}" if done else "the build container ended before it finished"
+    shown = [line for line in lines if not line.startswith(("Using ", "Creating virtual"))][-30:]
+    return EnvironmentBuildError(f"the environment for image {base_image!r} with {' '.join(named)} could not be "
+                                 f"built ({how}); uv said:\n" + "\n".join(f"  {line}" for line in shown)
+                                 + f"\n{hint}. The job did not run.")
+
+
+def index_arguments(settings: WorkerSettings) -> list[str]:
+    """uv's options for the package indexes of the worker's settings (none: uv's default)."""
+    index = [f"--default-index={settings.pip_index_url}"] if settings.pip_index_url else []
+    return index + [f"--index={url}" for url in settings.pip_extra_index_url.split()]
+
+
+def _uv_binary() -> str:
+    try:
+        import uv
+    except ImportError:
+        raise EnvironmentBuildError("the worker cannot build environments: the uv package is not installed in its "
+                                    "Python (pip install uv, or reinstall celery_nb)") from None
+    return uv.find_uv_bin()
+
+
+_MACHINES = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "amd64": "amd64"}
+
+
+def _inspect_base(client: docker.DockerClient, base_image: str, pull: str) -> dict[str, Any]:
+    """The base image's id, PATH and platform (pulled first if missing and allowed)."""
+    try:
+        attrs = client.api.inspect_image(base_image)
+    except docker.errors.ImageNotFound:
+        docker_api.ensure_image(client, base_image, pull)
+        attrs = client.api.inspect_image(base_image)
+    env = dict(item.split("=", 1) for item in attrs["Config"].get("Env") or [] if "=" in item)
+    image_platform = f"{attrs.get('Os', 'linux')}/{attrs.get('Architecture', 'amd64')}"
+    mine = f"{platform.system().lower()}/{_MACHINES.get(platform.machine().lower(), platform.machine().lower())}"
+    if image_platform != mine:
+        raise EnvironmentBuildError(f"image {base_image!r} is for {image_platform}, and this worker's uv runs on "
+                                    f"{mine}: send the job to a worker on a {image_platform} host (--queue)")
+    return {"name": base_image, "id": attrs["Id"], "platform": image_platform,
+            "path": env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")}
+
+
+def _environment_key(base: dict[str, Any], requirements: tuple[str, ...], arguments: list[str]) -> str:
+    """What decides an environment's content, hashed: its name."""
+    content = json.dumps({"recipe": _RECIPE, "base": base["id"], "platform": base["platform"],
+                          "requirements": sorted(requirements), "index": arguments}, sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def _existing(client: docker.DockerClient, key: str, base_image: str) -> Environment | None:
+    """The environment of ``key`` if this host has it complete (its image, and its volume)."""
+    image = f"{REPOSITORY}:{key}"
+    try:
+        labels = _labels(client, image)
+    except docker.errors.NotFound:
+        return None
+    try:
+        client.api.inspect_volume(labels[LABEL_VOLUME])
+    except (docker.errors.NotFound, KeyError):  # its volume was removed by hand: no container can use it
+        try:
+            client.api.remove_image(image)
+        except docker.errors.APIError:
+            pass
+        return None
+    return Environment(image, labels[LABEL_VOLUME], base_image, "cached")
+
+
+def _labels(client: docker.DockerClient, image: str) -> dict[str, str]:
+    return client.api.inspect_image(image)["Config"].get("Labels") or {}
+
+
+def _remove_volume(client: docker.DockerClient, volume: str, patience: float = 10.0) -> bool:
+    """Remove a volume, waiting up to ``patience`` s for a container that still holds it to go
+    (a build container is removed a moment after it exits)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            client.api.remove_volume(volume)
+            return True
+        except docker.errors.NotFound:
+            return True
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409 or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _age(timestamp: str) -> float:
+    """Seconds since a Docker timestamp (RFC 3339 with nanoseconds)."""
+    return time.time() - _epoch(timestamp)
+
+
+def _epoch(timestamp: str) -> float:
+    """A Docker timestamp (RFC 3339, up to nanoseconds) as epoch seconds."""
+    trimmed = re.sub(r"\.(\d+)", lambda m: "." + m.group(1)[:6].ljust(6, "0"), timestamp).replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(trimmed).timestamp()
+
+
+def list_environments(client: docker.DockerClient) -> list[EnvironmentInfo]:
+    """The environments on this host, most recently used first."""
+    found = []
+    for image in client.images.list(filters={"label": LABEL_ENVIRONMENT}):
+        labels = image.labels
+        if LABEL_VOLUME not in labels:
+            continue  # an image built on an environment's image
+        tag = next((t for t in image.tags if t.startswith(f"{REPOSITORY}:")), image.id)
+        users = client.containers.list(all=True, sparse=True, filters={"volume": labels[LABEL_VOLUME]})
+        found.append(EnvironmentInfo(
+            image=tag, base_image=labels.get(LABEL_BASE, "?"),
+            requirements=tuple(labels.get(LABEL_REQUIREMENTS, "").split("\n")), python=labels.get(LABEL_PYTHON, "?"),
+            size=int(labels.get(LABEL_SIZE, 0)), volume=labels[LABEL_VOLUME], in_use=len(users),
+            last_used=_epoch(image.attrs.get("Metadata", {}).get("LastTagTime") or image.attrs["Created"])))
+    return sorted(found, key=lambda info: info.last_used, reverse=True)
+
+
+def prune(client: docker.DockerClient, keep: int | None, download_cache: bool = False) -> list[str]:
+    """Remove the least recently used environments beyond ``keep`` (None: all) that no container
+    uses, the volumes that failed or interrupted builds left behind, and (``download_cache``)
+    uv's download cache. Returns what it removed."""
+    environments = list_environments(client)
+    removed = []
+    excess = len(environments) - (keep if keep is not None else 0)
+    for info in reversed(environments):  # least recently used first
+        if excess <= 0:
+            break
+        if not info.in_use and _remove_environment(client, info):
+            removed.append(info.image)
+            excess -= 1
+    removed += _remove_leftover_volumes(client, {info.volume for info in list_environments(client)})
+    if download_cache and _remove_volume(client, UV_CACHE_VOLUME, patience=0):
+        removed.append(f"volume {UV_CACHE_VOLUME}")
+    return removed
+
+
+def _remove_environment(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
+    """Its image first: Docker refuses while a container of it exists, so a job that starts
+    meanwhile keeps it whole."""
+    try:
+        client.api.remove_image(info.image)
+    except docker.errors.APIError as exc:
+        if exc.status_code != 404:
+            return False
+    _remove_volume(client, info.volume, patience=0)
+    return True
+
+
+def _remove_leftover_volumes(client: docker.DockerClient, kept: set[str]) -> list[str]:
+    """Environment volumes no environment image names (a build that failed or was killed) and
+    older than any build can take: a running build's volume is left alone."""
+    removed = []
+    for volume in client.volumes.list(filters={"label": LABEL_ENVIRONMENT}):
+        name = volume.name
+        if name in kept or _age(volume.attrs["CreatedAt"]) < BUILD_TIMEOUT + 60:
+            continue
+        if _remove_volume(client, name, patience=0):
+            removed.append(f"volume {name}")
+    return removed
+
+
+def format_environments(environments: list[EnvironmentInfo]) -> str:
+    """``celery-nb envs list``: one line per environment."""
+    if not environments:
+        return "no environments on this host (jobs with --pip or --requirements build them)"
+    rows = [("environment", "image", "python", "size", "last used", "in use", "requirements")]
+    now = time.time()
+    for info in environments:
+        rows.append((info.image, info.base_image, info.python, f"{info.size / 1e6:.0f} MB",
+                     f"{(now - info.last_used) / 60:.0f} min ago", str(info.in_use), " ".join(info.requirements)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
