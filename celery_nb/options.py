@@ -62,6 +62,12 @@ def gpu_count(spec: str) -> int | None:
     return len(spec[len("device="):].split(",")) if spec.startswith("device=") else int(spec)
 
 
+def _unquoted(text: str) -> str:
+    """A magic's argument as typed: IPython keeps the quotes around ``--pip "a b"``."""
+    text = text.strip()
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
 def _requirement(flag: str, text: str) -> str:
     """One requirement specifier (PEP 508, as pip takes them), normalised so that equal
     requirements read alike: the canonical name, extras and version specifiers sorted."""
@@ -103,7 +109,7 @@ def _pip(flag: str, value: str | Iterable[str]) -> tuple[str, ...] | None:
     for piece in [value] if isinstance(value, str) else list(value):
         if not isinstance(piece, str):
             raise OptionError(f"{flag}: {piece!r} is not a requirement specifier; give strings such as 'numpy==2.1.3'")
-        for word in piece.split():
+        for word in _unquoted(piece).split():
             if word.lower() == AUTO:
                 specifiers.append(AUTO)
                 continue
@@ -119,7 +125,7 @@ def _requirements(flag: str, value: str | os.PathLike[str] | Iterable[str]) -> t
     """--requirements PATH: a requirements file, read here (on the kernel's side: its lines travel
     to the worker, not the path); or its lines, as a request carries them."""
     if isinstance(value, (str, os.PathLike)):
-        lines = _read_requirements(flag, Path(value), ())
+        lines = _read_requirements(flag, Path(_unquoted(os.fspath(value))), ())
     else:
         lines = list(value)
         for line in lines:

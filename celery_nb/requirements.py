@@ -101,7 +101,8 @@ def cell_modules(source: str, first_line: int, values: Iterable[Any]) -> set[str
 def function_modules(fn: Callable[..., Any], values: Iterable[Any]) -> set[str]:
     """The top-level modules ``fn`` needs: its own, those its globals and closure name, those its
     body imports; and those its arguments ``values`` are made of."""
-    found = {_module_of(fn)}
+    # cloudpickle sends a function of an importable module by reference: that module must be there too
+    found = {_module_of(fn)} if "<locals>" not in getattr(fn, "__qualname__", "<locals>") else set()
     code = getattr(fn, "__code__", None)
     if isinstance(code, types.CodeType):
         namespace = getattr(fn, "__globals__", {})

@@ -28,12 +28,9 @@ SCIENCE_IMAGE = os.environ.get("CELERY_NB_TEST_SCIENCE_IMAGE", "local/py311-scie
 OTHER_PYTHON_IMAGE = os.environ.get("CELERY_NB_TEST_OTHER_PYTHON_IMAGE", "local/py-other")
 REDIS_URL = os.environ.get("CELERY_NB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_IMAGES = (IMAGE, NUMPY_IMAGE, SCIENCE_IMAGE, OTHER_PYTHON_IMAGE)
-# the images each notebook in notebooks/ reads from its environment (their defaults need Docker Hub)
-NOTEBOOK_IMAGES = {
-    "quickstart": {"QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE},
-    "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
-    "fan_out": {},
-}
+# the packages of notebooks/quickstart.ipynb's numpy cell: tests that need an environment with numpy
+# use this one, so that a fresh machine builds one numpy environment for all of them
+NUMPY_PIP = "numpy tqdm"
 
 
 def _unavailable(what: str) -> None:

@@ -22,7 +22,7 @@ import docker
 import nbformat
 import pytest
 
-from tests.conftest import IMAGE, NOTEBOOK_IMAGES, ROOT, _unavailable, free_port, stop_process
+from tests.conftest import IMAGE, ROOT, _unavailable, free_port, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
@@ -62,8 +62,6 @@ def jupyter_lab(docker_client: docker.DockerClient, tmp_path_factory: pytest.Tem
         path.write_text(json.dumps(values))
     env = {**os.environ, "CELERY_NB_DEFAULT_IMAGE": IMAGE, "JUPYTERLAB_SETTINGS_DIR": str(settings),
            "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
-    for images in NOTEBOOK_IMAGES.values():
-        env.update(images)
     env.pop("CELERY_NB_BROKER_URL", None)  # the embedded default
     port, token = free_port(PORTS), secrets.token_hex(16)
     log = open(root / "jupyterlab.log", "w")

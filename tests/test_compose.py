@@ -22,7 +22,7 @@ import redis
 from celery_nb import Client
 from celery_nb.worker.docker_api import LABEL_WORKER
 from tests import quickstart as checks
-from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, _unavailable, free_port
+from tests.conftest import IMAGE, NUMPY_PIP, ROOT, _unavailable, free_port
 
 # Stand-ins for python:3.12-slim and redis:7 (no registry here).
 STACK_IMAGES = {"BASE_IMAGE": os.environ.get("CELERY_NB_TEST_STACK_BASE_IMAGE", "local/py311-pip"),
@@ -121,8 +121,8 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def quickstart(stack: Stack) -> dict:
     """The quickstart executed by the jupyterlab container's own Python and kernel."""
-    exec_ = ["exec", "-T", "-e", f"CELERY_NB_DEFAULT_IMAGE={IMAGE}", "-e", f"QUICKSTART_NUMPY_IMAGE={NUMPY_IMAGE}",
-             "-e", f"CELERY_NB_DEFAULT_FUNCTION_IMAGE={IMAGE}", "jupyterlab", "python"]
+    exec_ = ["exec", "-T", "-e", f"CELERY_NB_DEFAULT_IMAGE={IMAGE}", "-e", f"CELERY_NB_DEFAULT_FUNCTION_IMAGE={IMAGE}",
+             "jupyterlab", "python"]
     output = "/tmp/quickstart.ipynb"
     return checks.execute([*stack.compose, *exec_], "/notebooks/quickstart.ipynb", output,
                           read=[*stack.compose, "exec", "-T", "jupyterlab", "cat", output], env=stack.env)
@@ -163,8 +163,8 @@ def test_flower_lists_the_jobs_by_name(quickstart: dict, stack: Stack) -> None:
         time.sleep(1)
     assert expected <= names and "celery_nb.run_job" not in names, names
     assert {t["worker"] for t in tasks} == stack.workers()  # both replicas took jobs
-    numpy_cell = next(t for t in tasks if "local/py311-numpy" in t["args"])
-    assert numpy_cell["args"] == f"{{'image': '{NUMPY_IMAGE}'}}"  # the image and limits, not the payload
+    numpy_cell = next(t for t in tasks if "'pip'" in t["args"])
+    assert numpy_cell["args"] == f"{{'image': '{IMAGE}', 'pip': ('numpy', 'tqdm')}}"  # the options, not the payload
     assert _get(stack.url("flower", "/api/tasks"))[0] == 401
     assert _get(stack.url("flower", "/api/tasks"), user, "wrong")[0] == 401
 
@@ -198,3 +198,15 @@ def test_services_are_scaled_checked_and_restarted(stack: Stack) -> None:
     sockets = {c.labels["com.docker.compose.service"] for c in containers.values()
                if any(m["Source"] == "/var/run/docker.sock" for m in c.attrs["Mounts"])}
     assert sockets == {"worker"}  # only the workers hold the host's Docker
+
+
+def test_environments_survive_a_worker_restart(quickstart: dict, stack: Stack) -> None:
+    """The workers build environments on the host's Docker (the quickstart's numpy cell has one):
+    restarted, they find it there and build nothing."""
+    stack.check("restart", "worker", timeout=180)
+    _wait_healthy(stack)
+    client = Client(stack.broker_url())
+    job = client.submit_cell("import numpy, tqdm\nv = numpy.__version__\n", {}, image=IMAGE, pip=NUMPY_PIP)
+    assert job.result(timeout=120)["v"][0].isdigit()
+    assert job.environment == "cached" and "build" not in job.timing_breakdown()
+    assert job.worker in stack.workers()

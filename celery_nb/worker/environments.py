@@ -71,6 +71,7 @@ _BUILD_DIR = "/celery-nb-build"  # in the build container: uv, the CA bundle, th
 _UV_CACHE_DIR = "/celery-nb-uv-cache"
 _DONE = "\0celery-nb-build "  # the driver's last line: {"exit", "size", "python"}
 _REFRESH_INTERVAL = 60.0  # s between two checks that an environment in use is still there (and marks of its use)
+_NAME_TAKEN = 10.0  # s a build container's name may be taken before the container can be seen
 _STALE_BUILD = 30.0  # s a build container may stay unstarted, or ended, before it is taken for a dead builder's
 _UV_LINE = re.compile(r"^\s*(Resolved|Prepared|Downloaded)\s+(\d+ packages?|\S+)")
 
@@ -448,12 +449,17 @@ def _follow(client: docker.DockerClient, name: str, progress: BuildProgress) -> 
     """Relay the output of a build another process runs, and wait until its builder has tagged
     the environment (or given up) and removed the build container. One whose builder died (never
     started, or ended long ago) is removed."""
-    relayed = False
+    relayed = seen = False
+    started = time.monotonic()
     while True:
         try:
             state = client.api.inspect_container(name)
         except docker.errors.NotFound:
-            return
+            if seen or time.monotonic() - started > _NAME_TAKEN:
+                return
+            time.sleep(0.05)  # its name is taken before it can be inspected: it is being created
+            continue
+        seen = True
         status = state["State"]["Status"]
         if status == "running" and not relayed:
             _relay(client.api.logs(name, stream=True, follow=True), progress, [])
@@ -613,7 +619,7 @@ def prune(client: docker.DockerClient, keep: int | None, download_cache: bool = 
     for info in reversed(environments):  # least recently used first
         if excess <= 0:
             break
-        if not info.in_use and _remove_environment(client, info):
+        if not info.in_use and remove_environment(client, info):
             removed.append(info.image)
             excess -= 1
     removed += _remove_leftover_volumes(client, {info.volume for info in list_environments(client)})
@@ -622,9 +628,9 @@ def prune(client: docker.DockerClient, keep: int | None, download_cache: bool = 
     return removed
 
 
-def _remove_environment(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
-    """Its image first: Docker refuses while a container of it exists, so a job that starts
-    meanwhile keeps it whole."""
+def remove_environment(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
+    """Remove one environment, unless a container uses it. Its image first: Docker refuses while
+    a container of it exists, so a job that starts meanwhile keeps it whole."""
     try:
         client.api.remove_image(info.image)
     except docker.errors.APIError as exc:
@@ -654,7 +660,7 @@ def format_environments(environments: list[EnvironmentInfo]) -> str:
     rows = [("environment", "image", "python", "size", "last used", "in use", "requirements")]
     now = time.time()
     for info in environments:
-        rows.append((info.image, info.base_image, info.python, f"{info.size / 1e6:.0f} MB",
+        rows.append((info.image, info.base_image, info.python, f"{info.size / 1e6:.1f} MB",
                      f"{(now - info.last_used) / 60:.0f} min ago", str(info.in_use), " ".join(info.requirements)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]

@@ -68,7 +68,7 @@ class WorkerSettings(EnvConfigurable):
                    "with a PolicyError.",
     ).tag(config=True, env="CELERY_NB_ALLOW_PIP")
     pip_index_url = Unicode(
-        "", help="The package index builds install from, e.g. https://pypi.example.com/simple (unset: uv's "
+        "", help="The package index builds install from, e.g. https://packages.example.com/simple (unset: uv's "
                  "default, PyPI).",
     ).tag(config=True, env="CELERY_NB_PIP_INDEX_URL")
     pip_extra_index_url = Unicode(
@@ -80,13 +80,15 @@ class WorkerSettings(EnvConfigurable):
              "CA bundle.",
     ).tag(config=True, env="CELERY_NB_BUILD_CA_BUNDLE")
     env_cache_size = Int(
-        10, help="Environments kept on this host; beyond it the least recently used ones that no container "
+        10, min=1, help="Environments kept on this host; beyond it the least recently used ones that no container "
                  "uses are removed after each build.",
     ).tag(config=True, env="CELERY_NB_ENV_CACHE_SIZE")
 
     @default("build_ca_bundle")
     def _host_ca_bundle(self) -> str:
-        """The CA bundle this host's own TLS clients use, so that a build trusts what the host trusts."""
+        """The CA bundle this host's own TLS clients use, so that a build trusts what the host
+        trusts: the one its environment names for them, else OpenSSL's, else the usual places."""
+        named = [os.environ.get(name) for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT")]
         paths = ssl.get_default_verify_paths()
-        candidates = (os.environ.get("SSL_CERT_FILE"), paths.cafile, paths.openssl_cafile, *_CA_BUNDLES)
+        candidates = (*named, paths.cafile, paths.openssl_cafile, *_CA_BUNDLES)
         return next((path for path in candidates if path and os.path.isfile(path)), "")
