@@ -140,10 +140,7 @@ def first_build(client: Client, docker_client: docker.DockerClient, download_cac
     download cache emptied first unless ``download_cache``."""
     remove_environment(docker_client, BUILT_PIP)
     if not download_cache:
-        try:
-            docker_client.volumes.get(environments.UV_CACHE_VOLUME).remove()
-        except docker.errors.NotFound:
-            pass
+        environments.clear_download_cache(docker_client)
     job = client.submit_cell("import numpy\n", {}, image=IMAGE, pip=BUILT_PIP, fresh=True)
     job.result(300)
     return job.timing_breakdown()["build"]

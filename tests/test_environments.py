@@ -16,11 +16,11 @@ import docker
 import numpy as np
 import pytest
 
-from celery_nb import Client, EnvironmentBuildError, InputError, OutputError, PythonVersionError
+from celery_nb import Client, EnvironmentBuildError, InputError, JobCancelled, OutputError, PythonVersionError
 from celery_nb.jobstore import START
 from celery_nb.options import JobOptions
 from celery_nb.requirements import cell_modules, function_modules, pin_auto
-from celery_nb.worker.environments import (LABEL_BUILD, LABEL_ENVIRONMENT, LABEL_REQUIREMENTS, REPOSITORY,
+from celery_nb.worker.environments import (LABEL_BUILD, LABEL_ENVIRONMENT, LABEL_REQUIREMENTS, REPOSITORY, VOLUME,
                                            list_environments, remove_environment)
 from tests.conftest import IMAGE, NUMPY_IMAGE, NUMPY_PIP, OTHER_PYTHON_IMAGE, ROOT, start_worker, stop_process
 from tests.kernel import Kernel
@@ -46,16 +46,24 @@ def remove_environments(docker_client: docker.DockerClient, requirements: str) -
     """So that the next job of ``requirements`` builds its environment for real."""
     for info in list_environments(docker_client):
         if info.requirements == tuple(sorted(requirements.split())):
-            for container in docker_client.containers.list(all=True, filters={"volume": info.volume}):
+            for container in docker_client.containers.list(all=True, filters={"ancestor": info.image}):
                 container.remove(force=True)  # idle warm containers of an earlier run
             assert remove_environment(docker_client, info)
+
+
+def environment_dirs(docker_client: docker.DockerClient) -> set[str]:
+    """The directories in the volume of the host's environments."""
+    listing = docker_client.containers.run(
+        IMAGE, ["python3", "-c", "import os; print(*os.listdir('/celery-nb/envs'), sep='\\n')"], remove=True,
+        volumes={VOLUME: {"bind": "/celery-nb", "mode": "ro"}})
+    return set(listing.decode().split())
 
 
 def test_pip_installs_into_an_image_without_pip(client: Client) -> None:
     job = client.submit_cell(PROBE, {}, image=IMAGE, pip=NUMPY_PIP)
     out = job.result(timeout=300)
     assert all(version[0].isdigit() for version in out["versions"])
-    assert out["prefix"] == "/opt/celery-nb-env" and out["has_pip"] is False  # uv's environment, and still no pip
+    assert out["prefix"].startswith("/celery-nb/envs/") and out["has_pip"] is False  # uv's environment, and still no pip
     assert job.environment in ("built", "cached") and job.status == "succeeded"
 
 
@@ -71,7 +79,8 @@ def test_a_cache_hit_runs_warm_in_its_own_containers_and_says_so(redis_client: C
     warm = [c for c in docker_client.containers.list(filters={"label": f"celery_nb.worker={job.worker}"})
             if c.image.id == environment.id]
     assert warm, "no warm container of the environment's image"  # the pool keys containers by environment
-    assert warm[0].attrs["Mounts"][0]["RW"] is False  # the environment is mounted read-only
+    mount, = warm[0].attrs["Mounts"]
+    assert mount["Name"] == VOLUME and mount["RW"] is False  # the environments are mounted read-only
 
 
 def test_a_job_without_network_still_gets_its_environment(client: Client) -> None:
@@ -121,7 +130,7 @@ def test_two_first_builds_at_once_build_once(two_workers: list, redis_client: Cl
 def test_a_bad_requirement_fails_naming_it_and_leaves_nothing_behind(
         redis_client: Client, docker_client: docker.DockerClient, requirements: str, named: str,
         installer: str) -> None:
-    volumes = {v.name for v in docker_client.volumes.list(filters={"label": LABEL_ENVIRONMENT})}
+    directories = environment_dirs(docker_client)
     job = redis_client.submit_cell("ran = True\n", {}, image=IMAGE, pip=requirements)
     with pytest.raises(EnvironmentBuildError) as failure:
         job.result(timeout=300)
@@ -131,11 +140,11 @@ def test_a_bad_requirement_fails_naming_it_and_leaves_nothing_behind(
     assert "fix the requirement" in message
     assert "ran" not in job.logs and job.status == "failed"
     assert not environment_images(docker_client, requirements)  # nothing half-built in the cache
-    assert {v.name for v in docker_client.volumes.list(filters={"label": LABEL_ENVIRONMENT})} <= volumes
+    assert environment_dirs(docker_client) == directories  # the failed build removed its directory
     assert not docker_client.containers.list(all=True, filters={"label": LABEL_BUILD})
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def worker_with_unreachable_index(redis_url: str) -> Iterator[subprocess.Popen]:
     proc = start_worker(redis_url, "noindex", "noindex", env={"CELERY_NB_PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
     yield proc
@@ -150,6 +159,22 @@ def test_an_unreachable_index_is_said_so(worker_with_unreachable_index: subproce
     message = str(failure.value)
     assert "could not reach the package index (http://127.0.0.1:9/simple)" in message
     assert "Connection refused" in message  # uv's own line
+
+
+def test_cancelling_a_job_stops_the_build_of_its_environment(worker_with_unreachable_index: subprocess.Popen,
+                                                             redis_client: Client,
+                                                             docker_client: docker.DockerClient) -> None:
+    job = redis_client.submit_cell("ran = True\n", {}, image=IMAGE, pip="iniconfig==1.1.1", queue="noindex")
+    deadline = time.monotonic() + 60
+    while job.status != "building":  # uv retries the index that does not answer for seconds
+        assert time.monotonic() < deadline and not job.finished, job.status
+        time.sleep(0.05)
+    job.cancel()
+    cancelled = time.monotonic()
+    with pytest.raises(JobCancelled):
+        job.result(timeout=30)
+    assert time.monotonic() - cancelled < 3
+    assert not docker_client.containers.list(all=True, filters={"label": LABEL_BUILD})  # the build was stopped
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +303,7 @@ def test_envs_list_and_prune_least_recently_used_first_never_in_use(
         if image.id not in (older_image.id, newer_image.id):
             for tag in image.tags:
                 docker_client.api.tag(image.id, *tag.split(":"))
-    count = len(docker_client.images.list(filters={"label": LABEL_ENVIRONMENT}))
+    count = len(list_environments(docker_client))
     removed = envs("prune", env={**os.environ, "CELERY_NB_ENV_CACHE_SIZE": str(count - 1)})
     held.cancel()
     held.wait(30)

@@ -23,7 +23,7 @@ LABEL_WORKER = "celery_nb.worker"
 LABEL_POOL_KEY = "celery_nb.pool_key"
 LABEL_OWNER = "celery_nb.owner"  # host:pid of the process that created the container
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
-ENVIRONMENT_DIR = "/opt/celery-nb-env"  # where a job's environment (a volume, read-only) is mounted
+ENVIRONMENT_DIR = "/celery-nb"  # where the volume of the jobs' environments is mounted (read-only in jobs)
 
 
 _docker_client: docker.DockerClient | None = None

@@ -2,36 +2,38 @@
 built once per host with uv and kept, so that later jobs of the same (image, requirements)
 start at once, in warm containers of their own.
 
-An environment is two Docker objects named by a hash of what decides its content (the base
-image's id, the normalised requirements, the platform, the package indexes):
+Every environment of a host lives in one Docker volume, ``celery-nb-envs``, mounted read-only
+at ENVIRONMENT_DIR into the job containers: ``envs/<hash>-<build>`` is a virtual environment that
+uv made from the image's own python3 (the image's packages stay visible), ``cache/`` is uv's
+download cache and ``uv/<version>/uv`` the uv binary. Cache and environments share one file
+system, so uv installs a cached package as hard links: a package is downloaded once per host,
+installing it again costs next to nothing, and the environments that hold it share its files.
+Nothing is committed into an image layer, and no job can change an environment.
 
-- a volume holding a virtual environment that uv made from the image's own python3 (the
-  image's packages stay visible), mounted read-only at ENVIRONMENT_DIR into the job's
-  containers. The packages are not committed into an image layer: a build costs what installing
-  them costs, and no job can change them;
-- the image ``celery-nb-env:<hash>``: the base image with PATH and VIRTUAL_ENV pointing into
-  the environment and labels saying what it holds (an empty layer). It is tagged last, so its
-  existence means the environment is complete: a failed or interrupted build leaves nothing
-  that looks usable.
+The image ``celery-nb-env:<hash>`` names an environment: the base image with PATH and
+VIRTUAL_ENV pointing into it and labels saying what it holds (an empty layer); the hash covers
+what decides its content (the base image's id, the normalised requirements, the platform, the
+package indexes). It is tagged last, so its existence means the environment is complete; a build
+that fails removes its directory, and one that was interrupted leaves a directory no image names,
+which pruning removes.
 
-A build runs in a container of the base image, on the bridge network whatever the job's, into
-which uv, the CA bundle and the requirements are copied through the Docker API (never a host
-path: a worker in a container talks to the host's daemon), with uv's download cache in a volume
-of its own. The build container's name is unique per hash, so the processes of one host
-(worker threads and processes, compose replicas, kernels' embedded workers) build an environment
-once: the others follow the first one's output and use its result. Environments beyond
-CELERY_NB_ENV_CACHE_SIZE go least recently used first; Docker refuses to remove one a container
-uses. ``celery-nb envs list`` / ``celery-nb envs prune``.
+A build runs in a container of the base image, on the bridge network whatever the job's network,
+into which uv (until the volume has it), the CA bundle and the requirements are copied through
+the Docker API: never a host path, as a worker in a container talks to the host's daemon. The
+build container's name is unique per hash, so the processes of one host (worker threads and
+processes, compose replicas, kernels' embedded workers) build an environment once: the others
+follow the first one's output and use its result. Environments beyond CELERY_NB_ENV_CACHE_SIZE go
+least recently used first, never one a container uses. ``celery-nb envs list`` / ``prune``.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
-import os
 import platform
 import queue
 import re
@@ -40,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import docker
@@ -55,32 +57,39 @@ from celery_nb.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 REPOSITORY = "celery-nb-env"  # environment images: celery-nb-env:<hash>
-LABEL_ENVIRONMENT = "celery_nb.env"  # on environment images and volumes: the hash
-LABEL_VOLUME = "celery_nb.env.volume"
+VOLUME = "celery-nb-envs"  # the host's environments, uv's download cache and uv
+LABEL_ENVIRONMENT = "celery_nb.env"  # on environment images: the hash; on the volume: "volume"
+LABEL_PATH = "celery_nb.env.path"  # the environment's directory (in the containers)
 LABEL_BASE = "celery_nb.env.base"
 LABEL_BASE_ID = "celery_nb.env.base_id"
 LABEL_REQUIREMENTS = "celery_nb.env.requirements"
 LABEL_PYTHON = "celery_nb.env.python"
 LABEL_SIZE = "celery_nb.env.size"
 LABEL_BUILD = "celery_nb.env.build"  # on build containers: the hash they build
-UV_CACHE_VOLUME = "celery-nb-uv-cache"
-LABEL_UV_CACHE = "celery_nb.uv_cache"
 BUILD_TIMEOUT = 1800.0  # s a build may take before it is stopped
-_RECIPE = 1  # how environments are built: part of their hash, so a new recipe builds them anew
-_BUILD_DIR = "/celery-nb-build"  # in the build container: uv, the CA bundle, the requirements
-_UV_CACHE_DIR = "/celery-nb-uv-cache"
-_DONE = "\0celery-nb-build "  # the driver's last line: {"exit", "size", "python"}
+_RECIPE = 2  # how environments are built: part of their hash, so a new recipe builds them anew
+_BUILD_DIR = "/celery-nb-build"  # in the build container: uv (until the volume has it), the CA bundle, the requirements
+_DONE = "\0celery-nb-build "  # the driver's last line: {"exit", "size", "python"} or {"uv_missing": true}
 _REFRESH_INTERVAL = 60.0  # s between two checks that an environment in use is still there (and marks of its use)
 _NAME_TAKEN = 10.0  # s a build container's name may be taken before the container can be seen
 _STALE_BUILD = 30.0  # s a build container may stay unstarted, or ended, before it is taken for a dead builder's
 _UV_LINE = re.compile(r"^\s*(Resolved|Prepared|Downloaded)\s+(\d+ packages?|\S+)")
 
-# Runs in the build container with the image's python3 (3.9+): uv makes the environment from
-# that Python and installs the requirements; the last line says how it went.
+# Runs in the build container with the image's python3 (3.9+): uv (the volume's, put there from
+# the build directory the first time) makes the environment from that Python and installs the
+# requirements; a failed build removes what it made. The last line says how it went.
 _DRIVER = r"""
-import json, os, subprocess, sys, time
-build, env, timeout, index = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
-uv, deadline, code = build + "/uv", time.monotonic() + float(sys.argv[3]), 0
+import json, os, shutil, subprocess, sys, time, uuid
+build, root, env, version, timeout, index = sys.argv[1:5] + [float(sys.argv[5]), sys.argv[6:]]
+uv, deadline, code = "%s/uv/%s/uv" % (root, version), time.monotonic() + timeout, 0
+if not os.path.exists(uv):
+    if not os.path.exists(build + "/uv"):
+        print("\0celery-nb-build " + json.dumps({"uv_missing": True}))
+        sys.exit(0)
+    os.makedirs(os.path.dirname(uv), exist_ok=True)
+    copy = "%s.%s" % (uv, uuid.uuid4().hex)
+    shutil.copy(build + "/uv", copy)
+    os.rename(copy, uv)  # whole or not at all, whoever else puts it there meanwhile
 steps = [[uv, "venv", "--python", sys.executable, "--system-site-packages", env],
          [uv, "pip", "install", "--python", env + "/bin/python", "-r", build + "/requirements.txt"] + index]
 for step in steps:
@@ -93,6 +102,7 @@ for step in steps:
         print("uv cannot run in this image (%s): it needs a glibc-based Linux image" % exc)
         code = 126
     if code:
+        shutil.rmtree(env, ignore_errors=True)
         break
 size = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(env) for f in files) if not code else 0
 sys.stdout.flush()
@@ -115,16 +125,15 @@ class BuildProgress(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Environment:
-    """A ready environment: its image (the base image, pointing into it) and volume."""
+    """A ready environment, named by its image (the base image, pointing into it)."""
 
     image: str
-    volume: str
     base_image: str
     state: str  # "cached": this host had it; "built": built (or its build awaited) for the job
 
     def container(self, spec: ContainerSpec) -> ContainerSpec:
         """``spec`` (of the base image) running in this environment: warm containers of its own."""
-        return dataclasses.replace(spec, image=self.image, environment=self.volume)
+        return dataclasses.replace(spec, image=self.image, environment=VOLUME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +146,9 @@ class EnvironmentInfo:
     python: str
     size: int
     last_used: float  # epoch s: when a job last used it (its image was last tagged)
-    volume: str
-    in_use: int  # containers using it
+    path: str  # its directory in the volume
+    base_id: str
+    in_use: int  # containers of it
 
 
 @dataclasses.dataclass
@@ -230,7 +240,7 @@ class Environments:
         look again whether it succeeded); ``waiting``: the job said so already."""
         build = _Build(self.settings, self.policy, client, base, key, requirements, progress)
         try:
-            build.create()
+            build.create(ship_uv=False)  # the volume has uv, but for the host's first build (then _UvMissing)
         except docker.errors.APIError as exc:
             if exc.status_code != 409:  # 409: the build container's name is taken: a build is running
                 raise EnvironmentBuildError(f"could not start the build of the environment for image "
@@ -240,7 +250,11 @@ class Environments:
                                 "waiting for it\n")
             _follow(client, build.name, progress)
             return None
-        environment = build.run()
+        try:
+            environment = build.run()
+        except _UvMissing:  # the host's first build, or the volume was removed: bring uv along
+            build.create(ship_uv=True)
+            environment = build.run()
         threading.Thread(target=self.prune, name="celery_nb-env-prune", daemon=True).start()
         return environment
 
@@ -267,16 +281,16 @@ class _Build:
         self.requirements = requirements
         self.progress = progress
         self.name = f"celery-nb-build-{key}"
-        self.volume = f"celery-nb-env-{key}-{uuid.uuid4().hex[:8]}"
+        self.path = f"{ENVIRONMENT_DIR}/envs/{key}-{uuid.uuid4().hex[:8]}"
         self.lines: list[str] = []
         self.arguments = index_arguments(settings)
 
-    def create(self) -> None:
-        """The build container (its name is the host's lock on this build), with the new
-        environment's volume and uv's cache mounted, and uv, the CA bundle and the
-        requirements copied in. Raises APIError 409 when another build holds the name."""
-        environment = {"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "copy",
-                       "UV_CACHE_DIR": _UV_CACHE_DIR, "UV_NO_PROGRESS": "1", "NO_COLOR": "1"}
+    def create(self, ship_uv: bool) -> None:
+        """The build container (its name is the host's lock on this build), with the volume
+        mounted, and the CA bundle, the requirements and (``ship_uv``) uv copied in. Raises
+        APIError 409 when another build holds the name."""
+        environment = {"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "hardlink",
+                       "UV_CACHE_DIR": f"{ENVIRONMENT_DIR}/cache", "UV_NO_PROGRESS": "1", "NO_COLOR": "1"}
         if self.settings.build_ca_bundle:
             environment["SSL_CERT_FILE"] = f"{_BUILD_DIR}/ca.crt"
         host_config = self.client.api.create_host_config(
@@ -284,14 +298,13 @@ class _Build:
             pids_limit=self.policy.pids_limit, cap_drop=["ALL"], security_opt=["no-new-privileges"],
             privileged=False, network_mode="bridge",
             log_config=docker.types.LogConfig(type="json-file"),  # what other processes waiting for it follow
-            mounts=[docker.types.Mount(ENVIRONMENT_DIR, self.volume, type="volume",
-                                       labels={LABEL_ENVIRONMENT: self.key}),
-                    docker.types.Mount(_UV_CACHE_DIR, UV_CACHE_VOLUME, type="volume", labels={LABEL_UV_CACHE: "1"})])
-        files = self._files()  # before the container: a missing CA bundle or uv fails with nothing to clean up
+            mounts=[_volume_mount(read_only=False)])
+        files = self._files(ship_uv)  # before the container: a missing CA bundle or uv fails with nothing to clean up
         try:
             self.container_id = self.client.api.create_container(
                 self.base["id"], name=self.name, user="0", environment=environment, host_config=host_config,
-                command=["python3", "-c", _DRIVER, _BUILD_DIR, ENVIRONMENT_DIR, str(BUILD_TIMEOUT), *self.arguments],
+                command=["python3", "-c", _DRIVER, _BUILD_DIR, ENVIRONMENT_DIR, self.path, _uv_version(),
+                         str(BUILD_TIMEOUT), *self.arguments],
                 labels={LABEL_BUILD: self.key, docker_api.LABEL_OWNER: docker_api.OWNER}, detach=True)["Id"]
             try:
                 self.client.api.put_archive(self.container_id, "/", files)
@@ -301,11 +314,12 @@ class _Build:
         finally:
             files.close()
 
-    def _files(self) -> Any:
-        """A tar of the build directory: uv, the CA bundle, the requirements."""
+    def _files(self, ship_uv: bool) -> Any:
+        """A tar of the build directory: the CA bundle, the requirements, uv if asked."""
         archive = tempfile.TemporaryFile()  # uv is ~40 MB: not in memory
         with tarfile.open(fileobj=archive, mode="w") as tar:
-            tar.add(_uv_binary(), f"{_BUILD_DIR.lstrip('/')}/uv")
+            if ship_uv:
+                tar.add(_uv_binary(), f"{_BUILD_DIR.lstrip('/')}/uv")
             if self.settings.build_ca_bundle:
                 try:
                     tar.add(self.settings.build_ca_bundle, f"{_BUILD_DIR.lstrip('/')}/ca.crt")
@@ -325,47 +339,60 @@ class _Build:
         started = time.monotonic()
         self.progress.output(f"[environment] building it for image {self.base_image!r}: "
                              f"{' '.join(self.requirements)}\n")
+        holder = None  # a container of the base image, never started, committed as the environment's image
         try:
             lines = self.client.api.attach(self.container_id, stdout=True, stderr=True, stream=True, logs=True)
             self.client.api.start(self.container_id)
+            holder = self.client.api.create_container(self.base["id"], command=["python3"])["Id"]  # while it builds
             done = _relay(lines, self.progress, self.lines, on_cancel=self._discard)
+            if done is not None and done.get("uv_missing"):
+                raise _UvMissing()
+            if done is None or done.get("exit") != 0:
+                raise _build_error(self.base_image, self.requirements, self.lines, self.arguments, done)
+            environment = self._tag(holder, done)
         except docker.errors.DockerException as exc:
             self._discard()
             raise EnvironmentBuildError(f"the build of the environment for image {self.base_image!r} failed: "
                                         f"{exc}") from None
-        if done is None or done.get("exit") != 0:
+        except BaseException:
             self._discard()
-            raise _build_error(self.base_image, self.requirements, self.lines, self.arguments, done)
-        try:
-            environment = self._tag(done)
-        except docker.errors.DockerException as exc:
-            self._discard()
-            raise EnvironmentBuildError(f"the environment for image {self.base_image!r} was built but could not be "
-                                        f"tagged: {exc}") from None
-        _remove_container(self.client, self.container_id)  # only now: its name keeps others waiting until here
+            raise
+        finally:  # off the job's path
+            threading.Thread(target=_remove_container, args=(self.client, holder), daemon=True).start()
+        # only now, and off the job's path too: its name keeps others waiting until the image is tagged
+        threading.Thread(target=_remove_container, args=(self.client, self.container_id), daemon=True).start()
         self.progress.output(f"[environment] ready in {time.monotonic() - started:.1f} s: {environment.image}, "
                              f"{done['size'] / 1e6:.0f} MB\n")
         return environment
 
-    def _tag(self, done: dict[str, Any]) -> Environment:
+    def _tag(self, holder: str, done: dict[str, Any]) -> Environment:
         """The environment's image: the base image pointing into the environment, with what it
-        holds in its labels; tagged last, it marks the environment complete."""
-        labels = {LABEL_ENVIRONMENT: self.key, LABEL_VOLUME: self.volume, LABEL_BASE: self.base_image,
+        holds in its labels (``holder``'s empty layer); tagged last, it marks the environment
+        complete."""
+        labels = {LABEL_ENVIRONMENT: self.key, LABEL_PATH: self.path, LABEL_BASE: self.base_image,
                   LABEL_BASE_ID: self.base["id"], LABEL_REQUIREMENTS: "\n".join(self.requirements),
                   LABEL_PYTHON: str(done["python"]), LABEL_SIZE: str(done["size"])}
-        path = f"PATH={ENVIRONMENT_DIR}/bin:{self.base['path']}"
-        holder = self.client.api.create_container(self.base["id"], command=["python3"])["Id"]  # never started
-        try:
-            self.client.api.commit(holder, repository=REPOSITORY, tag=self.key,
-                                   conf={"Env": [path, f"VIRTUAL_ENV={ENVIRONMENT_DIR}"], "Labels": labels})
-        finally:
-            self.client.api.remove_container(holder, force=True)
-        return Environment(f"{REPOSITORY}:{self.key}", self.volume, self.base_image, "built")
+        self.client.api.commit(holder, repository=REPOSITORY, tag=self.key, conf={
+            "Env": [f"PATH={self.path}/bin:{self.base['path']}", f"VIRTUAL_ENV={self.path}"], "Labels": labels})
+        return Environment(f"{REPOSITORY}:{self.key}", self.base_image, "built")
 
     def _discard(self) -> None:
-        """Remove the build container and its volume: nothing half-built stays."""
+        """Remove the build container (a failed build removes its directory itself; one that was
+        stopped leaves it to pruning)."""
         _remove_container(self.client, self.container_id)
-        _remove_volume(self.client, self.volume)
+
+
+class _UvMissing(Exception):
+    """The volume has no uv of this version yet."""
+
+
+def _volume_mount(read_only: bool) -> docker.types.Mount:
+    return docker.types.Mount(ENVIRONMENT_DIR, VOLUME, type="volume", read_only=read_only,
+                              labels={LABEL_ENVIRONMENT: "volume"})
+
+
+def _uv_version() -> str:
+    return importlib.metadata.version("uv")
 
 
 def _relay(chunks: Iterable[bytes], progress: BuildProgress, kept: list[str],
@@ -475,8 +502,9 @@ def _follow(client: docker.DockerClient, name: str, progress: BuildProgress) -> 
         time.sleep(0.2)
 
 
-def _remove_container(client: docker.DockerClient, container: str) -> None:
-    docker_api.remove([client.containers.prepare_model({"Id": container})])
+def _remove_container(client: docker.DockerClient, container: str | None) -> None:
+    if container is not None:
+        docker_api.remove([client.containers.prepare_model({"Id": container})])
 
 
 def _build_error(base_image: str, requirements: tuple[str, ...], lines: list[str], arguments: list[str],
@@ -544,45 +572,20 @@ def _environment_key(base: dict[str, Any], requirements: tuple[str, ...], argume
 
 
 def _existing(client: docker.DockerClient, key: str, base_image: str) -> Environment | None:
-    """The environment of ``key`` if this host has it complete (its image, and its volume)."""
-    image = f"{REPOSITORY}:{key}"
+    """The environment of ``key``, if this host has it complete (its image is tagged)."""
     try:
-        labels = _labels(client, image)
-    except docker.errors.NotFound:
+        client.api.inspect_image(f"{REPOSITORY}:{key}")
+    except docker.errors.ImageNotFound:
         return None
-    try:
-        client.api.inspect_volume(labels[LABEL_VOLUME])
-    except (docker.errors.NotFound, KeyError):  # its volume was removed by hand: no container can use it
-        try:
-            client.api.remove_image(image)
-        except docker.errors.APIError:
-            pass
-        return None
-    return Environment(image, labels[LABEL_VOLUME], base_image, "cached")
+    return Environment(f"{REPOSITORY}:{key}", base_image, "cached")
 
 
 def _labels(client: docker.DockerClient, image: str) -> dict[str, str]:
     return client.api.inspect_image(image)["Config"].get("Labels") or {}
 
 
-def _remove_volume(client: docker.DockerClient, volume: str, patience: float = 10.0) -> bool:
-    """Remove a volume, waiting up to ``patience`` s for a container that still holds it to go
-    (a build container is removed a moment after it exits)."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            client.api.remove_volume(volume)
-            return True
-        except docker.errors.NotFound:
-            return True
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409 or time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-
-
 def _age(timestamp: str) -> float:
-    """Seconds since a Docker timestamp (RFC 3339 with nanoseconds)."""
+    """Seconds since a Docker timestamp (RFC 3339, up to nanoseconds)."""
     return time.time() - _epoch(timestamp)
 
 
@@ -595,62 +598,95 @@ def _epoch(timestamp: str) -> float:
 def list_environments(client: docker.DockerClient) -> list[EnvironmentInfo]:
     """The environments on this host, most recently used first."""
     found = []
-    for image in client.images.list(filters={"label": LABEL_ENVIRONMENT}):
+    for image in client.images.list(filters={"label": LABEL_PATH}):
         labels = image.labels
-        if LABEL_VOLUME not in labels:
-            continue  # an image built on an environment's image
         tag = next((t for t in image.tags if t.startswith(f"{REPOSITORY}:")), image.id)
-        users = client.containers.list(all=True, sparse=True, filters={"volume": labels[LABEL_VOLUME]})
+        users = client.containers.list(all=True, sparse=True, filters={"ancestor": image.id})
         found.append(EnvironmentInfo(
             image=tag, base_image=labels.get(LABEL_BASE, "?"),
             requirements=tuple(labels.get(LABEL_REQUIREMENTS, "").split("\n")), python=labels.get(LABEL_PYTHON, "?"),
-            size=int(labels.get(LABEL_SIZE, 0)), volume=labels[LABEL_VOLUME], in_use=len(users),
+            size=int(labels.get(LABEL_SIZE, 0)), path=labels[LABEL_PATH], base_id=labels.get(LABEL_BASE_ID, ""),
+            in_use=len(users),
             last_used=_epoch(image.attrs.get("Metadata", {}).get("LastTagTime") or image.attrs["Created"])))
     return sorted(found, key=lambda info: info.last_used, reverse=True)
 
 
 def prune(client: docker.DockerClient, keep: int | None, download_cache: bool = False) -> list[str]:
     """Remove the least recently used environments beyond ``keep`` (None: all) that no container
-    uses, the volumes that failed or interrupted builds left behind, and (``download_cache``)
-    uv's download cache. Returns what it removed."""
+    uses, the directories of builds that were interrupted, and (``download_cache``) uv's
+    download cache. Returns what it removed."""
     environments = list_environments(client)
     removed = []
     excess = len(environments) - (keep if keep is not None else 0)
     for info in reversed(environments):  # least recently used first
         if excess <= 0:
             break
-        if not info.in_use and remove_environment(client, info):
-            removed.append(info.image)
+        if not info.in_use and _remove_image(client, info):
+            removed.append(info)
             excess -= 1
-    removed += _remove_leftover_volumes(client, {info.volume for info in list_environments(client)})
-    if download_cache and _remove_volume(client, UV_CACHE_VOLUME, patience=0):
-        removed.append(f"volume {UV_CACHE_VOLUME}")
-    return removed
+    left = [info for info in environments if info not in removed]
+    helper = next((info.base_id for info in [*removed, *left] if info.base_id), None)
+    if helper is not None:  # an image with python3 for the clean-up
+        _clean_volume(client, helper, [info.path for info in removed], [info.path for info in left], download_cache)
+    return [info.image for info in removed] + (["uv's download cache"] if download_cache and helper else [])
 
 
-def remove_environment(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
-    """Remove one environment, unless a container uses it. Its image first: Docker refuses while
-    a container of it exists, so a job that starts meanwhile keeps it whole."""
-    try:
-        client.api.remove_image(info.image)
-    except docker.errors.APIError as exc:
-        if exc.status_code != 404:
-            return False
-    _remove_volume(client, info.volume, patience=0)
+def clear_download_cache(client: docker.DockerClient) -> bool:
+    """Empty uv's download cache (False if there is no environment whose image can do it)."""
+    environments = list_environments(client)
+    if not environments:
+        return False
+    _clean_volume(client, environments[0].base_id, [], [info.path for info in environments], download_cache=True)
     return True
 
 
-def _remove_leftover_volumes(client: docker.DockerClient, kept: set[str]) -> list[str]:
-    """Environment volumes no environment image names (a build that failed or was killed) and
-    older than any build can take: a running build's volume is left alone."""
-    removed = []
-    for volume in client.volumes.list(filters={"label": LABEL_ENVIRONMENT}):
-        name = volume.name
-        if name in kept or _age(volume.attrs["CreatedAt"]) < BUILD_TIMEOUT + 60:
-            continue
-        if _remove_volume(client, name, patience=0):
-            removed.append(f"volume {name}")
-    return removed
+def remove_environment(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
+    """Remove one environment, unless a container uses it."""
+    if not _remove_image(client, info):
+        return False
+    _clean_volume(client, info.base_id, [info.path], [other.path for other in list_environments(client)])
+    return True
+
+
+def _remove_image(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
+    """Untag an environment first: Docker refuses while a container of it exists, so a job that
+    starts meanwhile keeps it whole; its directory goes afterwards (_clean_volume)."""
+    try:
+        client.api.remove_image(info.image)
+    except docker.errors.APIError as exc:
+        return exc.status_code == 404
+    return True
+
+
+# Runs in a container of an environment's base image with the volume: removes the directories of
+# removed environments, those no image names that are older than any build can take (left by an
+# interrupted build), and (argv[3] == "cache") uv's download cache.
+_CLEAN = r"""
+import json, os, shutil, sys, time
+root, paths, stale = sys.argv[1], json.loads(sys.argv[2]), time.time() - float(sys.argv[4])
+envs = os.path.join(root, "envs")
+for name in os.listdir(envs) if os.path.isdir(envs) else []:
+    path = os.path.join(envs, name)
+    if path in paths["remove"] or path not in paths["keep"] and os.stat(path).st_mtime < stale:
+        shutil.rmtree(path, ignore_errors=True)
+if sys.argv[3] == "cache":
+    shutil.rmtree(os.path.join(root, "cache"), ignore_errors=True)
+"""
+
+
+def _clean_volume(client: docker.DockerClient, image: str, remove: Sequence[str], keep: Sequence[str],
+                  download_cache: bool = False) -> None:
+    """Remove the directories of the removed environments (``remove``), those of interrupted
+    builds (no environment image names them: ``keep`` are those named now), and
+    (``download_cache``) uv's download cache, in a container of ``image`` (with python3)."""
+    try:
+        client.containers.run(
+            image, ["python3", "-c", _CLEAN, ENVIRONMENT_DIR, json.dumps({"remove": remove, "keep": keep}),
+                    "cache" if download_cache else "-", str(BUILD_TIMEOUT + 60)],
+            user="0", network_mode="none", cap_drop=["ALL"], security_opt=["no-new-privileges"], remove=True,
+            mounts=[_volume_mount(read_only=False)], labels={docker_api.LABEL_OWNER: docker_api.OWNER})
+    except docker.errors.DockerException as exc:
+        log.warning("celery_nb: could not clean the environments' volume %s: %s", VOLUME, exc)
 
 
 def format_environments(environments: list[EnvironmentInfo]) -> str:
