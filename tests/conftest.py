@@ -20,6 +20,7 @@ import redis
 
 from celery_nb import Client
 from celery_nb.worker.docker_api import LABEL_JOB, LABEL_WORKER
+from celery_nb.worker.environments import list_environments, remove_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only
@@ -140,6 +141,15 @@ def assert_container_removed(docker_client: docker.DockerClient, job_id: str) ->
     while docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_JOB}={job_id}"}):
         assert time.monotonic() < deadline, f"container of job {job_id} still exists after 5 s"
         time.sleep(0.05)
+
+
+def remove_environments(docker_client: docker.DockerClient, requirements: str) -> None:
+    """So that the next job of ``requirements`` builds its environment for real."""
+    for info in list_environments(docker_client):
+        if info.requirements == tuple(sorted(requirements.split())):
+            for container in docker_client.containers.list(all=True, filters={"ancestor": info.image}):
+                container.remove(force=True)  # idle warm containers of an earlier run
+            assert remove_environment(docker_client, info)
 
 
 def worker_containers(docker_client: docker.DockerClient, worker: str) -> list:

@@ -22,7 +22,7 @@ import redis
 from celery_nb import Client
 from celery_nb.worker.docker_api import LABEL_WORKER
 from tests import quickstart as checks
-from tests.conftest import IMAGE, NUMPY_PIP, ROOT, _unavailable, free_port
+from tests.conftest import IMAGE, ROOT, _unavailable, free_port, remove_environments
 
 # Stand-ins for python:3.12-slim and redis:7 (no registry here).
 STACK_IMAGES = {"BASE_IMAGE": os.environ.get("CELERY_NB_TEST_STACK_BASE_IMAGE", "local/py311-pip"),
@@ -30,6 +30,7 @@ STACK_IMAGES = {"BASE_IMAGE": os.environ.get("CELERY_NB_TEST_STACK_BASE_IMAGE", 
 SERVICES = {"redis", "worker", "jupyterlab", "flower"}
 PROJECT_LABEL = "com.docker.compose.project"
 PORTS = range(20000, 32000)  # for the stack's published ports
+PIP = "iniconfig==1.1.1"  # a small environment the stack's workers build
 
 
 def _compose_command() -> list[str]:
@@ -200,13 +201,16 @@ def test_services_are_scaled_checked_and_restarted(stack: Stack) -> None:
     assert sockets == {"worker"}  # only the workers hold the host's Docker
 
 
-def test_environments_survive_a_worker_restart(quickstart: dict, stack: Stack) -> None:
-    """The workers build environments on the host's Docker (the quickstart's numpy cell has one):
-    restarted, they find it there and build nothing."""
+def test_the_workers_build_environments_that_survive_their_restart(stack: Stack) -> None:
+    """The workers build environments on the host's Docker (the CA bundle their container trusts,
+    uv from their Python); restarted, they find them there and build nothing."""
+    remove_environments(stack.docker, PIP)
+    client = Client(stack.broker_url())
+    cell = "import importlib.metadata, iniconfig\nv = importlib.metadata.version('iniconfig')\n"
+    job = client.submit_cell(cell, {}, image=IMAGE, pip=PIP)
+    assert job.result(timeout=300) == {"v": "1.1.1"} and job.environment == "built" and job.worker in stack.workers()
     stack.check("restart", "worker", timeout=180)
     _wait_healthy(stack)
-    client = Client(stack.broker_url())
-    job = client.submit_cell("import numpy, tqdm\nv = numpy.__version__\n", {}, image=IMAGE, pip=NUMPY_PIP)
-    assert job.result(timeout=120)["v"][0].isdigit()
-    assert job.environment == "cached" and "build" not in job.timing_breakdown()
-    assert job.worker in stack.workers()
+    again = client.submit_cell(cell, {}, image=IMAGE, pip=PIP)
+    assert again.result(timeout=120) == {"v": "1.1.1"}
+    assert again.environment == "cached" and "build" not in again.timing_breakdown()

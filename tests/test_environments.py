@@ -21,8 +21,9 @@ from celery_nb.jobstore import START
 from celery_nb.options import JobOptions
 from celery_nb.requirements import cell_modules, function_modules, pin_auto
 from celery_nb.worker.environments import (LABEL_BUILD, LABEL_ENVIRONMENT, LABEL_REQUIREMENTS, REPOSITORY, VOLUME,
-                                           list_environments, remove_environment)
-from tests.conftest import IMAGE, NUMPY_IMAGE, NUMPY_PIP, OTHER_PYTHON_IMAGE, ROOT, start_worker, stop_process
+                                           list_environments)
+from tests.conftest import (IMAGE, NUMPY_IMAGE, NUMPY_PIP, OTHER_PYTHON_IMAGE, ROOT, remove_environments, start_worker,
+                            stop_process)
 from tests.kernel import Kernel
 
 PROBE = "import sys, numpy, tqdm\nversions = (numpy.__version__, tqdm.__version__)\nprefix = sys.prefix\n" \
@@ -40,15 +41,6 @@ def environment_images(docker_client: docker.DockerClient, requirements: str) ->
     wanted = "\n".join(sorted(requirements.split()))
     return [image for image in docker_client.images.list(filters={"label": LABEL_ENVIRONMENT})
             if image.labels.get(LABEL_REQUIREMENTS) == wanted]
-
-
-def remove_environments(docker_client: docker.DockerClient, requirements: str) -> None:
-    """So that the next job of ``requirements`` builds its environment for real."""
-    for info in list_environments(docker_client):
-        if info.requirements == tuple(sorted(requirements.split())):
-            for container in docker_client.containers.list(all=True, filters={"ancestor": info.image}):
-                container.remove(force=True)  # idle warm containers of an earlier run
-            assert remove_environment(docker_client, info)
 
 
 def environment_dirs(docker_client: docker.DockerClient) -> set[str]:
