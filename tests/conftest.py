@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from celery_nb import Client
+from celery_nb.worker import docker_api
 from celery_nb.worker.docker_api import LABEL_JOB, LABEL_WORKER
 from celery_nb.worker.environments import list_environments, remove_environment
 
@@ -147,8 +148,8 @@ def remove_environments(docker_client: docker.DockerClient, requirements: str) -
     """So that the next job of ``requirements`` builds its environment for real."""
     for info in list_environments(docker_client):
         if info.requirements == tuple(sorted(requirements.split())):
-            for container in docker_client.containers.list(all=True, filters={"ancestor": info.image}):
-                container.remove(force=True)  # idle warm containers of an earlier run
+            # idle warm containers of an earlier run (their worker may be removing them too)
+            docker_api.remove(docker_client.containers.list(all=True, filters={"ancestor": info.image}))
             assert remove_environment(docker_client, info)
 
 

@@ -26,6 +26,7 @@ from tests.conftest import (IMAGE, NUMPY_IMAGE, NUMPY_PIP, OTHER_PYTHON_IMAGE, R
                             stop_process)
 from tests.kernel import Kernel
 
+INICONFIG_VERSION = "import importlib.metadata, iniconfig\nv = importlib.metadata.version('iniconfig')\n"
 PROBE = "import sys, numpy, tqdm\nversions = (numpy.__version__, tqdm.__version__)\nprefix = sys.prefix\n" \
         "try:\n    import pip\n    has_pip = True\nexcept ImportError:\n    has_pip = False\n"
 
@@ -55,7 +56,8 @@ def test_pip_installs_into_an_image_without_pip(client: Client) -> None:
     job = client.submit_cell(PROBE, {}, image=IMAGE, pip=NUMPY_PIP)
     out = job.result(timeout=300)
     assert all(version[0].isdigit() for version in out["versions"])
-    assert out["prefix"].startswith("/celery-nb/envs/") and out["has_pip"] is False  # uv's environment, and still no pip
+    assert out["prefix"].startswith("/celery-nb/envs/")  # uv's environment ...
+    assert out["has_pip"] is False  # ... with no pip either
     assert job.environment in ("built", "cached") and job.status == "succeeded"
 
 
@@ -94,8 +96,8 @@ def test_two_first_builds_at_once_build_once(two_workers: list, redis_client: Cl
     requirements = "iniconfig==2.0.0"
     remove_environments(docker_client, requirements)
     since = time.time()
-    jobs = [redis_client.submit_cell("import importlib.metadata, iniconfig\nv = importlib.metadata.version('iniconfig')\n", {}, image=IMAGE,
-                                     pip=requirements, queue=queue) for queue in ("envs1", "envs2")]
+    jobs = [redis_client.submit_cell(INICONFIG_VERSION, {}, image=IMAGE, pip=requirements, queue=queue)
+            for queue in ("envs1", "envs2")]
     assert [job.result(timeout=300)["v"] for job in jobs] == ["2.0.0", "2.0.0"]
     assert {job.worker.split("@")[0] for job in jobs} == {"envs1", "envs2"}  # two worker processes
     builds = docker_client.events(since=since, until=time.time(), decode=True,

@@ -79,7 +79,7 @@ def _envs(action: str, everything: bool) -> int:
         print(f"celery-nb envs: {exc}", file=sys.stderr)
         return 1
     if action == "list":
-        print(environments.format_environments(environments.list_environments(client)))
+        print(environments.format_environments(environments.list_environments(client, details=True)))
         return 0
     keep = None if everything else WorkerSettings().env_cache_size
     removed = environments.prune(client, keep=keep, download_cache=everything)

@@ -63,12 +63,10 @@ LABEL_PATH = "celery_nb.env.path"  # the environment's directory (in the contain
 LABEL_BASE = "celery_nb.env.base"
 LABEL_BASE_ID = "celery_nb.env.base_id"
 LABEL_REQUIREMENTS = "celery_nb.env.requirements"
-LABEL_PYTHON = "celery_nb.env.python"
-LABEL_SIZE = "celery_nb.env.size"
 LABEL_BUILD = "celery_nb.env.build"  # on build containers: the hash they build
 BUILD_TIMEOUT = 1800.0  # s a build may take before it is stopped
 _RECIPE = 2  # how environments are built: part of their hash, so a new recipe builds them anew
-_BUILD_DIR = "/celery-nb-build"  # in the build container: uv (until the volume has it), the CA bundle, the requirements
+_BUILD_DIR = "/celery-nb-build"  # in the build container: the CA bundle, the requirements, uv (for the volume)
 _DONE = "\0celery-nb-build "  # the driver's last line: {"exit", "size", "python"} or {"uv_missing": true}
 _REFRESH_INTERVAL = 60.0  # s between two checks that an environment in use is still there (and marks of its use)
 _NAME_TAKEN = 10.0  # s a build container's name may be taken before the container can be seen
@@ -179,8 +177,8 @@ class Environments:
             if stale:
                 remembered.checked = time.monotonic()
         if stale:
-            threading.Thread(target=self._refresh, args=(base_image, requirements, remembered),
-                             name="celery_nb-env-refresh", daemon=True).start()
+            threading.Thread(target=self._refresh, args=(base_image, remembered), name="celery_nb-env-refresh",
+                             daemon=True).start()
         return dataclasses.replace(remembered.environment, state="cached")
 
     def forget(self, environment: Environment) -> None:
@@ -194,7 +192,7 @@ class Environments:
         with self._lock:
             self._known[(environment.base_image, requirements)] = _Remembered(environment, key, time.monotonic())
 
-    def _refresh(self, base_image: str, requirements: tuple[str, ...], remembered: _Remembered) -> None:
+    def _refresh(self, base_image: str, remembered: _Remembered) -> None:
         """Mark the environment as used now (its image tagged again: ``envs list``'s last use and
         the pruning order) and forget it if it is gone or its base image tag moved on."""
         try:
@@ -339,17 +337,17 @@ class _Build:
         started = time.monotonic()
         self.progress.output(f"[environment] building it for image {self.base_image!r}: "
                              f"{' '.join(self.requirements)}\n")
-        holder = None  # a container of the base image, never started, committed as the environment's image
+        self.image = None
         try:
             lines = self.client.api.attach(self.container_id, stdout=True, stderr=True, stream=True, logs=True)
             self.client.api.start(self.container_id)
-            holder = self.client.api.create_container(self.base["id"], command=["python3"])["Id"]  # while it builds
+            self.image = self._image()  # while it builds; tagged only if it succeeds
             done = _relay(lines, self.progress, self.lines, on_cancel=self._discard)
             if done is not None and done.get("uv_missing"):
                 raise _UvMissing()
             if done is None or done.get("exit") != 0:
                 raise _build_error(self.base_image, self.requirements, self.lines, self.arguments, done)
-            environment = self._tag(holder, done)
+            self.client.api.tag(self.image, REPOSITORY, self.key)
         except docker.errors.DockerException as exc:
             self._discard()
             raise EnvironmentBuildError(f"the build of the environment for image {self.base_image!r} failed: "
@@ -357,29 +355,30 @@ class _Build:
         except BaseException:
             self._discard()
             raise
-        finally:  # off the job's path
-            threading.Thread(target=_remove_container, args=(self.client, holder), daemon=True).start()
-        # only now, and off the job's path too: its name keeps others waiting until the image is tagged
+        # only now, and off the job's path: its name keeps others waiting until the image is tagged
         threading.Thread(target=_remove_container, args=(self.client, self.container_id), daemon=True).start()
-        self.progress.output(f"[environment] ready in {time.monotonic() - started:.1f} s: {environment.image}, "
+        self.progress.output(f"[environment] ready in {time.monotonic() - started:.1f} s: {REPOSITORY}:{self.key}, "
                              f"{done['size'] / 1e6:.0f} MB\n")
-        return environment
-
-    def _tag(self, holder: str, done: dict[str, Any]) -> Environment:
-        """The environment's image: the base image pointing into the environment, with what it
-        holds in its labels (``holder``'s empty layer); tagged last, it marks the environment
-        complete."""
-        labels = {LABEL_ENVIRONMENT: self.key, LABEL_PATH: self.path, LABEL_BASE: self.base_image,
-                  LABEL_BASE_ID: self.base["id"], LABEL_REQUIREMENTS: "\n".join(self.requirements),
-                  LABEL_PYTHON: str(done["python"]), LABEL_SIZE: str(done["size"])}
-        self.client.api.commit(holder, repository=REPOSITORY, tag=self.key, conf={
-            "Env": [f"PATH={self.path}/bin:{self.base['path']}", f"VIRTUAL_ENV={self.path}"], "Labels": labels})
         return Environment(f"{REPOSITORY}:{self.key}", self.base_image, "built")
 
+    def _image(self) -> str:
+        """The environment's image, untagged: the base image pointing into the environment, with
+        what it holds in its labels (the empty layer of a container never started)."""
+        labels = {LABEL_ENVIRONMENT: self.key, LABEL_PATH: self.path, LABEL_BASE: self.base_image,
+                  LABEL_BASE_ID: self.base["id"], LABEL_REQUIREMENTS: "\n".join(self.requirements)}
+        holder = self.client.api.create_container(self.base["id"], command=["python3"])["Id"]
+        try:
+            env = [f"PATH={self.path}/bin:{self.base['path']}", f"VIRTUAL_ENV={self.path}"]
+            return self.client.api.commit(holder, conf={"Env": env, "Labels": labels})["Id"]
+        finally:
+            threading.Thread(target=_remove_container, args=(self.client, holder), daemon=True).start()
+
     def _discard(self) -> None:
-        """Remove the build container (a failed build removes its directory itself; one that was
-        stopped leaves it to pruning)."""
+        """Remove the build container and the untagged image (a failed build removes its
+        directory itself; one that was stopped leaves it to pruning)."""
         _remove_container(self.client, self.container_id)
+        if self.image is not None:
+            _remove_image(self.client, self.image)
 
 
 class _UvMissing(Exception):
@@ -595,35 +594,43 @@ def _epoch(timestamp: str) -> float:
     return datetime.datetime.fromisoformat(trimmed).timestamp()
 
 
-def list_environments(client: docker.DockerClient) -> list[EnvironmentInfo]:
-    """The environments on this host, most recently used first."""
+def list_environments(client: docker.DockerClient, details: bool = False) -> list[EnvironmentInfo]:
+    """The environments on this host, most recently used first; ``details``: their Python
+    versions and sizes too (read in the volume by a container)."""
     found = []
     for image in client.images.list(filters={"label": LABEL_PATH}):
+        tag = next((t for t in image.tags if t.startswith(f"{REPOSITORY}:")), None)
+        if tag is None:
+            continue  # not tagged: being built, or left by an interrupted build (see prune)
         labels = image.labels
-        tag = next((t for t in image.tags if t.startswith(f"{REPOSITORY}:")), image.id)
         users = client.containers.list(all=True, sparse=True, filters={"ancestor": image.id})
         found.append(EnvironmentInfo(
-            image=tag, base_image=labels.get(LABEL_BASE, "?"),
-            requirements=tuple(labels.get(LABEL_REQUIREMENTS, "").split("\n")), python=labels.get(LABEL_PYTHON, "?"),
-            size=int(labels.get(LABEL_SIZE, 0)), path=labels[LABEL_PATH], base_id=labels.get(LABEL_BASE_ID, ""),
-            in_use=len(users),
+            image=tag, base_image=labels.get(LABEL_BASE, "?"), python="?", size=0,
+            requirements=tuple(labels[LABEL_REQUIREMENTS].split("\n")), path=labels[LABEL_PATH], base_id=labels.get(LABEL_BASE_ID, ""), in_use=len(users),
             last_used=_epoch(image.attrs.get("Metadata", {}).get("LastTagTime") or image.attrs["Created"])))
+    if details and found:
+        described = json.loads(_in_volume(client, found[0].base_id, _DESCRIBE, [json.dumps([i.path for i in found])]))
+        found = [dataclasses.replace(info, python=described[info.path][0], size=described[info.path][1])
+                 for info in found]
     return sorted(found, key=lambda info: info.last_used, reverse=True)
 
 
 def prune(client: docker.DockerClient, keep: int | None, download_cache: bool = False) -> list[str]:
     """Remove the least recently used environments beyond ``keep`` (None: all) that no container
-    uses, the directories of builds that were interrupted, and (``download_cache``) uv's
-    download cache. Returns what it removed."""
+    uses, what interrupted builds left behind, and (``download_cache``) uv's download cache.
+    Returns what it removed."""
     environments = list_environments(client)
     removed = []
     excess = len(environments) - (keep if keep is not None else 0)
     for info in reversed(environments):  # least recently used first
         if excess <= 0:
             break
-        if not info.in_use and _remove_image(client, info):
+        if not info.in_use and _remove_image(client, info.image):
             removed.append(info)
             excess -= 1
+    for image in client.images.list(filters={"label": LABEL_PATH, "dangling": True}):  # of interrupted builds
+        if _age(image.attrs["Created"]) > BUILD_TIMEOUT + 60:
+            _remove_image(client, image.id)
     left = [info for info in environments if info not in removed]
     helper = next((info.base_id for info in [*removed, *left] if info.base_id), None)
     if helper is not None:  # an image with python3 for the clean-up
@@ -642,25 +649,26 @@ def clear_download_cache(client: docker.DockerClient) -> bool:
 
 def remove_environment(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
     """Remove one environment, unless a container uses it."""
-    if not _remove_image(client, info):
+    if not _remove_image(client, info.image):
         return False
     _clean_volume(client, info.base_id, [info.path], [other.path for other in list_environments(client)])
     return True
 
 
-def _remove_image(client: docker.DockerClient, info: EnvironmentInfo) -> bool:
-    """Untag an environment first: Docker refuses while a container of it exists, so a job that
-    starts meanwhile keeps it whole; its directory goes afterwards (_clean_volume)."""
+def _remove_image(client: docker.DockerClient, image: str) -> bool:
+    """Remove an environment's image first: Docker refuses while a container of it exists, so a
+    job that starts meanwhile keeps it whole; its directory goes afterwards (_clean_volume)."""
     try:
-        client.api.remove_image(info.image)
+        client.api.remove_image(image)
     except docker.errors.APIError as exc:
         return exc.status_code == 404
     return True
 
 
-# Runs in a container of an environment's base image with the volume: removes the directories of
-# removed environments, those no image names that are older than any build can take (left by an
-# interrupted build), and (argv[3] == "cache") uv's download cache.
+# Run in a container of an environment's base image with the volume (see _in_volume).
+# _CLEAN removes the directories of removed environments, those no image names that are older
+# than any build can take (left by an interrupted build), and (argv[3] == "cache") uv's download
+# cache; _DESCRIBE prints each environment's Python version and size.
 _CLEAN = r"""
 import json, os, shutil, sys, time
 root, paths, stale = sys.argv[1], json.loads(sys.argv[2]), time.time() - float(sys.argv[4])
@@ -672,21 +680,42 @@ for name in os.listdir(envs) if os.path.isdir(envs) else []:
 if sys.argv[3] == "cache":
     shutil.rmtree(os.path.join(root, "cache"), ignore_errors=True)
 """
+_DESCRIBE = r"""
+import json, os, sys
+described = {}
+for path in json.loads(sys.argv[1]):
+    python, size = "?", 0
+    try:
+        for line in open(os.path.join(path, "pyvenv.cfg")):
+            key, _, value = line.partition("=")
+            python = value.strip() if key.strip() in ("version_info", "version") else python
+        size = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
+    except OSError:
+        pass
+    described[path] = [python, size]
+print(json.dumps(described))
+"""
 
 
 def _clean_volume(client: docker.DockerClient, image: str, remove: Sequence[str], keep: Sequence[str],
                   download_cache: bool = False) -> None:
     """Remove the directories of the removed environments (``remove``), those of interrupted
     builds (no environment image names them: ``keep`` are those named now), and
-    (``download_cache``) uv's download cache, in a container of ``image`` (with python3)."""
+    (``download_cache``) uv's download cache."""
     try:
-        client.containers.run(
-            image, ["python3", "-c", _CLEAN, ENVIRONMENT_DIR, json.dumps({"remove": remove, "keep": keep}),
-                    "cache" if download_cache else "-", str(BUILD_TIMEOUT + 60)],
-            user="0", network_mode="none", cap_drop=["ALL"], security_opt=["no-new-privileges"], remove=True,
-            mounts=[_volume_mount(read_only=False)], labels={docker_api.LABEL_OWNER: docker_api.OWNER})
+        _in_volume(client, image, _CLEAN, [ENVIRONMENT_DIR, json.dumps({"remove": remove, "keep": keep}),
+                                           "cache" if download_cache else "-", str(BUILD_TIMEOUT + 60)])
     except docker.errors.DockerException as exc:
         log.warning("celery_nb: could not clean the environments' volume %s: %s", VOLUME, exc)
+
+
+def _in_volume(client: docker.DockerClient, image: str, script: str, arguments: list[str]) -> bytes:
+    """What ``script`` prints, run by python3 in a container of ``image`` with the volume mounted
+    (as root with no capabilities, no network)."""
+    return client.containers.run(
+        image, ["python3", "-c", script, *arguments], user="0", network_mode="none", cap_drop=["ALL"],
+        security_opt=["no-new-privileges"], remove=True, mounts=[_volume_mount(read_only=False)],
+        labels={docker_api.LABEL_OWNER: docker_api.OWNER})
 
 
 def format_environments(environments: list[EnvironmentInfo]) -> str:

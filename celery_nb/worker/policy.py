@@ -31,7 +31,7 @@ class ContainerSpec:
     read_only: bool
     user: str | None
     gpus: str | None  # an options.parse_gpus spec: docker's device request
-    environment: str | None = None  # the volume holding the job's environment (worker.environments), read-only
+    environment: str | None = None  # the volume of the host's environments (worker.environments), read-only
 
     @property
     def pool_key(self) -> str:
