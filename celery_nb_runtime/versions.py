@@ -30,13 +30,21 @@ def installed_versions(modules: Iterable[str]) -> Dict[str, Optional[str]]:
     return versions
 
 
+_RUNTIME_MODULES = frozenset(sys.modules)  # imported before any job (the runtime's): not what a job imported
+
+
 def loaded_versions() -> Dict[str, str]:
     """The ``__version__`` of every installed package the job has imported (not the standard
-    library's): what its results can refer to. Cheap: no metadata is read."""
+    library's): what its results can refer to. Cheap: no metadata is read, and only the
+    top-level modules imported since the runtime started are looked at."""
     versions = {}
-    for name, module in list(sys.modules.items()):
+    for name in sys.modules.keys() - _RUNTIME_MODULES:
+        module = sys.modules.get(name)
+        if "." in name or module is None:  # a submodule's attributes can be slow to ask (a module __getattr__)
+            continue
         path = getattr(module, "__file__", None) or ""
-        version = getattr(module, "__version__", None)
-        if "." not in name and isinstance(version, str) and ("site-packages" in path or "dist-packages" in path):
-            versions[name] = version
+        if "site-packages" in path or "dist-packages" in path:
+            version = getattr(module, "__version__", None)
+            if isinstance(version, str):
+                versions[name] = version
     return versions
