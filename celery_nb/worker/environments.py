@@ -282,6 +282,7 @@ class _Build:
         self.path = f"{ENVIRONMENT_DIR}/envs/{key}-{uuid.uuid4().hex[:8]}"
         self.lines: list[str] = []
         self.arguments = index_arguments(settings)
+        self.image: str | None = None  # committed (untagged) while it builds
 
     def create(self, ship_uv: bool) -> None:
         """The build container (its name is the host's lock on this build), with the volume
@@ -337,7 +338,6 @@ class _Build:
         started = time.monotonic()
         self.progress.output(f"[environment] building it for image {self.base_image!r}: "
                              f"{' '.join(self.requirements)}\n")
-        self.image = None
         try:
             lines = self.client.api.attach(self.container_id, stdout=True, stderr=True, stream=True, logs=True)
             self.client.api.start(self.container_id)
