@@ -77,6 +77,26 @@ def test_a_cache_hit_runs_warm_in_its_own_containers_and_says_so(redis_client: C
     assert mount["Name"] == VOLUME and mount["RW"] is False  # the environments are mounted read-only
 
 
+def test_an_image_of_another_python_gets_its_environment_from_that_python(
+        redis_client: Client, docker_client: docker.DockerClient) -> None:
+    # uv reads a Python older than 3.10 through distutils, which Debian's python3 3.9 lacks unless
+    # python3-distutils is installed: such an image gets a clear refusal, others their environment
+    probe = "import sys\ntry:\n    import distutils.sysconfig\nexcept ImportError:\n    sys.exit(sys.version_info < (3, 10))"
+    try:
+        docker_client.containers.run(OTHER_PYTHON_IMAGE, ["python3", "-W", "ignore", "-c", probe], remove=True)
+        usable = True
+    except docker.errors.ContainerError:
+        usable = False
+    job = redis_client.submit_cell("import sys, iniconfig\nversion = list(sys.version_info[:2])\n", {},
+                                   image=OTHER_PYTHON_IMAGE, pip="iniconfig==1.1.1")
+    if usable:
+        out = job.result(timeout=300)
+        assert out["version"] != [3, 11] and out["version"] >= [3, 9]  # made from the image's own Python
+    else:
+        with pytest.raises(EnvironmentBuildError, match="uv needs distutils in the Python of image"):
+            job.result(timeout=300)
+
+
 def test_a_job_without_network_still_gets_its_environment(client: Client) -> None:
     out = client.submit_cell("import os, numpy\ninterfaces = sorted(os.listdir('/sys/class/net'))\n", {},
                              image=IMAGE, pip=NUMPY_PIP, network="none").result(timeout=300)

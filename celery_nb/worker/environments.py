@@ -512,7 +512,10 @@ def _build_error(base_image: str, requirements: tuple[str, ...], lines: list[str
     its own error lines, and what to do."""
     text = "\n".join(lines).lower()
     named = [r for r in requirements if re.search(rf"\b{re.escape(requirement_name(r))}\b", text)] or requirements
-    if "certificate" in text:
+    if "distutils" in text:
+        hint = (f"uv needs distutils in the Python of image {base_image!r} (Python 3.9 on Debian has it in the "
+                f"python3-distutils package): use an image with it, or with Python 3.10 or newer")
+    elif "certificate" in text:
         hint = ("the build could not verify the package index's TLS certificate: point CELERY_NB_BUILD_CA_BUNDLE "
                 "on the worker to the CA bundle your network's proxy needs")
     elif re.search(r"failed to fetch|dns error|connect|timed out|network", text):
