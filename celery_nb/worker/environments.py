@@ -512,7 +512,9 @@ def _build_error(base_image: str, requirements: tuple[str, ...], lines: list[str
     its own error lines, and what to do."""
     text = "\n".join(lines).lower()
     named = [r for r in requirements if re.search(rf"\b{re.escape(requirement_name(r))}\b", text)] or requirements
-    if "distutils" in text:
+    if "uv cannot run in this image" in text:
+        hint = f"uv runs in glibc-based Linux images only, and image {base_image!r} is not one: pick another --image"
+    elif "distutils" in text:
         hint = (f"uv needs distutils in the Python of image {base_image!r} (Python 3.9 on Debian has it in the "
                 f"python3-distutils package): use an image with it, or with Python 3.10 or newer")
     elif "certificate" in text:
