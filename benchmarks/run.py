@@ -4,31 +4,41 @@
 
 Needs Docker, a Redis at BENCH_REDIS_URL (default redis://127.0.0.1:6379/14, flushed), the
 images BENCH_IMAGE (python3; default local/py311) and BENCH_NUMPY_IMAGE (with numpy; default
-local/py311-numpy), both with the kernel's Python minor version for the function benchmarks.
-Starts its own `celery-nb worker` and a plain Celery worker (threads, 4 each).
+local/py311-numpy), both with the kernel's Python minor version for the function benchmarks,
+and the package index (the environment rows build numpy environments, and remove them and
+uv's download cache first). Starts its own `celery-nb worker` and a plain Celery worker
+(threads, 4 each).
 """
 from __future__ import annotations
 
+import io
 import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import docker
 import redis
+import uv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.raw_celery import BROKER_URL, echo, ones  # noqa: E402
 from celery_nb import Client  # noqa: E402
+from celery_nb.worker import environments  # noqa: E402
+from celery_nb.worker.settings import WorkerSettings  # noqa: E402
 
 IMAGE = os.environ.get("BENCH_IMAGE", "local/py311")
 NUMPY_IMAGE = os.environ.get("BENCH_NUMPY_IMAGE", "local/py311-numpy")
 BIG = 100 * 2**20
+CACHED_PIP = "numpy tqdm"  # the environment of the cache-hit row (the quickstart's)
+BUILT_PIP = "numpy"  # the environment the first-build rows build, again and again
+BUILDS = 5  # first builds (and installs by hand) per row
 BIG_CELL = f"import numpy as np\nresult = np.ones({BIG // 8})\n"
 
 
@@ -118,6 +128,55 @@ def main() -> None:
         print(f"{name:<46}{value:>11.4g} {unit:<2}{baseline:>11.4g} {unit:<2}{ratio:>9.2f}  {target} {verdict}")
 
 
+def remove_environment(docker_client: docker.DockerClient, requirements: str) -> None:
+    """So that the next job of ``requirements`` builds its environment: a first build."""
+    for info in environments.list_environments(docker_client):
+        if info.requirements == tuple(requirements.split()):
+            environments.remove_environment(docker_client, info)
+
+
+def first_build(client: Client, docker_client: docker.DockerClient, download_cache: bool) -> float:
+    """Seconds the build of a new numpy environment takes (the job's ``build`` phase); uv's
+    download cache emptied first unless ``download_cache``."""
+    remove_environment(docker_client, BUILT_PIP)
+    if not download_cache:
+        environments.clear_download_cache(docker_client)
+    job = client.submit_cell("import numpy\n", {}, image=IMAGE, pip=BUILT_PIP, fresh=True)
+    job.result(300)
+    return job.timing_breakdown()["build"]
+
+
+def install_by_hand(docker_client: docker.DockerClient) -> float:
+    """Seconds to install the same requirement into a new container of the same image by hand:
+    uv (and the CA bundle) copied in, then `uv venv` and `uv pip install` in it."""
+    started = time.perf_counter()
+    container = docker_client.containers.create(
+        IMAGE, ["sh", "-c", "/uv/uv venv -q /opt/venv && /uv/uv pip install -q --python /opt/venv/bin/python "
+                            + BUILT_PIP], environment={"SSL_CERT_FILE": "/uv/ca.crt"})
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        tar.add(uv.find_uv_bin(), "uv/uv")
+        tar.add(WorkerSettings().build_ca_bundle, "uv/ca.crt")
+    container.put_archive("/", archive.getvalue())
+    container.start()
+    code = container.wait()["StatusCode"]
+    elapsed = time.perf_counter() - started
+    container.remove()
+    if code:
+        raise SystemExit(f"installing {BUILT_PIP} by hand in {IMAGE} failed with code {code}")
+    return elapsed
+
+
+def builds_against_installs(client: Client, docker_client: docker.DockerClient,
+                            download_cache: bool) -> tuple[float, float, list[float], list[float]]:
+    """Medians of BUILDS first builds and installs by hand, alternating, and their values."""
+    builds, installs = [], []
+    for _ in range(BUILDS):
+        builds.append(first_build(client, docker_client, download_cache))
+        installs.append(install_by_hand(docker_client))
+    return statistics.median(builds), statistics.median(installs), builds, installs
+
+
 def run_all(client: Client) -> list[tuple]:
     raw_round_trip = lambda: echo.delay(1).get(timeout=60)  # noqa: E731
     trivial = lambda **kw: client.submit_cell("a = 1", {}, image=IMAGE, **kw).result(60)  # noqa: E731
@@ -152,6 +211,15 @@ def run_all(client: Client) -> list[tuple]:
     big_raw = median_seconds(lambda: ones.delay(BIG).get(timeout=120), 3)
     peaks = {kind: float(subprocess.run([sys.executable, __file__, "--peak-memory", kind], capture_output=True,
                                         text=True, check=True, cwd=ROOT).stdout) for kind in ("celery_nb", "raw")}
+
+    cache_hit = lambda: client.submit_cell("a = 1", {}, image=IMAGE, pip=CACHED_PIP).result(60)  # noqa: E731
+    cache_hit()
+    hit, plain = alternating_median_seconds(cache_hit, trivial, runs=200, block=50, settle=5)
+    cold_build, cold_install, cold_builds, cold_installs = builds_against_installs(client, docker_client, False)
+    warm_build, warm_install, warm_builds, warm_installs = builds_against_installs(client, docker_client, True)
+    for name, values in (("first builds, uv cache empty", cold_builds), ("installs by hand", cold_installs),
+                         ("first builds, uv cache warm", warm_builds), ("installs by hand", warm_installs)):
+        print(f"{name}: {', '.join(f'{v:.2f}' for v in values)} s")
     return [
         ("warm trivial cell round trip vs raw Celery", warm * 1e3, raw_rt * 1e3, "ms", "<= 2x", lambda r: r <= 2),
         ("warm trivial cell, embedded worker (no target)", warm_embedded * 1e3, raw_rt * 1e3, "ms", "-",
@@ -162,6 +230,10 @@ def run_all(client: Client) -> list[tuple]:
          lambda r: r <= 0.5),
         ("kernel peak memory / payload (raw Celery's)", peaks["celery_nb"], peaks["raw"], "x", "<= 2.5x payload",
          lambda _r: peaks["celery_nb"] <= 2.5),
+        ("--pip cache hit vs plain warm cell", hit * 1e3, plain * 1e3, "ms", "<= +5 ms",
+         lambda _r: hit - plain <= 0.005),
+        ("first numpy env build (empty uv cache) vs by hand", cold_build, cold_install, "s", "<= 1x", lambda r: r <= 1),
+        ("first numpy env build (warm uv cache) vs by hand", warm_build, warm_install, "s", "<= 1x", lambda r: r <= 1),
     ]
 
 

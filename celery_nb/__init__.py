@@ -18,20 +18,20 @@ from celery_nb import widgets  # noqa: F401  (shows Jobs as live widgets in note
 from celery_nb.client import Client, RemoteFunction, default_client, remote, submit
 from celery_nb.config import CeleryNB, use_settings
 from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError,
-                              ImageNotFoundError, InputError, JobCancelled, JobTimeoutError, LogUnavailableError,
-                              OptionError, OutOfMemoryError, OutputError, PolicyError, PythonVersionError,
-                              RemoteError, SignatureError, UnknownJobError, UnsupportedMagicError)
+                              EnvironmentBuildError, ImageNotFoundError, InputError, JobCancelled, JobTimeoutError,
+                              LogUnavailableError, OptionError, OutOfMemoryError, OutputError, PolicyError,
+                              PythonVersionError, RemoteError, SignatureError, UnknownJobError, UnsupportedMagicError)
 from celery_nb.executor import Executor
 from celery_nb.job import Job, JobFuture
 from celery_nb.options import JobOptions
 from celery_nb_runtime import progress
 
 __all__ = [
-    "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError", "Executor",
-    "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobFuture", "JobOptions", "JobTimeoutError",
-    "LogUnavailableError", "OptionError", "OutOfMemoryError", "OutputError", "PolicyError", "PythonVersionError",
-    "RemoteError", "RemoteFunction", "SignatureError", "UnknownJobError", "UnsupportedMagicError", "default_client",
-    "progress", "remote", "submit",
+    "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError",
+    "EnvironmentBuildError", "Executor", "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobFuture",
+    "JobOptions", "JobTimeoutError", "LogUnavailableError", "OptionError", "OutOfMemoryError", "OutputError",
+    "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction", "SignatureError", "UnknownJobError",
+    "UnsupportedMagicError", "default_client", "progress", "remote", "submit",
 ]
 
 

@@ -23,7 +23,7 @@ import redis
 from celery._state import _set_task_join_will_block
 from celery.worker import WorkController
 
-from celery_nb import analysis, cell_syntax, journal, payload
+from celery_nb import analysis, cell_syntax, journal, payload, requirements
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, blob_store_for
 from celery_nb.broker import TASK_NAME, celery_app, commands_before_publish
 from celery_nb.config import settings
@@ -137,7 +137,9 @@ class Client:
                                     dumps=referenced)
         code = self._local_code.for_cell(cell.source, first_line, referenced.modules)
         label = next((line.strip() for line in source.splitlines() if line.strip()), "(empty cell)")
-        return self._send("cell", data, job_options, label, code)
+        values = [namespace[name] for name in inputs]
+        return self._send("cell", data, job_options, label, code,
+                          lambda: requirements.cell_modules(cell.source, first_line, values))
 
     def submit(self, fn: Callable[..., Any], *args: Any, kwargs: Mapping[str, Any] | None = None,
                options: JobOptions | None = None, **option_fields: Any) -> Job:
@@ -152,13 +154,18 @@ class Client:
         code = self._local_code.for_call(args[0] if fn is map_chunk else fn, referenced.modules)
         if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
             label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
+            needs = functools.partial(requirements.function_modules, args[0], args[1])
         else:
             label = f"{_function_name(fn)}()"
-        return self._send("call", data, job_options, label, code)
+            needs = functools.partial(requirements.function_modules, fn, (*args, *(kwargs or {}).values()))
+        return self._send("call", data, job_options, label, code, needs)
 
-    def _send(self, kind: str, data: bytes, options: JobOptions, label: str, code: Sequence[LocalModule]) -> Job:
+    def _send(self, kind: str, data: bytes, options: JobOptions, label: str, code: Sequence[LocalModule],
+              imports: Callable[[], Iterable[str]] | None = None) -> Job:
+        """``code``: the local modules the job ships; ``imports``: the modules it needs, for
+        ``--pip auto`` (asked only then)."""
         config = settings()
-        options = options.with_defaults(config.job_defaults(kind))
+        options = requirements.pin_auto(options.with_defaults(config.job_defaults(kind)), imports)
         if self.embedded:  # the embedded worker consumes only the default queue: every job runs here
             options = dataclasses.replace(options, queue=config.default_queue)
         assert options.image is not None and options.queue is not None  # the defaults set them

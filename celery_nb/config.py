@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from traitlets import Int, TraitError, Unicode
+from traitlets import Int, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
+from celery_nb.errors import OptionError
 from celery_nb.options import JobOptions
 
 DEFAULT_IMAGE = "python:3.12-slim"
@@ -94,11 +95,23 @@ class CeleryNB(EnvConfigurable):
         DEFAULT_QUEUE, help="Celery queue for jobs that do not name one.").tag(config=True, env="CELERY_NB_QUEUE")
     embedded_workers = Int(4, help="Jobs the embedded worker runs at once.").tag(
         config=True, env="CELERY_NB_EMBEDDED_WORKERS")
+    default_pip = Unicode(
+        "", help="Packages every job gets, as --pip takes them (e.g. 'auto', or 'numpy==2.1.3 tqdm'); a job's own "
+                 "--pip adds to them and wins for a package both name.",
+    ).tag(config=True, env="CELERY_NB_DEFAULT_PIP")
+
+    @validate("default_pip")
+    def _check_pip(self, proposal: Any) -> str:
+        try:
+            JobOptions(pip=proposal.value or None)
+        except OptionError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal.value
 
     def job_defaults(self, kind: str) -> JobOptions:
         """What a job (``kind``: "cell" or "call") that names no image or queue gets."""
         image = self.default_image if kind == "cell" else self.default_function_image
-        return JobOptions(image=image, queue=self.default_queue)
+        return JobOptions(image=image, queue=self.default_queue, pip=self.default_pip or None)
 
 
 _settings: CeleryNB | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from celery_nb.distributions import version_table
+
 
 class CeleryNBError(Exception):
     """Base class of every celery_nb error."""
@@ -60,6 +62,11 @@ class ContainerError(CeleryNBError):
 
 class ImageNotFoundError(ContainerError):
     """The requested image is not on the worker host and could not be pulled."""
+
+
+class EnvironmentBuildError(ContainerError):
+    """The job's environment (--pip, --requirements) could not be built: an unknown package, an
+    impossible pin, a conflict, or no reachable index; the installer's own lines say which."""
 
 
 class DockerUnavailableError(ContainerError):
@@ -124,6 +131,7 @@ _KINDS: dict[str, type[CeleryNBError]] = {
     "container": ContainerError,
     "image_not_found": ImageNotFoundError,
     "docker_unavailable": DockerUnavailableError,
+    "environment": EnvironmentBuildError,
     "timeout": JobTimeoutError,
     "oom": OutOfMemoryError,
     "version": PythonVersionError,
@@ -177,7 +185,10 @@ def error_from_event(error: dict[str, Any], job_id: str, image: str, what: str =
             except Exception:  # a class whose construction needs more than a message: the name will do
                 pass
         return RemoteError(*args)
-    return _KINDS.get(error["kind"], ContainerError)(error["message"])
+    message = error["message"]
+    if error.get("packages") or error.get("python"):  # a value or function the environment could not load
+        message = f"{message}\n{version_table(error.get('packages') or {}, error.get('python'))}"
+    return _KINDS.get(error["kind"], ContainerError)(message)
 
 
 def error_kind(exc: CeleryNBError) -> str:

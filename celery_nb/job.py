@@ -64,6 +64,7 @@ class Job:
         self.worker: str | None = None
         self.container: str | None = None  # "warm" (reused from the worker's pool) or "cold"
         self.container_id: str | None = None  # the Docker id of the container it ran in (its last attempt's)
+        self.environment: str | None = None  # of a job with --pip: "cached" (the worker host had it) or "built"
         self.attempts = 0  # runs started: more than 1 when a worker died and another ran the job again
         self.progress: dict[str, Any] | None = None  # latest {"n", "total", "desc"}
         # the files the job's --download patterns matched (path -> size in bytes; result() writes them), and
@@ -102,10 +103,13 @@ class Job:
                 self.attempts = event.get("attempt", self.attempts)
                 if self.status == "starting":
                     self.timings["received"] = event["t"]
+                elif self.status == "building":
+                    self.timings["building"] = event["t"]
                 elif self.status == "running":
                     self.timings["started"] = event["t"]
                     self.container = event.get("container")
                     self.container_id = event.get("container_id")
+                    self.environment = event.get("environment")
             elif kind == "log":
                 self._output.append((event["stream"], event["text"]))
                 self._log_window.added(self._output)
@@ -124,6 +128,7 @@ class Job:
                 self.worker = event.get("worker", self.worker)
                 self.container = event.get("container") or self.container
                 self.container_id = event.get("container_id") or self.container_id
+                self.environment = event.get("environment") or self.environment
                 self.attempts = event.get("attempt") or self.attempts
                 self.usage = event.get("usage")
                 self.timings.update(event.get("timings", {}))
@@ -288,13 +293,15 @@ class Job:
         return (self.finished_at or time.time()) - self.submitted_at
 
     def timing_breakdown(self) -> dict[str, float]:
-        """Seconds spent queued, starting the container, running, and bringing results back;
-        the phase a job is in counts up to now."""
+        """Seconds spent queued, building the job's environment (--pip), starting the container,
+        running, and bringing results back; the phase a job is in counts up to now."""
         t = self.timings
         now = self.finished_at or time.time()
         parts = {"queued": t.get("received", now) - self.submitted_at}
+        if "building" in t:
+            parts["build"] = t.get("built", t.get("started", now)) - t["building"]
         if "received" in t:
-            parts["start"] = t.get("started", now) - t["received"]
+            parts["start"] = t.get("started", now) - t["received"] - parts.get("build", 0.0)
         if "started" in t:
             parts["run"] = t.get("exited", t.get("finished", now)) - t["started"]
         if "transfer" in t:
@@ -335,6 +342,8 @@ class Job:
         line = f"celery_nb job {self.id[:12]} [{self.image}] {self.label}: {self.status}{where} after {self.elapsed:.1f} s"
         if self.progress:
             line += f" | {self.progress_text()}"
+        if self.environment:
+            line += f" | environment {self.environment}"
         if self.finished:
             line += " | " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timing_breakdown().items())
         if self.usage:

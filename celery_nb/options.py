@@ -14,6 +14,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from celery_nb.errors import InputError, OptionError
@@ -21,6 +22,9 @@ from celery_nb.errors import InputError, OptionError
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _GPUS = re.compile(r"^(all|[1-9]\d*|device=\d+(?:,\d+)*)$")
+AUTO = "auto"  # --pip auto: the kernel pins what the job imports (celery_nb.requirements)
+_DISTRIBUTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_INCLUDE = re.compile(r"^(-r|--requirement)(\s+|=)(\S.*)$")
 
 
 def parse_memory(what: str, value: str | int) -> int:
@@ -65,6 +69,106 @@ def gpu_count(spec: str) -> int | None:
     if spec == "all":
         return None
     return len(spec[len("device="):].split(",")) if spec.startswith("device=") else int(spec)
+
+
+def _unquoted(text: str) -> str:
+    """A magic's argument as typed: IPython keeps the quotes around ``--pip "a b"``."""
+    text = text.strip()
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+def _requirement(flag: str, text: str) -> str:
+    """One requirement specifier (PEP 508, as pip takes them), normalised so that equal
+    requirements read alike: the canonical name, extras and version specifiers sorted."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        requirement = Requirement(text)
+    except InvalidRequirement as exc:
+        raise OptionError(f"{flag} {text!r} is not a requirement specifier as pip takes them (e.g. pandas==2.2.3 "
+                          f"or numpy>=2): {exc}") from None
+    if requirement.url and requirement.url.startswith("file:"):
+        raise OptionError(f"{flag} {text!r} names a file on the kernel's machine, which the worker cannot read: "
+                          f"publish the package to an index, or give a URL the worker can reach")
+    extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+    version = f"@{requirement.url}" if requirement.url else str(requirement.specifier)
+    marker = f"; {requirement.marker}" if requirement.marker else ""
+    return f"{canonicalize_name(requirement.name)}{extras}{version}{marker}"
+
+
+def requirement_name(specifier: str) -> str:
+    """The distribution a normalised specifier is about (its canonical name), or "auto"."""
+    match = _DISTRIBUTION_NAME.match(specifier)
+    return match.group(0) if match else specifier
+
+
+def add_requirements(earlier: Iterable[str], later: Iterable[str]) -> tuple[str, ...]:
+    """``earlier`` then ``later``, the specifiers of ``earlier`` about a distribution that
+    ``later`` names left out: the later ones win (a job's own over the defaults)."""
+    later = tuple(later)
+    named = {requirement_name(specifier) for specifier in later}
+    return tuple(dict.fromkeys([*(s for s in earlier if requirement_name(s) not in named), *later]))
+
+
+def _pip(flag: str, value: str | Iterable[str]) -> tuple[str, ...] | None:
+    """--pip: specifiers separated by spaces, as on pip's command line, in one string or several
+    (the flag is repeatable); the word auto asks the kernel to pin what the job imports."""
+    specifiers = []
+    for piece in [value] if isinstance(value, str) else list(value):
+        if not isinstance(piece, str):
+            raise OptionError(f"{flag}: {piece!r} is not a requirement specifier; give strings such as 'numpy==2.1.3'")
+        for word in _unquoted(piece).split():
+            if word.lower() == AUTO:
+                specifiers.append(AUTO)
+                continue
+            specifier = _requirement(flag, word)
+            if ";" in specifier:
+                raise OptionError(f"{flag} {word!r}: an environment marker needs spaces, which {flag} takes as "
+                                  f"separators; put the line in a --requirements file instead")
+            specifiers.append(specifier)
+    return tuple(dict.fromkeys(specifiers)) or None
+
+
+def _requirements(flag: str, value: str | os.PathLike[str] | Iterable[str]) -> tuple[str, ...] | None:
+    """--requirements PATH: a requirements file, read here (on the kernel's side: its lines travel
+    to the worker, not the path); or its lines, as a request carries them."""
+    if isinstance(value, (str, os.PathLike)):
+        lines = _read_requirements(flag, Path(_unquoted(os.fspath(value))), ())
+    else:
+        lines = list(value)
+        for line in lines:
+            if not isinstance(line, str):
+                raise OptionError(f"{flag}: {line!r} is not a requirement line; give a file's path, or its lines "
+                                  f"as strings")
+    return tuple(dict.fromkeys(_requirement(flag, line) for line in lines)) or None
+
+
+def _read_requirements(flag: str, path: Path, including: tuple[Path, ...]) -> list[str]:
+    """The requirement lines of a requirements file: comments and blank lines dropped, continued
+    lines joined, ``-r other.txt`` read in place (relative to the file). Options that choose an
+    index or a build are the worker's to decide, and refused."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OptionError(f"{flag} {str(path)!r}: cannot read it ({exc.strerror or exc}); the file is read "
+                          f"on the kernel's side, give its path there") from None
+    lines = []
+    for line in re.sub(r"\\\r?\n", "", text).splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        include = _INCLUDE.match(line)
+        if include:
+            nested = (path.parent / include.group(3).strip()).resolve()
+            if nested in including:
+                raise OptionError(f"{flag} {str(path)!r} includes {str(nested)!r} again (a loop of -r lines)")
+            lines.extend(_read_requirements(flag, nested, (*including, path.resolve())))
+        elif line.startswith("-") or " --" in line:
+            raise OptionError(f"{flag} {str(path)!r}: {line!r} is a pip option, which celery_nb does not take from "
+                              f"a requirements file (the worker picks the index: CELERY_NB_PIP_INDEX_URL); keep "
+                              f"only requirement lines")
+        elif line:
+            lines.append(line)
+    return lines
 
 
 def _positive(flag: str, value: Any) -> float:
@@ -205,6 +309,15 @@ class JobOptions:
     mount: tuple[str, ...] | None = _option(
         "--mount", "a data folder the worker offers by name (its CELERY_NB_MOUNTS), mounted at /mnt/NAME; "
                    "repeatable", _mounts, metavar="NAME", kind="append")
+    pip: tuple[str, ...] | None = _option(
+        "--pip", "packages the job needs, as on pip's command line: --pip \"pandas==2.2.3 scikit-learn\"; "
+                 "repeatable (adds up). auto: the packages the cell imports (or the function uses), pinned to "
+                 "this kernel's versions; an explicit specifier wins over auto. The worker installs them on top of "
+                 "the image (any image with python3) once per host and caches the environment",
+        _pip, metavar="SPECIFIERS", kind="append")
+    requirements: tuple[str, ...] | None = _option(
+        "--requirements", "a requirements file, read here in the kernel (its lines travel, not the path); "
+                          "installed as --pip is", _requirements, metavar="PATH")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -229,12 +342,15 @@ class JobOptions:
         return cls.build(**{name: parsed[name] for name in _FIELD_NAMES if parsed.get(name) is not None})
 
     def with_defaults(self, defaults: JobOptions) -> JobOptions:
-        """Unset fields taken from ``defaults``; environment variables add up (these win)."""
+        """Unset fields taken from ``defaults``; environment variables and requirements add up
+        (these win)."""
         merged = {}
         for field in dataclasses.fields(self):
             mine, theirs = getattr(self, field.name), getattr(defaults, field.name)
             if isinstance(mine, dict):
                 merged[field.name] = {**theirs, **mine}
+            elif isinstance(mine, tuple) and isinstance(theirs, tuple):
+                merged[field.name] = add_requirements(theirs, mine)
             else:
                 merged[field.name] = theirs if mine is None else mine
         return JobOptions(**merged)

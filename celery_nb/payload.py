@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import cloudpickle
 
+from celery_nb.distributions import version_table
 from celery_nb.errors import InputError, OutputError
 from celery_nb.files import Uploads, read_upload
 from celery_nb_runtime import protocol
@@ -88,15 +89,18 @@ def load_result(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
             reason = f"{type(exc).__name__}: {exc}"
             if name not in header["required"]:
                 skipped[name] = f"{header['types'][name]}: cannot be loaded in the kernel, {reason}"
-            elif name == protocol.RETURN_VALUE:
+                continue
+            theirs = header.get("versions", {})  # the environment's versions of what its job imported
+            table = version_table({module: theirs.get(module) for module in protocol.pickled_modules(sections[indexes[0]])})
+            versions = f"\n{table}" if table else ""
+            if name == protocol.RETURN_VALUE:
                 raise OutputError(
                     f"the function's return value came back from the container but cannot be loaded in the "
-                    f"kernel: {reason}. Install the module it needs in the kernel.") from exc
-            else:
-                raise OutputError(
-                    f"output variable {name!r} came back from the container but cannot be loaded in the "
-                    f"kernel: {reason}. Install the module it needs in the kernel, or leave the variable "
-                    f"out with --out.") from exc
+                    f"kernel: {reason}. Install the module it needs in the kernel.{versions}") from exc
+            raise OutputError(
+                f"output variable {name!r} came back from the container but cannot be loaded in the "
+                f"kernel: {reason}. Install the module it needs in the kernel, or leave the variable "
+                f"out with --out.{versions}") from exc
     return outputs, skipped
 
 

@@ -25,10 +25,10 @@ DOWNLOADS_LISTED = 20  # files named in a job's view; more are counted
 # read well, with fixed ones where there is no theme. A status badge is white text on the strong
 # shade of its status's colour; the jobs table writes the status in the normal shade.
 _STATUS_BADGE = {"queued": "var(--jp-layout-color4,#6c757d)", "starting": "var(--jp-brand-color0,#0d6efd)",
-                 "running": "var(--jp-brand-color0,#0d6efd)", "succeeded": "var(--jp-success-color0,#198754)",
+                 "building": "var(--jp-accent-color0,#6f42c1)", "running": "var(--jp-brand-color0,#0d6efd)", "succeeded": "var(--jp-success-color0,#198754)",
                  "failed": "var(--jp-error-color0,#dc3545)", "cancelled": "var(--jp-warn-color0,#fd7e14)"}
 _STATUS_TEXT = {"queued": "var(--jp-ui-font-color2,#6c757d)", "starting": "var(--jp-brand-color1,#0d6efd)",
-                "running": "var(--jp-brand-color1,#0d6efd)", "succeeded": "var(--jp-success-color1,#198754)",
+                "building": "var(--jp-accent-color1,#6f42c1)", "running": "var(--jp-brand-color1,#0d6efd)", "succeeded": "var(--jp-success-color1,#198754)",
                 "failed": "var(--jp-error-color1,#dc3545)", "cancelled": "var(--jp-warn-color1,#fd7e14)"}
 _BORDER = "var(--jp-border-color2,#ddd)"
 _LOG_BOX = "background:var(--jp-cell-editor-background,#f8f9fa);color:var(--jp-content-font-color1,#212529)"
@@ -134,11 +134,14 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
         super().redraw()
         job = self.job
         colour = _STATUS_BADGE.get(job.status, _STATUS_BADGE["queued"])
+        shown = "building environment" if job.status == "building" else job.status
         self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
-                             f'border-radius:4px;padding:1px 8px;font-weight:bold">{job.status}</span>')
+                             f'border-radius:4px;padding:1px 8px;font-weight:bold">{shown}</span>')
         worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
         if job.container:
             worker += f" ({job.container} container)"
+        if job.environment:  # --pip: the worker host had the job's environment, or built it
+            worker += f' · <span class="celery-nb-environment">environment {job.environment}</span>'
         if job.attempts > 1:  # its first worker died; the job ran again from the start
             worker += f' · <span class="celery-nb-attempt">attempt {job.attempts}</span>'
         self.title.value = (f'<span class="celery-nb-title">&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '

@@ -129,6 +129,39 @@ class ValueWriter:
         return list(range(first, len(self.sections)))
 
 
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_MEMO_GETS = {"GET", "BINGET", "LONG_BINGET"}
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def pickled_modules(stream: Buffer) -> List[str]:
+    """The top-level modules a pickle stream imports from (its GLOBAL and STACK_GLOBAL opcodes):
+    the packages a value needs, to name them when it does not load. Best effort: a module
+    named only through the memo is still found where the stream first names it."""
+    import pickletools  # only when a value failed to load
+
+    modules = set()
+    memo: Dict[int, Optional[str]] = {}
+    pushed: List[Optional[str]] = [None, None]  # the last two strings pushed (None: something else)
+    try:
+        for opcode, arg, _position in pickletools.genops(bytes(stream)):
+            if opcode.name == "GLOBAL":
+                modules.add(str(arg).split(" ")[0])
+            elif opcode.name == "STACK_GLOBAL" and pushed[0]:
+                modules.add(pushed[0])
+            if opcode.name == "MEMOIZE":
+                memo[len(memo)] = pushed[1]
+            elif opcode.name in _MEMO_PUTS:
+                memo[arg] = pushed[1]
+            elif opcode.name in _STRING_OPS or opcode.name in _MEMO_GETS:
+                pushed = [pushed[1], arg if opcode.name in _STRING_OPS else memo.get(arg)]
+            else:
+                pushed = [pushed[1], None]
+    except Exception:  # a truncated or corrupt stream: what was found so far
+        pass
+    return sorted({module.split(".")[0] for module in modules if isinstance(module, str)})
+
+
 def load_value(sections: List[memoryview], indexes: List[int]) -> Any:
     """Inverse of ValueWriter.add: out-of-band buffers are used in place, not copied."""
     stream, *buffers = (sections[i] for i in indexes)

@@ -28,7 +28,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import celery_nb_runtime
-from celery_nb_runtime import cell, events, protocol, rich_output, workdir
+from celery_nb_runtime import cell, events, protocol, rich_output, versions, workdir
 
 CELL_BUILTINS = tuple(cell.BUILTINS)  # names every cell has, unless the kernel sends a variable of that name
 SPOOL_THRESHOLD = 1 << 20
@@ -41,7 +41,7 @@ class JobFailed(Exception):
     """A failure to report as an ERROR frame: kind is one of input/output/version/remote."""
 
     def __init__(self, kind: str, message: str, exc: Optional[BaseException] = None,
-                 tb_text: Optional[str] = None) -> None:
+                 tb_text: Optional[str] = None, **details: Any) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -50,10 +50,17 @@ class JobFailed(Exception):
         self.exc_module = type(exc).__module__ if exc is not None else None
         self.exc_qualname = type(exc).__qualname__ if exc is not None else None
         self.tb_text = tb_text
+        self.details = details  # "packages": {module: version here}, "python": [3, 9]: for the kernel's table
 
     def as_json(self) -> Dict[str, Any]:
         return {"kind": self.kind, "message": self.message, "exc_type": self.exc_type,
-                "exc_module": self.exc_module, "exc_qualname": self.exc_qualname, "traceback": self.tb_text}
+                "exc_module": self.exc_module, "exc_qualname": self.exc_qualname, "traceback": self.tb_text,
+                **self.details}
+
+
+def _packages_of(sections: List[memoryview], indexes: List[int]) -> Dict[str, Optional[str]]:
+    """The packages a pickled value that did not load refers to, with their versions here."""
+    return versions.installed_versions(protocol.pickled_modules(sections[indexes[0]]))
 
 
 class FrameWriter:
@@ -166,7 +173,8 @@ def _load_inputs(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str
             namespace[name] = protocol.load_value(sections, indexes)
         except Exception as exc:
             raise JobFailed("input", "input variable %r could not be loaded in the container: %s: %s"
-                            % (name, type(exc).__name__, exc), exc) from None
+                            % (name, type(exc).__name__, exc), exc,
+                            packages=_packages_of(sections, indexes)) from None
     return namespace
 
 
@@ -200,12 +208,14 @@ def _run_call(header: Dict[str, Any], sections: List[memoryview]) -> Dict[str, A
             "functions travel with cloudpickle, which needs the same Python minor version in the "
             "kernel and the image: the kernel runs Python %d.%d, this image runs Python %d.%d. "
             "Use an image with Python %d.%d, or run the code as a %%%%celery_docker cell (cells "
-            "travel as source and work with any Python 3.9+)." % (kernel_python + sys.version_info[:2] + kernel_python))
+            "travel as source and work with any Python 3.9+)." % (kernel_python + sys.version_info[:2] + kernel_python),
+            python=list(sys.version_info[:2]))
     try:
         fn, args, kwargs = protocol.load_value(sections, header["call"])
     except Exception as exc:
         raise JobFailed("input", "the function or its arguments could not be loaded in the container: "
-                        "%s: %s" % (type(exc).__name__, exc), exc) from None
+                        "%s: %s" % (type(exc).__name__, exc), exc,
+                        packages=_packages_of(sections, header["call"])) from None
     try:
         return {protocol.RETURN_VALUE: fn(*args, **kwargs)}
     except BaseException as exc:
@@ -257,7 +267,8 @@ def _encode_result(outputs: Dict[str, Any], required: List[str], files: List[Tup
             raise JobFailed("output", "%s (%s) cannot be pickled to send it back: %s: %s; %s"
                             % (what, type(value).__name__, type(exc).__name__, exc, advice), exc) from None
     header: Dict[str, Any] = {"outputs": index, "required": required, "skipped": skipped,
-                              "types": {name: type(outputs[name]).__name__ for name in index}}
+                              "types": {name: type(outputs[name]).__name__ for name in index},
+                              "versions": versions.loaded_versions()}
     if files:
         header["files"] = [[path, len(writer.sections) + i] for i, (path, _data) in enumerate(files)]
     return protocol.pack_bundle(header, writer.sections + [data for _path, data in files])

@@ -2,11 +2,10 @@
 # The main job: execute notebooks/quickstart.ipynb headless on the embedded default (no broker),
 # save the executed copy and print what each cell showed. Its jobs run in CeleryNB.default_image
 # and default_function_image (scripts/setup.sh keeps the local images there where no registry
-# is reachable); QUICKSTART_NUMPY_IMAGE picks the numpy image (default: the local one).
+# is reachable); its numpy cell's packages are installed on top of it (--pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export QUICKSTART_NUMPY_IMAGE=${QUICKSTART_NUMPY_IMAGE:-local/py311-numpy}
 unset CELERY_NB_BROKER_URL
 mkdir -p build
 .venv/bin/jupyter execute --output="$PWD/build/quickstart.ipynb" notebooks/quickstart.ipynb

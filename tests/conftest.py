@@ -22,7 +22,9 @@ import pytest
 import redis
 
 from celery_nb import Client
+from celery_nb.worker import docker_api
 from celery_nb.worker.docker_api import LABEL_WORKER
+from celery_nb.worker.environments import list_environments, remove_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only
@@ -31,13 +33,9 @@ SCIENCE_IMAGE = os.environ.get("CELERY_NB_TEST_SCIENCE_IMAGE", "local/py311-scie
 OTHER_PYTHON_IMAGE = os.environ.get("CELERY_NB_TEST_OTHER_PYTHON_IMAGE", "local/py-other")
 REDIS_URL = os.environ.get("CELERY_NB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_IMAGES = (IMAGE, NUMPY_IMAGE, SCIENCE_IMAGE, OTHER_PYTHON_IMAGE)
-# the images each notebook in notebooks/ reads from its environment (their defaults need Docker Hub)
-NOTEBOOK_IMAGES = {
-    "quickstart": {"QUICKSTART_NUMPY_IMAGE": NUMPY_IMAGE},
-    "data_science": {"DATA_SCIENCE_IMAGE": SCIENCE_IMAGE},
-    "fan_out": {},
-    "local_code_and_files": {},
-}
+# the packages of notebooks/quickstart.ipynb's numpy cell: tests that need an environment with numpy
+# use this one, so that a fresh machine builds one numpy environment for all of them
+NUMPY_PIP = "numpy tqdm"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -155,6 +153,15 @@ def assert_container_removed(docker_client: docker.DockerClient, container_id: s
     while docker_client.containers.list(all=True, sparse=True, filters={"id": container_id}):
         assert time.monotonic() < deadline, f"container {container_id} still exists after 5 s"
         time.sleep(0.05)
+
+
+def remove_environments(docker_client: docker.DockerClient, requirements: str) -> None:
+    """So that the next job of ``requirements`` builds its environment for real."""
+    for info in list_environments(docker_client):
+        if info.requirements == tuple(sorted(requirements.split())):
+            # idle warm containers of an earlier run (their worker may be removing them too)
+            docker_api.remove(docker_client.containers.list(all=True, filters={"ancestor": info.image}))
+            assert remove_environment(docker_client, info)
 
 
 def worker_containers(docker_client: docker.DockerClient, worker: str) -> list:

@@ -73,6 +73,10 @@ def assert_outputs_readable_without_widgets(quickstart: dict) -> None:
     plain = [o.data["text/plain"] for o in first.outputs if o.output_type == "display_data"]
     assert plain and "succeeded" in plain[-1] and "work: 5/5" in plain[-1] and "hello from 3.11" in plain[-1]
     assert "HBox(" not in plain[-1]
+    numpy_cell, = [o.data["text/plain"] for o in quickstart["cells"]["numpy-image"].outputs
+                   if o.output_type == "display_data"]
+    # --pip "numpy tqdm" on the default image: its environment built, or found on the worker host
+    assert "succeeded" in numpy_cell and ("| environment built" in numpy_cell or "| environment cached" in numpy_cell)
     no_wait, = [o.data["text/plain"] for o in quickstart["cells"]["no-wait"].outputs]
     assert "succeeded" in no_wait  # updated when the job ended, after its cell
 

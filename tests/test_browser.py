@@ -22,7 +22,7 @@ import docker
 import nbformat
 import pytest
 
-from tests.conftest import IMAGE, NOTEBOOK_IMAGES, ROOT, _unavailable, free_port, stop_process
+from tests.conftest import IMAGE, ROOT, SCIENCE_IMAGE, _unavailable, free_port, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
@@ -64,8 +64,6 @@ def jupyter_lab(docker_client: docker.DockerClient, tmp_path_factory: pytest.Tem
         path.write_text(json.dumps(values))
     env = {**os.environ, "CELERY_NB_DEFAULT_IMAGE": IMAGE, "JUPYTERLAB_SETTINGS_DIR": str(settings),
            "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
-    for images in NOTEBOOK_IMAGES.values():
-        env.update(images)
     env.pop("CELERY_NB_BROKER_URL", None)  # the embedded default
     port, token = free_port(PORTS), secrets.token_hex(16)
     log = open(root / "jupyterlab.log", "w")
@@ -276,14 +274,14 @@ def test_fan_out_chunks_each_show_their_progress(page, jupyter_lab: tuple[str, s
 
 
 # typed into a new cell: its last line is a DataFrame, shown as a table as a normal cell shows it
-DATAFRAME_CELL = ("%%celery_docker --image $SCIENCE_IMAGE\nimport pandas as pd\n"
+DATAFRAME_CELL = (f"%%celery_docker --image {SCIENCE_IMAGE}\nimport pandas as pd\n"
                   "readings = pd.DataFrame({'station': ['north', 'south', 'east'], 'temperature': [12.5, 17.25, 9.75]})\n"
                   "readings.sort_values('temperature', ascending=False)")
 
 
 def test_a_cells_last_expression_shows_a_dataframe(page, jupyter_lab: tuple[str, str]) -> None:  # noqa: ANN001
     nb = Notebook(page, jupyter_lab, "data_science")
-    nb.run("setup")  # %load_ext celery_nb and SCIENCE_IMAGE
+    nb.run("setup")  # %load_ext celery_nb
     cells = nb.cells
     last = cells.count() - 1
     cells.nth(last).click()

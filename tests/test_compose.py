@@ -22,7 +22,7 @@ import redis
 from celery_nb import Client
 from celery_nb.worker.docker_api import LABEL_WORKER
 from tests import quickstart as checks
-from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, _unavailable, free_port
+from tests.conftest import IMAGE, ROOT, _unavailable, free_port, remove_environments
 
 # Stand-ins for python:3.12-slim and redis:7 (no registry here).
 STACK_IMAGES = {"BASE_IMAGE": os.environ.get("CELERY_NB_TEST_STACK_BASE_IMAGE", "local/py311-pip"),
@@ -30,6 +30,7 @@ STACK_IMAGES = {"BASE_IMAGE": os.environ.get("CELERY_NB_TEST_STACK_BASE_IMAGE", 
 SERVICES = {"redis", "worker", "jupyterlab", "flower"}
 PROJECT_LABEL = "com.docker.compose.project"
 PORTS = range(20000, 32000)  # for the stack's published ports
+PIP = "iniconfig==1.1.1"  # a small environment the stack's workers build
 
 
 def _compose_command() -> list[str]:
@@ -121,8 +122,8 @@ def stack(docker_client: docker.DockerClient) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def quickstart(stack: Stack) -> dict:
     """The quickstart executed by the jupyterlab container's own Python and kernel."""
-    exec_ = ["exec", "-T", "-e", f"CELERY_NB_DEFAULT_IMAGE={IMAGE}", "-e", f"QUICKSTART_NUMPY_IMAGE={NUMPY_IMAGE}",
-             "-e", f"CELERY_NB_DEFAULT_FUNCTION_IMAGE={IMAGE}", "jupyterlab", "python"]
+    exec_ = ["exec", "-T", "-e", f"CELERY_NB_DEFAULT_IMAGE={IMAGE}", "-e", f"CELERY_NB_DEFAULT_FUNCTION_IMAGE={IMAGE}",
+             "jupyterlab", "python"]
     output = "/tmp/quickstart.ipynb"
     return checks.execute([*stack.compose, *exec_], "/notebooks/quickstart.ipynb", output,
                           read=[*stack.compose, "exec", "-T", "jupyterlab", "cat", output], env=stack.env)
@@ -163,8 +164,8 @@ def test_flower_lists_the_jobs_by_name(quickstart: dict, stack: Stack) -> None:
         time.sleep(1)
     assert expected <= names and "celery_nb.run_job" not in names, names
     assert {t["worker"] for t in tasks} == stack.workers()  # both replicas took jobs
-    numpy_cell = next(t for t in tasks if "local/py311-numpy" in t["args"])
-    assert numpy_cell["args"] == f"{{'image': '{NUMPY_IMAGE}'}}"  # the image and limits, not the payload
+    numpy_cell = next(t for t in tasks if "'pip'" in t["args"])
+    assert numpy_cell["args"] == f"{{'image': '{IMAGE}', 'pip': ('numpy', 'tqdm')}}"  # the options, not the payload
     assert _get(stack.url("flower", "/api/tasks"))[0] == 401
     assert _get(stack.url("flower", "/api/tasks"), user, "wrong")[0] == 401
 
@@ -198,3 +199,18 @@ def test_services_are_scaled_checked_and_restarted(stack: Stack) -> None:
     sockets = {c.labels["com.docker.compose.service"] for c in containers.values()
                if any(m["Source"] == "/var/run/docker.sock" for m in c.attrs["Mounts"])}
     assert sockets == {"worker"}  # only the workers hold the host's Docker
+
+
+def test_the_workers_build_environments_that_survive_their_restart(stack: Stack) -> None:
+    """The workers build environments on the host's Docker (the CA bundle their container trusts,
+    uv from their Python); restarted, they find them there and build nothing."""
+    remove_environments(stack.docker, PIP)
+    client = Client(stack.broker_url())
+    cell = "import importlib.metadata, iniconfig\nv = importlib.metadata.version('iniconfig')\n"
+    job = client.submit_cell(cell, {}, image=IMAGE, pip=PIP)
+    assert job.result(timeout=300) == {"v": "1.1.1"} and job.environment == "built" and job.worker in stack.workers()
+    stack.check("restart", "worker", timeout=180)
+    _wait_healthy(stack)
+    again = client.submit_cell(cell, {}, image=IMAGE, pip=PIP)
+    assert again.result(timeout=120) == {"v": "1.1.1"}
+    assert again.environment == "cached" and "build" not in again.timing_breakdown()

@@ -24,6 +24,7 @@ STRICT = {
     "CELERY_NB_NETWORKS": "none",
     "CELERY_NB_READ_ONLY": "1",
     "CELERY_NB_USER": "65534:65534",
+    "CELERY_NB_ALLOW_PIP": "0",
 }
 
 
@@ -40,6 +41,8 @@ def strict_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterato
     ({"cpus": 2}, "--cpus 2 exceeds this worker's maximum of 1"),
     ({"timeout": 60}, "--timeout 60s exceeds this worker's maximum of 30s"),
     ({"network": "bridge"}, "--network bridge is not allowed on this worker (allowed: none)"),
+    ({"pip": "numpy==2.1.3 tqdm"}, "--pip/--requirements (numpy==2.1.3 tqdm): this worker builds no environments "
+                                   "(CELERY_NB_ALLOW_PIP is off)"),
 ])
 def test_requests_outside_the_policy_are_refused(strict_worker: subprocess.Popen, redis_client: Client,
                                                  request_options: dict, rule: str) -> None:

@@ -14,6 +14,7 @@ from celery_nb.broker import TASK_NAME, celery_app
 from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore
 from celery_nb.signing import Signer
 from celery_nb.worker.codecache import CodeCache
+from celery_nb.worker.environments import Environments
 from celery_nb.worker.leases import BrokerMessages, LeaseKeeper
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb.worker.pool import ContainerPool
@@ -34,9 +35,10 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
     settings = settings or WorkerSettings()
     app = celery_app(broker_url, broker_patience)
     pool = ContainerPool(worker_name or "", settings)
+    policy = WorkerPolicy.from_settings(settings)
     leases = LeaseKeeper(store, BrokerMessages(app) if broker_url else None, after_takeover=pool.remove_orphans)
-    services = WorkerServices(store, blobs, WorkerPolicy.from_settings(settings), pool, signer or Signer(), leases,
-                              CodeCache(blobs))
+    services = WorkerServices(store, blobs, policy, pool, signer or Signer(), leases, CodeCache(blobs),
+                              Environments(settings, policy))
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store

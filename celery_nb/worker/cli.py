@@ -1,6 +1,6 @@
 """``celery-nb``: ``worker`` starts a Celery worker that runs celery_nb jobs in containers (thin
 over ``celery worker``: any option it does not know is passed to Celery); ``config`` keeps
-settings in the settings file.
+settings in the settings file; ``envs`` lists and prunes this host's job environments (--pip).
 """
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import sys
 
 from celery_nb.blobs import blob_store_for
 from celery_nb.config import DEFAULT_QUEUE, CeleryNB, settings_file, write_setting
+from celery_nb.errors import DockerUnavailableError
 from celery_nb.jobstore import RedisJobStore
+from celery_nb.worker import docker_api, environments
 from celery_nb.worker.app import worker_app
 from celery_nb.worker.settings import WorkerSettings
 
@@ -34,11 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     config = sub.add_parser("config", help="show the settings file, or keep a setting in it")
     config.add_argument("assignments", nargs="*", metavar="SECTION.NAME=VALUE",
                         help="e.g. CeleryNB.default_image=python:3.12-slim or WorkerSettings.pool_size=8")
+    envs = sub.add_parser("envs", help="this host's job environments (built for --pip and --requirements)")
+    envs.add_argument("action", choices=["list", "prune"],
+                      help="list: what each holds, its size, when it was last used, whether a container uses it; "
+                           "prune: remove the least recently used beyond CELERY_NB_ENV_CACHE_SIZE and what failed "
+                           "builds left behind")
+    envs.add_argument("--all", action="store_true",
+                      help="prune every environment no container uses, and uv's download cache")
     args, celery_args = parser.parse_known_args(argv)
+    if args.command in ("config", "envs") and celery_args:
+        parser.error(f"unrecognized arguments: {' '.join(celery_args)}")
     if args.command == "config":
-        if celery_args:
-            parser.error(f"unrecognized arguments: {' '.join(celery_args)}")
         return _config(args.assignments)
+    if args.command == "envs":
+        return _envs(args.action, args.all)
     if args.help_all:
         print(f"{worker.format_help()}\nWorker settings (environment variables on the worker host, or the "
               f"WorkerSettings section of {settings_file()}):\n\n{WorkerSettings.env_help()}")
@@ -57,6 +68,22 @@ def _worker(broker: str, queues: str, concurrency: int, loglevel: str, celery_ar
     # celery_nb needs neither.
     app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", f"--queues={queues}",
                      f"--loglevel={loglevel}", "--without-gossip", "--without-mingle", *celery_args])
+    return 0
+
+
+def _envs(action: str, everything: bool) -> int:
+    """``celery-nb envs list|prune``, on this host's Docker."""
+    try:
+        client = docker_api.connect()
+    except DockerUnavailableError as exc:
+        print(f"celery-nb envs: {exc}", file=sys.stderr)
+        return 1
+    if action == "list":
+        print(environments.format_environments(environments.list_environments(client, details=True)))
+        return 0
+    keep = None if everything else WorkerSettings().env_cache_size
+    removed = environments.prune(client, keep=keep, download_cache=everything)
+    print("\n".join(f"removed {what}" for what in removed) or "nothing to remove")
     return 0
 
 

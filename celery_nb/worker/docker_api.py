@@ -22,6 +22,7 @@ LABEL_WORKER = "celery_nb.worker"
 LABEL_POOL_KEY = "celery_nb.pool_key"
 LABEL_OWNER = "celery_nb.owner"  # host:pid of the process that created the container
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
+ENVIRONMENT_DIR = "/celery-nb"  # where the volume of the jobs' environments is mounted (read-only in jobs)
 
 
 _docker_client: docker.DockerClient | None = None
@@ -136,7 +137,9 @@ def _create(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, 
         read_only=spec.read_only,
         tmpfs={"/tmp": ""} if spec.read_only else None,
         device_requests=device_requests(spec.gpus),
-        mounts=[docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
+        mounts=[*(docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in spec.mounts),
+                *([docker.types.Mount(ENVIRONMENT_DIR, spec.environment, type="volume", read_only=True)]
+                  if spec.environment else [])],
     )
     return client.api.create_container(
         spec.image,
@@ -178,10 +181,8 @@ def remove(containers: Iterable[docker.models.containers.Container]) -> None:
     for container in containers:
         try:
             container.remove(force=True)
-        except docker.errors.NotFound:
-            pass
         except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # 409: another process is removing it already
+            if exc.status_code not in (404, 409):  # 409: another process removes it already
                 raise
 
 

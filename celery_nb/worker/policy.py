@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from celery_nb.errors import OptionError, PolicyError
-from celery_nb.options import MOUNT_NAME, JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
+from celery_nb.options import AUTO, MOUNT_NAME, JobOptions, format_memory, gpu_count, parse_gpus, parse_memory
 from celery_nb.worker.settings import WorkerSettings
 
 # Environment variables that act when a process starts, not when a running one changes them:
@@ -62,6 +62,7 @@ class ContainerSpec:
     gpus: str | None  # an options.parse_gpus spec: docker's device request
     env: tuple[tuple[str, str], ...] = ()  # the job's variables that act at start (acts_at_start), sorted
     mounts: tuple[DataMount, ...] = ()
+    environment: str | None = None  # the volume of the host's environments (worker.environments), read-only
 
     @property
     def pool_key(self) -> str:
@@ -79,6 +80,7 @@ class JobPlan:
     timeout: float | None
     fresh: bool
     env: dict[str, str]
+    requirements: tuple[str, ...] = ()  # installed on top of container.image: the job's environment (sorted)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class WorkerPolicy:
     user: str | None = None
     max_gpus: int | None = 0  # None: any request, even --gpus all
     mounts: tuple[DataMount, ...] = ()
+    allow_pip: bool = True
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> WorkerPolicy:
@@ -117,6 +120,7 @@ class WorkerPolicy:
             user=settings.user or None,
             max_gpus=_max_gpus(settings.gpus),
             mounts=_data_mounts(settings.mounts),
+            allow_pip=settings.allow_pip,
         )
 
     def plan(self, options: JobOptions) -> JobPlan:
@@ -146,7 +150,20 @@ class WorkerPolicy:
             gpus=self._check_gpus(options.gpus) if options.gpus else None, env=tuple(sorted(start_env.items())),
             mounts=self._check_mounts(options.mount or ()))
         return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh),
-                       env={name: value for name, value in options.env.items() if name not in start_env})
+                       env={name: value for name, value in options.env.items() if name not in start_env},
+                       requirements=self._check_requirements(options))
+
+    def _check_requirements(self, options: JobOptions) -> tuple[str, ...]:
+        """The packages the job's environment needs on top of its image (--pip, --requirements)."""
+        wanted = tuple(sorted({*(options.pip or ()), *(options.requirements or ())}))
+        if wanted and not self.allow_pip:
+            raise PolicyError(f"--pip/--requirements ({' '.join(wanted)}): this worker builds no environments "
+                              f"(CELERY_NB_ALLOW_PIP is off); use an image that has the packages, or ask the "
+                              f"worker's operator")
+        if AUTO in wanted:
+            raise PolicyError("--pip auto reached the worker unresolved: the kernel pins it (celery_nb.requirements); "
+                              "send the job from a celery_nb kernel, or name the packages")
+        return wanted
 
     def _check_gpus(self, requested: str) -> str:
         try:

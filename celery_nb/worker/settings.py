@@ -4,9 +4,15 @@ The client never sets them: a client may ask, the worker's settings decide.
 """
 from __future__ import annotations
 
-from traitlets import Bool, Enum, Float, Int, Unicode
+import os
+import ssl
+
+from traitlets import Bool, Enum, Float, Int, Unicode, default
 
 from celery_nb.config import EnvConfigurable
+
+# where Linux distributions keep the system's CA bundle, for hosts whose Python names none
+_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
 
 
 class WorkerSettings(EnvConfigurable):
@@ -74,3 +80,34 @@ class WorkerSettings(EnvConfigurable):
     ).tag(config=True, env="CELERY_NB_MAX_FULL_LOG_BYTES")
     full_log_ttl = Int(3600, help="Seconds a whole log (max_full_log_bytes) is kept.").tag(
         config=True, env="CELERY_NB_FULL_LOG_TTL")
+
+    # -- per-job environments: --pip, --requirements (celery_nb.worker.environments) --------
+    allow_pip = Bool(
+        True, help="Build environments for jobs that ask for packages (--pip, --requirements); off refuses them "
+                   "with a PolicyError.",
+    ).tag(config=True, env="CELERY_NB_ALLOW_PIP")
+    pip_index_url = Unicode(
+        "", help="The package index builds install from, e.g. https://packages.example.com/simple (unset: uv's "
+                 "default, PyPI).",
+    ).tag(config=True, env="CELERY_NB_PIP_INDEX_URL")
+    pip_extra_index_url = Unicode(
+        "", help="More package indexes for builds, separated by spaces, asked after the index.",
+    ).tag(config=True, env="CELERY_NB_PIP_EXTRA_INDEX_URL")
+    build_ca_bundle = Unicode(
+        help="CA certificates (a PEM file on the worker host) that builds trust when they download packages, "
+             "e.g. a company's TLS-intercepting proxy's; empty: uv's own roots. Default: the worker host's "
+             "CA bundle.",
+    ).tag(config=True, env="CELERY_NB_BUILD_CA_BUNDLE")
+    env_cache_size = Int(
+        10, min=1, help="Environments kept on this host; beyond it the least recently used ones that no container "
+                 "uses are removed after each build.",
+    ).tag(config=True, env="CELERY_NB_ENV_CACHE_SIZE")
+
+    @default("build_ca_bundle")
+    def _host_ca_bundle(self) -> str:
+        """The CA bundle this host's own TLS clients use, so that a build trusts what the host
+        trusts: the one its environment names for them, else OpenSSL's, else the usual places."""
+        named = [os.environ.get(name) for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT")]
+        paths = ssl.get_default_verify_paths()
+        candidates = (*named, paths.cafile, paths.openssl_cafile, *_CA_BUNDLES)
+        return next((path for path in candidates if path and os.path.isfile(path)), "")

@@ -15,16 +15,17 @@ from typing import Any
 from dataclasses import dataclass
 
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
-from celery_nb.errors import CeleryNBError, SignatureError, error_kind
+from celery_nb.errors import CeleryNBError, ImageNotFoundError, JobCancelled, SignatureError, error_kind
 from celery_nb.jobstore import LEASE, Claim, JobStore
 from celery_nb.options import JobOptions, format_memory, format_size
 from celery_nb.signing import Signer, digest
 from celery_nb.worker import docker_api
 from celery_nb.worker.channel import SPOOL_DIR, ContainerExited, ExitStatus, RuntimeContainer
 from celery_nb.worker.codecache import CodeCache
+from celery_nb.worker.environments import Environment, Environments
 from celery_nb.worker.leases import LeaseKeeper
 from celery_nb.worker.logs import JobLog
-from celery_nb.worker.policy import JobPlan, WorkerPolicy
+from celery_nb.worker.policy import ContainerSpec, JobPlan, WorkerPolicy
 from celery_nb.worker.pool import ContainerPool
 from celery_nb_runtime import protocol
 
@@ -49,6 +50,7 @@ class WorkerServices:
     signer: Signer
     leases: LeaseKeeper
     code: CodeCache
+    environments: Environments
 
 
 class JobRun:
@@ -63,6 +65,7 @@ class JobRun:
         self.pool = services.pool
         self.signer = services.signer
         self.code = services.code
+        self.environments = services.environments
         self.request = request
         self.job_id: str = request["job_id"]
         self.worker = worker
@@ -76,6 +79,7 @@ class JobRun:
         self._held_back: list[dict[str, Any]] | None = None
         self._container: str | None = None  # "warm" or "cold", once it has one
         self._container_id: str | None = None  # its Docker id
+        self._environment: Environment | None = None  # of a job that asks for packages, once known
         self._attempt: int | None = None
         self._result: Any = None  # the result bundle (bytes-like)
         self._returning = False  # announced to the pool as coming back
@@ -113,7 +117,10 @@ class JobRun:
             plan: JobPlan | CeleryNBError = self.policy.plan(JobOptions.from_request(self.request["options"]))
         except CeleryNBError as refusal:
             plan = refusal  # reported once the job is claimed
-        warm = self.pool.checkout(plan.container) if isinstance(plan, JobPlan) and not plan.fresh else None
+        if isinstance(plan, JobPlan) and plan.requirements:  # its environment, if this process knows it already
+            self._environment = self.environments.cached(plan.container.image, plan.requirements)
+        warm = (self.pool.checkout(self._spec(plan)) if isinstance(plan, JobPlan) and not plan.fresh
+                and (self._environment is not None or not plan.requirements) else None)
         try:
             claim, warm = self._claim(warm)
             if claim.outcome == "done":  # a message delivered again after its job had ended
@@ -156,7 +163,7 @@ class JobRun:
         self._container = container
         self._container_id = runtime.container.id
         running = {"type": "status", "status": "running", "worker": self.worker, "container": container,
-                   "container_id": self._container_id, "t": time.time()}
+                   "container_id": self._container_id, "t": time.time(), **self._environment_state()}
         self.timings["started"] = running["t"]
         return [self._starting, running] if self._starting else [running]
 
@@ -181,15 +188,13 @@ class JobRun:
                 runtime.send(self._request_for(runtime, plan))
             else:
                 self._report_starting()  # a container start takes a while: say so now
-                runtime = docker_api.create_container(
-                    docker_api.connect(), plan.container, labels={docker_api.LABEL_WORKER: self.worker},
-                    pull=self.policy.pull, one_shot=plan.fresh or not self.pool.settings.pool_size)
-                self._container_id = runtime.container.id  # reported even if it does not start
-                docker_api.start(runtime)
+                runtime = self._start_cold(plan)
                 runtime.send(self._request_for(runtime, plan))
                 self.store.append_many(self.job_id, self._start_events("cold", runtime))
             status, reusable = self._supervise(runtime, plan.timeout)
             return status
+        except JobCancelled:  # while its environment was being built
+            return self._finish("cancelled")
         except CeleryNBError as exc:
             self._error = {"kind": error_kind(exc), "message": str(exc)}
             return self._finish("failed")
@@ -203,6 +208,39 @@ class JobRun:
                     self.pool.checkin(runtime, was_returning=self._returning)
                 else:
                     self.pool.discard(runtime, was_returning=self._returning)
+
+    def _spec(self, plan: JobPlan) -> ContainerSpec:
+        """The job's container: of its plan, in its environment once that is known."""
+        return plan.container if self._environment is None else self._environment.container(plan.container)
+
+    def _start_cold(self, plan: JobPlan) -> RuntimeContainer:
+        """A new container for the job; its environment is built first if it needs one, and
+        again if it was removed since this process last used it."""
+        try:
+            return self._start_container(plan)
+        except ImageNotFoundError:
+            if self._environment is None:
+                raise
+            self.environments.forget(self._environment)  # pruned meanwhile
+            self._environment = None
+            return self._start_container(plan)
+
+    def _start_container(self, plan: JobPlan) -> RuntimeContainer:
+        if plan.requirements and self._environment is None:
+            self._environment = self.environments.ensure(plan.container.image, plan.requirements, _BuildProgress(self))
+            if "building" in self.timings:
+                self.timings["built"] = time.time()
+        runtime = docker_api.create_container(
+            docker_api.connect(), self._spec(plan), labels={docker_api.LABEL_WORKER: self.worker},
+            pull="never" if self._environment else self.policy.pull,  # an environment's image is this host's own
+            one_shot=plan.fresh or not self.pool.settings.pool_size)
+        self._container_id = runtime.container.id  # reported even if it does not start
+        docker_api.start(runtime)
+        return runtime
+
+    def _environment_state(self) -> dict[str, str]:
+        """What the job's events say of its environment: "cached" (this host had it) or "built"."""
+        return {"environment": self._environment.state} if self._environment is not None else {}
 
     def _supervise(self, runtime: RuntimeContainer, timeout: float | None) -> tuple[str, bool]:
         """Relay frames until the job ends; returns (status, container reusable).
@@ -321,7 +359,7 @@ class JobRun:
         self.timings["finished"] = time.time()
         done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings,
                 "container": self._container, "container_id": self._container_id, "attempt": self._attempt,
-                "usage": self._usage}
+                "usage": self._usage, **self._environment_state()}
         result = self._result if status == "succeeded" else None
         if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
             done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})
@@ -341,6 +379,24 @@ class JobRun:
 def _usage_in(runtime: RuntimeContainer, measured: dict[str, Any]) -> dict[str, Any]:
     """A job's usage as the runtime measured it, with the memory limit of the container it ran in."""
     return {**measured, "memory_limit": runtime.spec.memory}
+
+
+class _BuildProgress:
+    """What the build of a job's environment tells the job: "building", the installer's
+    output as log lines, and whether it was cancelled meanwhile."""
+
+    def __init__(self, run: JobRun) -> None:
+        self.run = run
+
+    def started(self) -> None:
+        self.run.timings["building"] = time.time()
+        self.run.emit({"type": "status", "status": "building", "worker": self.run.worker})
+
+    def output(self, text: str) -> None:
+        self.run.emit({"type": "log", "stream": "stdout", "text": text})
+
+    def cancelled(self) -> bool:
+        return self.run.store.cancel_requested(self.run.job_id)
 
 
 def _out_of_memory(runtime: RuntimeContainer, what: str, usage: dict[str, Any] | None) -> dict[str, Any]:
