@@ -127,6 +127,8 @@ class Notebook:
             page.keyboard.press("Control+b")  # more room for the notebook
         self.notebook = panel.locator(".jp-Notebook")
         self.cells = self.notebook.locator(".jp-Cell")
+        # opened before (by an earlier test) it may be scrolled down, its first cell out of the windowed list
+        self.notebook.evaluate("notebook => notebook.scrollTo(0, 0)")
         self.cells.first.click()
         page.keyboard.press("Escape")  # command mode, first cell active
 

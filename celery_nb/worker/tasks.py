@@ -235,7 +235,11 @@ class JobRun:
             pull="never" if self._environment else self.policy.pull,  # an environment's image is this host's own
             one_shot=plan.fresh or not self.pool.settings.pool_size)
         self._container_id = runtime.container.id  # reported even if it does not start
-        docker_api.start(runtime)
+        try:
+            docker_api.start(runtime)
+        except BaseException:
+            runtime.remove()
+            raise
         return runtime
 
     def _environment_state(self) -> dict[str, str]:
