@@ -20,3 +20,8 @@ def echo(value: object) -> object:
 @app.task
 def ones(nbytes: int) -> np.ndarray:
     return np.ones(nbytes // 8)
+
+
+@app.task
+def size_of(data: bytes) -> int:
+    return len(data)

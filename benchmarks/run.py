@@ -1,4 +1,4 @@
-"""celery_nb against raw Celery and `docker run`, measured in one run on the same Redis.
+"""celery_nb against raw Celery, ipyparallel, Dask and `docker run`, measured in one run.
 
     python benchmarks/run.py            # prints the table
 
@@ -7,7 +7,12 @@ images BENCH_IMAGE (python3; default local/py311) and BENCH_NUMPY_IMAGE (with nu
 local/py311-numpy), both with the kernel's Python minor version for the function benchmarks,
 and the package index (the environment rows build numpy environments, and remove them and
 uv's download cache first). Starts its own `celery-nb worker` and a plain Celery worker
-(threads, 4 each).
+(threads, 4 each); ipyparallel (two engines) and Dask (two single-threaded worker processes)
+when they are installed.
+
+Each figure is printed with each baseline measured in the same run and the ratio. Round trips
+are timed in alternating blocks (celery_nb, then each baseline), so that the machine's drift
+over a run does not decide a ratio; medians and p90s.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
@@ -28,7 +34,9 @@ import uv
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.raw_celery import BROKER_URL, echo, ones  # noqa: E402
+from benchmarks.in_kernel import BenchKernel  # noqa: E402
+from benchmarks.peers import Peer, running_peers  # noqa: E402
+from benchmarks.raw_celery import BROKER_URL, echo, ones, size_of  # noqa: E402
 from celery_nb import Client  # noqa: E402
 from celery_nb.worker import environments  # noqa: E402
 from celery_nb.worker.settings import WorkerSettings  # noqa: E402
@@ -36,10 +44,30 @@ from celery_nb.worker.settings import WorkerSettings  # noqa: E402
 IMAGE = os.environ.get("BENCH_IMAGE", "local/py311")
 NUMPY_IMAGE = os.environ.get("BENCH_NUMPY_IMAGE", "local/py311-numpy")
 BIG = 100 * 2**20
+BIG_CELL = f"import numpy as np\nresult = np.ones({BIG // 8})\n"
+MANY = 2000
 CACHED_PIP = "numpy tqdm"  # the environment of the cache-hit row (the quickstart's)
 BUILT_PIP = "numpy"  # the environment the first-build rows build, again and again
 BUILDS = 5  # first builds (and installs by hand) per row
-BIG_CELL = f"import numpy as np\nresult = np.ones({BIG // 8})\n"
+
+
+def identity(value: object) -> object:  # defined in __main__: travels by value to the container
+    return value
+
+
+@dataclass
+class Samples:
+    """Timings of one thing, in seconds."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def p90(self) -> float:
+        return statistics.quantiles(self.values, n=10)[-1] if len(self.values) >= 10 else max(self.values)
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -48,25 +76,40 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    return statistics.median(seconds(fn) for _ in range(repeat))
+def timed(fn: Callable[[], object], repeat: int) -> Samples:
+    return Samples([seconds(fn) for _ in range(repeat)])
 
 
-def alternating_median_seconds(fn: Callable[[], object], baseline: Callable[[], object], runs: int, block: int,
-                               settle: int = 0, pause: float = 0.0) -> tuple[float, float]:
-    """Medians of ``runs`` timings of ``fn`` and of ``baseline``, taken in alternating blocks of
-    ``block`` back-to-back runs, so that both meet the machine's load as it drifts over the
-    run. What one side leaves behind (a standby process being forked, a container being
-    removed) must not be timed against the other: each block starts with ``settle`` untimed
-    runs, or after ``pause`` seconds."""
-    times: tuple[list[float], list[float]] = ([], [])
-    while len(times[1]) < runs:
-        for side, target in zip(times, (fn, baseline)):
+def alternating(sides: dict[str, Callable[[], object]], runs: int, block: int, settle: int = 0,
+                pause: float = 0.0) -> dict[str, Samples]:
+    """``runs`` timings of each side, taken in alternating blocks of ``block`` back-to-back runs,
+    so that all meet the machine's load as it drifts over the run. What one side leaves behind
+    (a standby process being forked, a container being removed) must not be timed against
+    another: each block starts with ``settle`` untimed runs, or after ``pause`` seconds."""
+    samples = {name: Samples() for name in sides}
+    while len(samples[next(iter(sides))].values) < runs:
+        for name, target in sides.items():
             time.sleep(pause)
             for _ in range(settle):
                 target()
-            side.extend(seconds(target) for _ in range(block))
-    return statistics.median(times[0]), statistics.median(times[1])
+            samples[name].values.extend(seconds(target) for _ in range(block))
+    return samples
+
+
+@dataclass
+class Row:
+    """One measure: celery_nb's figure against each baseline, with a target per baseline."""
+
+    measure: str
+    value: float
+    unit: str
+    baselines: dict[str, float]
+    targets: dict[str, tuple[str, float]]  # baseline -> ("<=" or ">=", ratio), or ("+<=", most added)
+    p90: float | None = None
+
+
+def per_second(count: int, samples: Samples) -> float:
+    return count / samples.median
 
 
 def start(args: list[str], env: dict[str, str], ready: Callable[[], bool], log: str) -> subprocess.Popen:
@@ -79,9 +122,9 @@ def start(args: list[str], env: dict[str, str], ready: Callable[[], bool], log: 
     return proc
 
 
-def _memory_kib(field: str) -> int:
+def _memory_kib(name: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+        return next(int(line.split()[1]) for line in f if line.startswith(name + ":"))
 
 
 def peak_memory(kind: str) -> None:
@@ -102,30 +145,98 @@ def peak_memory(kind: str) -> None:
     del result
 
 
-def main() -> None:
-    redis.Redis.from_url(BROKER_URL).flushdb()
-    client = Client(BROKER_URL)
-    os.makedirs(ROOT / "build", exist_ok=True)
-    workers = [
-        start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
-               "-n", "bench@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
-              str(ROOT / "build/bench-celery_nb-worker.log")),
-        start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
-               "-n", "raw@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
-              lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
-    ]
+def round_trips(client: Client, peers: list[Peer]) -> list[Row]:
+    raw = lambda: echo.delay(1).get(timeout=60)  # noqa: E731
+    cell = lambda: client.submit_cell("a = 1", {}, image=IMAGE).result(60)  # noqa: E731
+    function = lambda: client.submit(identity, 1, image=IMAGE).result(60)  # noqa: E731
+    sides = {"cell": cell, "function": function, "raw Celery": raw, **{p.name: p.round_trip for p in peers}}
+    for side in sides.values():
+        side()
+    times = alternating(sides, runs=200, block=50, settle=5)
+    baselines = {name: times[name].median * 1e3 for name in ("raw Celery", *(p.name for p in peers))}
+    targets = {"raw Celery": ("<=", 1.5), "ipyparallel": ("<=", 1.0)}
+    return [Row(f"warm trivial {kind} round trip", times[kind].median * 1e3, "ms", baselines, targets,
+                times[kind].p90 * 1e3) for kind in ("cell", "function")]
+
+
+def kernel_round_trip() -> Row:
+    """The cell through the magic in a real kernel, against a cell calling the raw Celery task."""
+    env = {**os.environ, "CELERY_NB_BROKER_URL": BROKER_URL, "CELERY_NB_DEFAULT_IMAGE": IMAGE}
+    kernel = BenchKernel(env, cwd=str(ROOT))
     try:
-        rows = run_all(client)
+        kernel.run("%load_ext celery_nb\nfrom benchmarks.raw_celery import echo")
+        magic = lambda: kernel.run("%%celery_docker\na = 1")  # noqa: E731
+        raw = lambda: kernel.run("a = echo.delay(1).get(timeout=60)")  # noqa: E731
+        times = alternating({"magic": magic, "raw": raw}, runs=100, block=25, settle=3)
     finally:
-        for proc in workers:
-            proc.terminate()
-            proc.wait(30)
-    print(f"\ncelery_nb benchmarks (image {IMAGE}, numpy image {NUMPY_IMAGE}, Redis {BROKER_URL})\n")
-    print(f"{'measure':<46}{'value':>14}{'baseline':>14}{'ratio':>9}  target")
-    for name, value, baseline, unit, target, ok in rows:
-        ratio = value / baseline if baseline else float("nan")
-        verdict = "" if target == "-" else ("met" if ok(ratio) else "NOT met")
-        print(f"{name:<46}{value:>11.4g} {unit:<2}{baseline:>11.4g} {unit:<2}{ratio:>9.2f}  {target} {verdict}")
+        kernel.shutdown()
+    return Row("%%celery_docker cell in a kernel (execute_request)", times["magic"].median * 1e3, "ms",
+               {"raw Celery cell": times["raw"].median * 1e3}, {"raw Celery cell": ("<=", 1.5)},
+               times["magic"].p90 * 1e3)
+
+
+def throughput(client: Client, peers: list[Peer]) -> Row:
+    def individual_jobs() -> None:
+        for job in [client.submit(identity, i, image=IMAGE) for i in range(MANY)]:
+            job.result(120)
+
+    def raw_tasks() -> None:
+        for result in [echo.delay(i) for i in range(MANY)]:
+            result.get(timeout=120)
+
+    sides = {"celery_nb": individual_jobs, "raw Celery": raw_tasks, **{p.name: lambda p=p: p.many(MANY) for p in peers}}
+    times = alternating(sides, runs=3, block=1)
+    rates = {name: per_second(MANY, samples) for name, samples in times.items()}
+    return Row(f"{MANY} individual jobs (submit each, no chunks)", rates.pop("celery_nb"), "/s", rates,
+               {"raw Celery": (">=", 0.75), "ipyparallel": (">=", 1.0)})
+
+
+def cold_start(client: Client) -> Row:
+    docker_client = docker.from_env()
+    docker_run = lambda: docker_client.containers.run(IMAGE, ["python3", "-c", "a = 1"], remove=True)  # noqa: E731
+    fresh = lambda: client.submit_cell("a = 1", {}, image=IMAGE, fresh=True).result(60)  # noqa: E731
+    docker_run()
+    times = alternating({"fresh": fresh, "docker run": docker_run}, runs=10, block=1, pause=0.5)
+    return Row("cold cell (--fresh)", times["fresh"].median * 1e3, "ms", {"docker run": times["docker run"].median * 1e3},
+               {"docker run": ("<=", 1.2)}, times["fresh"].p90 * 1e3)
+
+
+def chunked_map(client: Client, raw_rate: float) -> Row:
+    square = client.remote(lambda v: v * v, image=IMAGE)
+    square.map(range(100))
+    rate = per_second(10_000, timed(lambda: square.map(range(10_000)), 3))
+    return Row("map of 10,000 items (chunked)", rate, "/s", {"raw Celery tasks": raw_rate}, {"raw Celery tasks": (">=", 5)})
+
+
+def big_data(client: Client, embedded: Client) -> list[Row]:
+    data = b"x" * BIG
+    result_cell = lambda c: c.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g").result(120)  # noqa: E731
+    input_cell = lambda c: c.submit_cell("n = len(data)\n", {"data": data}, image=IMAGE, memory="1g").result(120)  # noqa: E731
+    sides = {
+        "result, Redis": lambda: result_cell(client), "result, embedded": lambda: result_cell(embedded),
+        "input, Redis": lambda: input_cell(client), "input, embedded": lambda: input_cell(embedded),
+        "Celery result": lambda: ones.delay(BIG).get(timeout=120),
+        "Celery input": lambda: size_of.delay(data).get(timeout=120),
+    }
+    for side in sides.values():
+        side()
+    times = {name: timed(side, 3) for name, side in sides.items()}
+    rows = []
+    for way in ("result", "input"):
+        celery = times[f"Celery {way}"].median * 1e3
+        rows.append(Row(f"100 MiB {way} via Redis", times[f"{way}, Redis"].median * 1e3, "ms",
+                        {f"Celery pickle {way}": celery}, {f"Celery pickle {way}": ("<=", 0.5)}))
+        embedded_ms = times[f"{way}, embedded"].median * 1e3
+        rows.append(Row(f"100 MiB {way}, embedded worker", embedded_ms, "ms", {"1 GB/s": BIG / 1e9 * 1e3},
+                        {"1 GB/s": ("<=", 1.0)}))
+    return rows
+
+
+def kernel_memory() -> Row:
+    peaks = {kind: float(subprocess.run([sys.executable, __file__, "--peak-memory", kind], capture_output=True,
+                                        text=True, check=True, cwd=ROOT).stdout) for kind in ("celery_nb", "raw")}
+    return Row("kernel peak memory for a 100 MiB result", peaks["celery_nb"], "x", {"payload": 1.0,
+               "raw Celery": peaks["raw"]}, {"payload": ("<=", 1.5)})
 
 
 def remove_environment(docker_client: docker.DockerClient, requirements: str) -> None:
@@ -177,64 +288,85 @@ def builds_against_installs(client: Client, docker_client: docker.DockerClient,
     return statistics.median(builds), statistics.median(installs), builds, installs
 
 
-def run_all(client: Client) -> list[tuple]:
-    raw_round_trip = lambda: echo.delay(1).get(timeout=60)  # noqa: E731
-    trivial = lambda **kw: client.submit_cell("a = 1", {}, image=IMAGE, **kw).result(60)  # noqa: E731
-    raw_round_trip()
-    trivial()
-    warm, raw_rt = alternating_median_seconds(trivial, raw_round_trip, runs=200, block=50, settle=5)
-    started = time.perf_counter()
-    results = [echo.delay(i) for i in range(2000)]
-    for r in results:
-        r.get(timeout=120)
-    raw_tps = 2000 / (time.perf_counter() - started)
-
+def environment_rows(client: Client) -> list[Row]:
     docker_client = docker.from_env()
-    docker_run = lambda: docker_client.containers.run(IMAGE, ["python3", "-c", "a = 1"], remove=True)  # noqa: E731
-    docker_run()
-    cold, docker_run_time = alternating_median_seconds(lambda: trivial(fresh=True), docker_run, runs=10, block=1,
-                                                       pause=0.5)
-    embedded = Client(None)
-    embedded_trivial = lambda: embedded.submit_cell("a = 1", {}, image=IMAGE).result(60)  # noqa: E731
-    embedded_trivial()
-    warm_embedded = median_seconds(embedded_trivial, 100)
-    embedded.shutdown()
-
-    square = client.remote(lambda v: v * v, image=IMAGE)
-    square.map(range(100))
-    map_rate = 10_000 / median_seconds(lambda: square.map(range(10_000)), 3)
-
-    big = lambda: client.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g").result(120)  # noqa: E731
-    big()
-    big_nb = median_seconds(big, 3)
-    ones.delay(BIG).get(timeout=120)
-    big_raw = median_seconds(lambda: ones.delay(BIG).get(timeout=120), 3)
-    peaks = {kind: float(subprocess.run([sys.executable, __file__, "--peak-memory", kind], capture_output=True,
-                                        text=True, check=True, cwd=ROOT).stdout) for kind in ("celery_nb", "raw")}
-
+    plain = lambda: client.submit_cell("a = 1", {}, image=IMAGE).result(60)  # noqa: E731
     cache_hit = lambda: client.submit_cell("a = 1", {}, image=IMAGE, pip=CACHED_PIP).result(60)  # noqa: E731
     cache_hit()
-    hit, plain = alternating_median_seconds(cache_hit, trivial, runs=200, block=50, settle=5)
-    cold_build, cold_install, cold_builds, cold_installs = builds_against_installs(client, docker_client, False)
-    warm_build, warm_install, warm_builds, warm_installs = builds_against_installs(client, docker_client, True)
-    for name, values in (("first builds, uv cache empty", cold_builds), ("installs by hand", cold_installs),
-                         ("first builds, uv cache warm", warm_builds), ("installs by hand", warm_installs)):
-        print(f"{name}: {', '.join(f'{v:.2f}' for v in values)} s")
-    return [
-        ("warm trivial cell round trip vs raw Celery", warm * 1e3, raw_rt * 1e3, "ms", "<= 2x", lambda r: r <= 2),
-        ("warm trivial cell, embedded worker (no target)", warm_embedded * 1e3, raw_rt * 1e3, "ms", "-",
-         lambda _r: True),
-        ("cold cell (--fresh) vs docker run", cold * 1e3, docker_run_time * 1e3, "ms", "<= 1.2x", lambda r: r <= 1.2),
-        ("map 10,000 items: items/s vs raw Celery tasks/s", map_rate, raw_tps, "/s", ">= 5x", lambda r: r >= 5),
-        ("100 MiB numpy result vs Celery pickle result", big_nb * 1e3, big_raw * 1e3, "ms", "<= 0.5x",
-         lambda r: r <= 0.5),
-        ("kernel peak memory / payload (raw Celery's)", peaks["celery_nb"], peaks["raw"], "x", "<= 2.5x payload",
-         lambda _r: peaks["celery_nb"] <= 2.5),
-        ("--pip cache hit vs plain warm cell", hit * 1e3, plain * 1e3, "ms", "<= +5 ms",
-         lambda _r: hit - plain <= 0.005),
-        ("first numpy env build (empty uv cache) vs by hand", cold_build, cold_install, "s", "<= 1x", lambda r: r <= 1),
-        ("first numpy env build (warm uv cache) vs by hand", warm_build, warm_install, "s", "<= 1x", lambda r: r <= 1),
+    times = alternating({"hit": cache_hit, "plain": plain}, runs=200, block=50, settle=5)
+    rows = [Row("--pip cache hit (a warm cell)", times["hit"].median * 1e3, "ms",
+                {"plain warm cell": times["plain"].median * 1e3}, {"plain warm cell": ("+<=", 5.0)},
+                times["hit"].p90 * 1e3)]
+    for download_cache, which in ((False, "empty"), (True, "warm")):
+        build, install, builds, installs = builds_against_installs(client, docker_client, download_cache)
+        print(f"first builds, uv cache {which}: {', '.join(f'{v:.2f}' for v in builds)} s; "
+              f"installs by hand: {', '.join(f'{v:.2f}' for v in installs)} s")
+        rows.append(Row(f"first numpy environment, uv cache {which}", build, "s", {"uv install by hand": install},
+                        {"uv install by hand": ("<=", 1.0)}))
+    return rows
+
+
+def run_all(client: Client) -> list[Row]:
+    with running_peers() as peers:
+        for peer in peers:
+            peer.round_trip()
+        rows = round_trips(client, peers)
+        rows.append(throughput(client, peers))
+    raw_rate = rows[-1].baselines["raw Celery"]
+    rows.append(kernel_round_trip())
+    rows.append(cold_start(client))
+    rows.append(chunked_map(client, raw_rate))
+    embedded = Client(None)
+    try:
+        rows.extend(big_data(client, embedded))
+    finally:
+        embedded.shutdown()
+    rows.append(kernel_memory())
+    rows.extend(environment_rows(client))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"\ncelery_nb benchmarks (image {IMAGE}, numpy image {NUMPY_IMAGE}, Redis {BROKER_URL})\n")
+    print(f"{'measure':<52}{'celery_nb':>22}  {'baseline':<22}{'value':>10}{'ratio':>8}  target")
+    for row in rows:
+        value = f"{row.value:.4g} {row.unit}"
+        if row.p90 is not None:
+            value += f" (p90 {row.p90:.3g})"
+        for i, (name, baseline) in enumerate(row.baselines.items()):
+            ratio = row.value / baseline if baseline else float("nan")
+            target = row.targets.get(name)
+            verdict = "-"
+            if target:
+                op, bound = target
+                if op == "+<=":  # at most ``bound`` more than the baseline, in its unit
+                    met, verdict = row.value - baseline <= bound, f"<= +{bound:g} {row.unit} "
+                else:
+                    met, verdict = (ratio <= bound if op == "<=" else ratio >= bound), f"{op} {bound:g}x "
+                verdict += "met" if met else "NOT met"
+            left = f"{row.measure:<52}{value:>22}" if i == 0 else " " * 74
+            print(f"{left}  {name:<22}{baseline:>10.4g}{ratio:>8.2f}  {verdict}")
+
+
+def main() -> None:
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    client = Client(BROKER_URL)
+    os.makedirs(ROOT / "build", exist_ok=True)
+    workers = [
+        start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
+               "-n", "bench@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
+              str(ROOT / "build/bench-celery_nb-worker.log")),
+        start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
+               "-n", "raw@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
+              lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
     ]
+    try:
+        rows = run_all(client)
+    finally:
+        for proc in workers:
+            proc.terminate()
+            proc.wait(30)
+    print_table(rows)
 
 
 if __name__ == "__main__":
