@@ -354,10 +354,10 @@ def main() -> None:
     os.makedirs(ROOT / "build", exist_ok=True)
     workers = [
         start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
-               "-n", "bench@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
+               "-n", f"bench{os.getpid()}@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
               str(ROOT / "build/bench-celery_nb-worker.log")),
         start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
-               "-n", "raw@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
+               "-n", f"raw{os.getpid()}@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
               lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
     ]
     try:
