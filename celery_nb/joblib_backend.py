@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import joblib
 from joblib.parallel import AutoBatchingMixin, BatchedCalls, ParallelBackendBase, register_parallel_backend
+from packaging.version import Version
 
 from celery_nb import widgets
 from celery_nb.client import Client, default_client
@@ -59,6 +61,9 @@ class CeleryNBBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def __init__(self, *, client: Client | None = None, options: JobOptions | None = None,
                  nesting_level: int | None = None, **option_fields: Any) -> None:
+        if Version(joblib.__version__) < Version("1.3"):  # before, results were not taken in callbacks
+            raise ImportError(f"celery_nb's joblib backend needs joblib 1.3 or newer, and this kernel has joblib "
+                              f"{joblib.__version__}: pip install -U joblib")
         super().__init__(nesting_level=nesting_level)
         options = JobOptions.build(options, **option_fields)
         self.options = dataclasses.replace(options, pip=add_requirements((AUTO,), options.pip or ()))
@@ -110,6 +115,8 @@ class CeleryNBBackend(AutoBatchingMixin, ParallelBackendBase):
         if callback is not None:
             future.add_done_callback(callback)
         return future
+
+    apply_async = submit  # what joblib before 1.5 calls
 
     def retrieve_result_callback(self, future: JobFuture) -> list[Any]:
         """A batch's results, or its error: the original exception's class (a RemoteError too).
