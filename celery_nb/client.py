@@ -34,7 +34,7 @@ from celery_nb.jobstore import DEFAULT_TTL, FIRST_EVENT_ID, START, JobStore, Mem
 from celery_nb.local_code import LocalCode, LocalModule, ReferenceRecorder
 from celery_nb.options import JobOptions
 from celery_nb.signing import Signer, digest
-from celery_nb.worker.app import worker_app
+from celery_nb.worker.app import WORKER_SLOTS_COMMAND, worker_app
 from celery_nb_runtime import map_chunk
 from celery_nb_runtime.runner import CELL_BUILTINS
 
@@ -142,22 +142,25 @@ class Client:
                           lambda: requirements.cell_modules(cell.source, first_line, values))
 
     def submit(self, fn: Callable[..., Any], *args: Any, kwargs: Mapping[str, Any] | None = None,
-               options: JobOptions | None = None, **option_fields: Any) -> Job:
+               options: JobOptions | None = None, label: str | None = None, **option_fields: Any) -> Job:
         """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor
         version). The job's options are ``options`` with ``option_fields`` (any JobOptions
         field: image=, memory=, fresh=, network=, gpus=, upload=, ...) on top. The local modules
-        it needs (``fn``'s own, those of the functions and classes it is given) travel with it."""
+        it needs (``fn``'s own, those of the functions and classes it is given) travel with it.
+        ``label``: what its widget, ``%celery_jobs`` and Flower call the job (default: ``fn``'s name)."""
         job_options = JobOptions.build(options, **option_fields)
         referenced = ReferenceRecorder()
         data = payload.call_payload(fn, args, kwargs or {}, _uploads(job_options), job_options.download or (),
                                     dumps=referenced)
         code = self._local_code.for_call(args[0] if fn is map_chunk else fn, referenced.modules)
         if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
-            label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
-            needs = functools.partial(requirements.function_modules, args[0], args[1])
+            count = f"{len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
+            label = label or f"{_function_name(args[0])}() over {count}"
+            needs = functools.partial(requirements.function_modules, args[0], args[1], referenced.modules)
         else:
-            label = f"{_function_name(fn)}()"
-            needs = functools.partial(requirements.function_modules, fn, (*args, *(kwargs or {}).values()))
+            label = label or f"{_function_name(fn)}()"
+            needs = functools.partial(requirements.function_modules, fn, (*args, *(kwargs or {}).values()),
+                                      referenced.modules)
         return self._send("call", data, job_options, label, code, needs)
 
     def _send(self, kind: str, data: bytes, options: JobOptions, label: str, code: Sequence[LocalModule],
@@ -277,6 +280,17 @@ class Client:
     def read_blob(self, ref: dict[str, Any]) -> Any:
         """See JobBackend.read_blob."""
         return self.blobs.get(ref)
+
+    def worker_slots(self, queue: str | None = None, timeout: float = 1.0) -> int:
+        """How many jobs the workers that take ``queue``'s jobs (default: CeleryNB.default_queue)
+        run at once: the embedded worker's concurrency, or the sum over the workers on the broker
+        that answer within ``timeout`` seconds (0: none did)."""
+        if self.embedded:  # its worker takes every job of this client, whatever its queue
+            return self._embedded.concurrency if self._embedded is not None else 0
+        queue = queue or settings().default_queue
+        replies = self.app.control.broadcast(WORKER_SLOTS_COMMAND, reply=True, timeout=timeout)
+        return sum(answer["concurrency"] for reply in replies for answer in reply.values()
+                   if isinstance(answer, dict) and queue in answer.get("queues", ()))
 
     def cancel(self, job_id: str) -> None:
         # The flag stops a running job (its worker checks it while the container runs); the
