@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import celery_nb_runtime
 from celery_nb_runtime import cell, events, protocol, rich_output, versions, workdir
@@ -34,6 +34,7 @@ CELL_BUILTINS = tuple(cell.BUILTINS)  # names every cell has, unless the kernel 
 SPOOL_THRESHOLD = 1 << 20
 _READ_CHUNK = 65536
 _MEMORY_SAMPLE_INTERVAL = 0.01  # s between two looks at the container's memory while a job runs
+_JOINED = 1 << 16  # bytes of frames written at once (the rest piece by piece, never copied)
 _EXIT_POLL_INTERVAL = 0.01  # s between two looks for a job's end, where no pidfd tells it
 _SHARED = struct.Struct("QQ")  # between the server and a job's process: (the job has its request, peak added)
 
@@ -72,20 +73,30 @@ class FrameWriter:
         self._lock = threading.Lock()
 
     def write(self, kind: int, *pieces: Any) -> None:
-        size = sum(memoryview(p).nbytes for p in pieces)
+        self.write_frames([(kind, pieces)])
+
+    def write_frames(self, frames: List[Tuple[int, Sequence[Any]]]) -> None:
+        """Frames (kind, pieces) in order: up to _JOINED bytes in one write, so that their reader
+        wakes once for them (a write per piece cost the server a relay round each)."""
+        parts: List[Any] = []
+        for kind, pieces in frames:
+            parts.append(protocol.frame_header(kind, sum(memoryview(p).nbytes for p in pieces)))
+            parts.extend(pieces)
+        if sum(memoryview(p).nbytes for p in parts) <= _JOINED:
+            parts = [b"".join(parts)]
         with self._lock:
-            for piece in (protocol.frame_header(kind, size), *pieces):
-                view = memoryview(piece).cast("B")
-                while view.nbytes:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+            for part in parts:
+                self._write_all(part)
 
     def write_raw(self, data: Any) -> None:
         """Bytes that are already (part of) a frame."""
-        view = memoryview(data).cast("B")
         with self._lock:
-            while view.nbytes:
-                view = view[os.write(self._fd, view):]
+            self._write_all(data)
+
+    def _write_all(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            view = view[os.write(self._fd, view):]
 
     def event(self, obj: Dict[str, Any]) -> None:
         self.write(protocol.FRAME_EVENT, json.dumps(obj, separators=(",", ":")).encode())
@@ -319,8 +330,7 @@ def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory,
         kind, result = protocol.FRAME_RESULT_FILE, [json.dumps({"path": path, "size": size}).encode()]
     usage = _usage([resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)],
                    memory.peak())
-    frames.write(protocol.FRAME_USAGE, json.dumps(usage).encode())
-    frames.write(kind, *result)
+    frames.write_frames([(protocol.FRAME_USAGE, [json.dumps(usage).encode()]), (kind, result)])
 
 
 def _usage(rusages: List[Any], added: int) -> Dict[str, Any]:
