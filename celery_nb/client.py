@@ -25,7 +25,7 @@ from celery.worker import WorkController
 
 from celery_nb import analysis, cell_syntax, journal, payload, requirements
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, blob_store_for
-from celery_nb.broker import TASK_NAME, celery_app, commands_before_publish
+from celery_nb.broker import TASK_NAME, celery_app, task_message
 from celery_nb.config import settings
 from celery_nb.errors import BrokerUnavailableError, InputError, SignatureError, UnknownJobError
 from celery_nb.files import Uploads, resolve_uploads
@@ -174,6 +174,8 @@ class Client:
         assert options.image is not None and options.queue is not None  # the defaults set them
         job = Job(self, uuid.uuid4().hex, kind, options.image, options.queue, label)
         request: dict[str, Any] = {"job_id": job.id, "kind": kind, "options": options.to_request()}
+        if self._follower.inbox is not None:  # its worker names it there: the follower reads it then
+            request["inbox"] = self._follower.inbox
         try:
             if len(data) > BLOB_THRESHOLD:  # big inputs stay out of the Celery message
                 request["payload_ref"] = self.blobs.put([data])
@@ -202,20 +204,18 @@ class Client:
         # Flower and the worker's log show the job by its label (shadow) and its options
         # (argsrepr; its environment variables left out), not as celery_nb.run_job with the payload
         shown = {k: v for k, v in options.to_request().items() if k not in ("env", "queue")}
-        publish = functools.partial(
-            self.app.send_task, TASK_NAME, args=[request], task_id=job.id, queue=job.queue,
-            shadow=f"{job.kind}: {job.label[:80]}", argsrepr=repr(shown))
-        if isinstance(self.store, RedisJobStore) and self.app.celery_nb_publishes_with_commands:
-            # the job's first event and its message in one round trip; the follower reads on
-            # from after that event (the Job already says what it says)
-            wake = self._follower.follow(job, cursor=FIRST_EVENT_ID)
-            store = self.store
-            with commands_before_publish(lambda pipe: store.first_event_in(pipe, job.id, queued, wake)):
-                publish()
+        shadow, argsrepr = f"{job.kind}: {job.label[:80]}", repr(shown)
+        if isinstance(self.store, RedisJobStore) and self.app.celery_nb_redis_queues:
+            # the job's first event and its task message (on its queue's list) in one round trip;
+            # the follower reads on from after that event (the Job already says what it says)
+            self._follower.follow(job, cursor=FIRST_EVENT_ID, routed="inbox" in request)
+            message = task_message(self.app, request, job.id, job.queue, shadow, argsrepr)
+            self.store.first_event(job.id, queued, then=lambda pipe: pipe.lpush(job.queue, message))
         else:
             wake = self._follower.follow(job)
             self.store.append(job.id, queued, wake=wake)
-            publish()
+            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=job.queue, shadow=shadow,
+                               argsrepr=argsrepr)
 
     def attach(self, job_id: str) -> Job:
         """See ``Job.attach``."""

@@ -42,6 +42,13 @@ FRAME_USAGE = 9  # JSON {"cpu_seconds", "peak_memory"}: what the job used, just 
 FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST,
                FRAME_RESULT_FILE, FRAME_USAGE)
 
+# A pooled container's server listens here, for SERVER_SOCKET_WAIT s at its start, for its worker to
+# connect through /proc/<pid>/root (a worker on the container's host): then requests and frames go
+# over that connection instead of stdin and stdout, which Docker relays (the "attach" stream); a
+# request on stdin, or none within the wait, keeps them there.
+SERVER_SOCKET = "/dev/shm/celery_nb-server.sock"
+SERVER_SOCKET_WAIT = 2.0
+
 
 class ProtocolError(ValueError):
     """Bytes that are not a valid bundle or frame stream."""

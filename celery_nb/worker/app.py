@@ -50,7 +50,7 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
     policy = WorkerPolicy.from_settings(settings)
     leases = LeaseKeeper(store, BrokerMessages(app) if broker_url else None, after_takeover=pool.remove_orphans)
     services = WorkerServices(store, blobs, policy, pool, signer or Signer(), leases, CodeCache(blobs),
-                              Environments(settings, policy))
+                              Environments(settings, policy), acks_with_finish=app.celery_nb_redis_queues)
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store

@@ -1,7 +1,9 @@
 """The worker's channel to one running container of the runtime's fork server: requests go in
 as frames on its stdin, frames come back on its stdout, over one Docker attach socket that
-lives as long as the container (Docker's multiplexed stream demultiplexed here). A big result
-may instead be read from the container's /dev/shm, when this process can see it.
+lives as long as the container (Docker's multiplexed stream demultiplexed here); or, where this
+process sees the container's processes (a worker on its host, as root), over a connection to the
+server's own socket, with no daemon copying the bytes (connect_direct). A big result may instead
+be read from the container's /dev/shm, when this process can see it.
 """
 from __future__ import annotations
 
@@ -48,20 +50,49 @@ class RuntimeContainer:
     retired: bool = False  # its replacement is in the pool: removed when its job ends
     last_used: float = field(default_factory=time.monotonic)
     stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
+    direct: socket.socket | None = None  # the connection to the server's socket (connect_direct), if any
     _attached: object = None
+    _pid: int | None = None
     _raw: bytearray = field(default_factory=bytearray)
     _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
 
     def send(self, request: bytes) -> None:
-        self.sock.settimeout(None)  # a big request blocks until the server has read it
+        sock = self.direct or self.sock
+        sock.settimeout(None)  # a big request blocks until the server has read it
         if len(request) < 65536:  # one write: one wake-up of the container's reader
-            self.sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)) + request)
+            sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)) + request)
         else:
-            self.sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)))
-            self.sock.sendall(request)
+            sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)))
+            sock.sendall(request)
 
     def read_frames(self, timeout: float) -> list[tuple[int, bytes]]:
         """Frames that arrive within ``timeout`` s ([] if none); ContainerExited at EOF."""
+        if self.direct is not None:
+            self.direct.settimeout(timeout)
+            try:
+                chunk = self.direct.recv(1 << 20)
+            except TimeoutError:
+                return []
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self._keep_stderr()  # what the server said before it ended
+                raise ContainerExited()
+            return self._frames.feed(chunk)
+        return self._read_attached(timeout)
+
+    def _keep_stderr(self) -> None:
+        """With a direct connection, only the server's stderr comes on the attach stream: read it
+        (its tail is kept) until the stream ends, for at most _STDERR_WAIT s."""
+        deadline = time.monotonic() + _STDERR_WAIT
+        while time.monotonic() < deadline:
+            try:
+                self._read_attached(max(0.001, deadline - time.monotonic()))
+            except ContainerExited:
+                return
+
+    def _read_attached(self, timeout: float) -> list[tuple[int, bytes]]:
+        """read_frames from the attach stream."""
         self.sock.settimeout(timeout)
         try:
             chunk = self.sock.recv(1 << 20)
@@ -85,15 +116,56 @@ class RuntimeContainer:
 
     def alive(self) -> bool:
         """False once the container has ended (its stream is closed); a cheap local check."""
-        self.sock.settimeout(0)
+        sock = self.direct or self.sock
+        sock.settimeout(0)
         try:
-            return self.sock.recv(1, socket.MSG_PEEK) != b""
+            return sock.recv(1, socket.MSG_PEEK) != b""
         except BlockingIOError:
             return True  # open, nothing to read: a server waiting for its next job
         except OSError:
             return False
         finally:
-            self.sock.settimeout(None)
+            sock.settimeout(None)
+
+    def pid(self) -> int:
+        """The host's pid of the container's main process (asked of Docker once)."""
+        if self._pid is None:
+            self.container.reload()
+            self._pid = int(self.container.attrs["State"]["Pid"])
+        return self._pid
+
+    def connect_direct(self) -> None:
+        """Connect to the socket the container's server listens on at its start, through
+        /proc/<pid>/root, so that requests and frames no longer go through Docker's attach
+        stream, which dockerd and containerd copy (~2 ms of their CPU per job). Only where this
+        process sees the container's processes; else, or if the server does not take the
+        connection, the attach stream carries them, and the server uses it too."""
+        global _direct_reachable
+        if _direct_reachable is None:
+            _direct_reachable = _sees_processes_of(self.container.id, self.pid())
+        if not _direct_reachable:
+            return
+        path = f"/proc/{self.pid()}/root{protocol.SERVER_SOCKET}"
+        deadline = time.monotonic() + protocol.SERVER_SOCKET_WAIT
+        while True:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                connection.connect(path)
+                connection.settimeout(protocol.SERVER_SOCKET_WAIT + _STDERR_WAIT)
+                taken = connection.recv(1) == b"."  # (the server gave up waiting: reset, or nothing)
+            except (FileNotFoundError, ConnectionRefusedError):  # not listening yet
+                connection.close()
+                if time.monotonic() > deadline or not self.alive():
+                    return
+                time.sleep(_CONNECT_INTERVAL)
+                continue
+            except OSError:
+                taken = False
+            if taken:
+                self.direct = connection
+            else:
+                connection.close()
+            return
 
     def read_spooled(self, path: str, copy: bool) -> bytearray | mmap.mmap:
         """The result a job spooled to a file in the container (the file is deleted): mapped,
@@ -123,10 +195,30 @@ class RuntimeContainer:
 
     def remove(self) -> None:
         try:
+            if self.direct is not None:
+                self.direct.close()
             self.sock.close()
             self.container.remove(force=True)
         except docker.errors.NotFound:
             pass
+
+
+_STDERR_WAIT = 1.0  # s the server's last stderr may take to come after its direct connection ended
+_CONNECT_INTERVAL = 0.002  # s between two tries to connect to a server that is starting
+_direct_reachable: bool | None = None  # whether this process sees containers' processes, the same for all
+
+
+def _sees_processes_of(container_id: str, pid: int) -> bool:
+    """Whether ``pid`` is, as this process sees it, the main process of container ``container_id``
+    (a worker in another pid namespace may see another process under that number), and its
+    root can be reached."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            if container_id not in f.read():
+                return False
+    except OSError:
+        return False
+    return os.access(f"/proc/{pid}/root{SPOOL_DIR}", os.R_OK | os.W_OK | os.X_OK)
 
 
 _spool_readable: bool | None = None  # the answer of reads_spool, the same for every container
