@@ -87,8 +87,44 @@ _acked: set[str] = set()
 _acked_lock = threading.Lock()
 
 
-def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
-    """kombu's Redis transport whose plain commands retry for ``patience`` s while Redis is away.
+class _AckedWithItsJobQoS(kombu_redis.QoS):
+    def ack(self, delivery_tag: str) -> None:
+        with _acked_lock:
+            already = delivery_tag in _acked
+            _acked.discard(delivery_tag)
+        if already:  # (see acked_with_its_job) kombu's own book-keeping only
+            kombu_virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().ack(delivery_tag)
+
+
+class _PatientRedisChannel(kombu_redis.Channel):
+    QoS = _AckedWithItsJobQoS
+    # seconds the plain commands retry: the transport option celery_nb_patience (celery_app)
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "celery_nb_patience")
+    celery_nb_patience = DEFAULT_PATIENCE
+    _plain_client: redis.Redis | None = None
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params = super()._connparams(asynchronous)
+        if not asynchronous:
+            params["retry"] = redis_retry(self.celery_nb_patience)
+        return params
+
+    def _create_client(self, asynchronous: bool = False) -> redis.Redis:
+        # kombu makes a client per command (an ack, a delivery's record), and redis-py builds
+        # its table of reply parsers with each: one client of the channel's pool does
+        if asynchronous:
+            return super()._create_client(asynchronous)
+        client = self._plain_client
+        if client is None or client.connection_pool is not self.pool:
+            client = self._plain_client = super()._create_client()
+        return client
+
+
+class PatientRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport whose plain commands retry for the transport option
+    ``celery_nb_patience`` (s) while Redis is away.
 
     kombu takes a message off the queue (BRPOP), then records it as unacked with a second
     command: were that one to fail, the message would be lost. Acks, publishes and restores go
@@ -96,43 +132,8 @@ def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
     so that the worker notices and reconnects. A message whose records went with its job's end
     (acked_with_its_job) is acked without a round trip.
     """
-    retry = redis_retry(patience)
 
-    class AckedWithItsJobQoS(kombu_redis.QoS):
-        def ack(self, delivery_tag: str) -> None:
-            with _acked_lock:
-                already = delivery_tag in _acked
-                _acked.discard(delivery_tag)
-            if already:  # (see acked_with_its_job) kombu's own book-keeping only
-                kombu_virtual.QoS.ack(self, delivery_tag)
-            else:
-                super().ack(delivery_tag)
-
-    class Channel(kombu_redis.Channel):
-        QoS = AckedWithItsJobQoS
-        _plain_client: redis.Redis | None = None
-
-        def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-            params = super()._connparams(asynchronous)
-            if not asynchronous:
-                params["retry"] = retry
-            return params
-
-        def _create_client(self, asynchronous: bool = False) -> redis.Redis:
-            # kombu makes a client per command (an ack, a delivery's record), and redis-py builds
-            # its table of reply parsers with each: one client of the channel's pool does
-            if asynchronous:
-                return super()._create_client(asynchronous)
-            client = self._plain_client
-            if client is None or client.connection_pool is not self.pool:
-                client = self._plain_client = super()._create_client()
-            return client
-
-    class Transport(kombu_redis.Transport):
-        pass
-
-    Transport.Channel = Channel
-    return Transport
+    Channel = _PatientRedisChannel
 
 
 class _Arrivals(threading.Condition):
@@ -212,7 +213,7 @@ def celery_app(broker_url: str | None, broker_patience: float = DEFAULT_PATIENCE
         worker_hijack_root_logger=broker_url is not None,
     )
     if broker_url is None:
-        app.conf.broker_transport = PromptMemoryTransport
+        app.conf.broker_transport = f"{__name__}:PromptMemoryTransport"  # by name: `inspect stats` sends it as JSON
         app.conf.broker_transport_options = {"polling_interval": 0.1}  # see PromptMemoryTransport
         return app
     timeout = visibility_timeout()
@@ -224,7 +225,8 @@ def celery_app(broker_url: str | None, broker_patience: float = DEFAULT_PATIENCE
         **REDIS_TIMEOUTS,
     }
     if broker_url.startswith(("redis://", "rediss://")):  # (sentinel:// has a transport of its own)
-        app.conf.broker_transport = patient_redis_transport(broker_patience)
+        app.conf.broker_transport = f"{__name__}:PatientRedisTransport"
+        app.conf.broker_transport_options["celery_nb_patience"] = broker_patience
         app.celery_nb_redis_queues = True
     if broker_url.startswith("rediss://"):
         app.conf.broker_use_ssl = tls_options(broker_url)

@@ -166,6 +166,8 @@ def test_flower_lists_the_jobs_by_name(quickstart: dict, stack: Stack) -> None:
     assert {t["worker"] for t in tasks} == stack.workers()  # both replicas took jobs
     numpy_cell = next(t for t in tasks if "'pip'" in t["args"])
     assert numpy_cell["args"] == f"{{'image': '{IMAGE}', 'pip': ('numpy', 'tqdm')}}"  # the options, not the payload
+    status, body = _get(stack.url("flower", "/api/workers?refresh=1"), user, password)  # (Celery's inspect stats)
+    assert status == 200 and set(json.loads(body)) == stack.workers(), body
     assert _get(stack.url("flower", "/api/tasks"))[0] == 401
     assert _get(stack.url("flower", "/api/tasks"), user, "wrong")[0] == 401
 

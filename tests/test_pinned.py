@@ -19,16 +19,16 @@ from celery_nb.broker import TASK_NAME, celery_app, task_message
 
 # (object, attribute, what celery_nb does with it)
 CLASS_NAMES = [
-    (kombu.transport.redis.Channel, "_connparams", "broker.patient_redis_transport: connection retries"),
-    (kombu.transport.redis.Channel, "_create_client", "broker.patient_redis_transport: one client per channel"),
-    (kombu.transport.redis.Channel, "pool", "broker.patient_redis_transport: one client per channel"),
+    (kombu.transport.redis.Channel, "_connparams", "broker.PatientRedisTransport: connection retries"),
+    (kombu.transport.redis.Channel, "_create_client", "broker.PatientRedisTransport: one client per channel"),
+    (kombu.transport.redis.Channel, "pool", "broker.PatientRedisTransport: one client per channel"),
     (kombu.transport.redis.Channel, "conn_or_acquire", "broker and worker.leases: a client of the channel"),
     (kombu.transport.redis.Channel, "unacked_key", "worker.leases.BrokerMessages: the unacked messages"),
     (kombu.transport.redis.Channel, "unacked_index_key", "worker.leases.BrokerMessages: their delivery times"),
     (kombu.transport.redis.QoS, "restore_by_tag", "worker.leases.BrokerMessages: a dead worker's message back"),
-    (kombu.transport.redis.QoS, "ack", "broker.patient_redis_transport: a message acked with its job's end"),
-    (kombu.transport.redis.Channel, "QoS", "broker.patient_redis_transport: a message acked with its job's end"),
-    (kombu.transport.virtual.QoS, "ack", "broker.patient_redis_transport: kombu's book-keeping of an ack"),
+    (kombu.transport.redis.QoS, "ack", "broker.PatientRedisTransport: a message acked with its job's end"),
+    (kombu.transport.redis.Channel, "QoS", "broker.PatientRedisTransport: a message acked with its job's end"),
+    (kombu.transport.virtual.QoS, "ack", "broker.PatientRedisTransport: kombu's book-keeping of an ack"),
     (kombu.transport.redis, "dumps", "broker.task_message: the message as kombu stores it"),
     (kombu.transport.memory.Channel, "_put", "broker.PromptMemoryTransport: wakes the embedded worker"),
     (kombu.transport.memory.Channel, "_put_fanout", "broker.PromptMemoryTransport: wakes the embedded worker"),

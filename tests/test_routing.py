@@ -12,6 +12,7 @@ import docker
 import pytest
 
 from celery_nb import Client, ContainerError, PolicyError
+from celery_nb.worker.cli import WORKER_PATIENCE
 from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process
 from tests.kernel import Kernel
 
@@ -83,3 +84,12 @@ def test_an_allowed_gpu_request_reaches_docker(gpu_worker: subprocess.Popen, red
 def test_malformed_gpu_requests_are_refused_before_sending(redis_client: Client, gpus: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"--gpus {gpus!r} is not a GPU request")):
         redis_client.submit_cell("ran = True\n", {}, image=IMAGE, queue="gpu", gpus=gpus)
+
+
+def test_workers_answer_celery_inspect_stats(celery_worker: subprocess.Popen, redis_client: Client) -> None:
+    # what Flower's worker pages and `celery inspect stats` show: the transport by name, and the
+    # worker's patience with Redis among its options
+    stats = redis_client.app.control.inspect(timeout=5).stats() or {}
+    main = next(reply for name, reply in stats.items() if name.startswith("main@"))
+    assert main["broker"]["transport"] == "celery_nb.broker:PatientRedisTransport"
+    assert main["broker"]["transport_options"]["celery_nb_patience"] == WORKER_PATIENCE
