@@ -92,8 +92,8 @@ def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client
 def test_fresh_container_brings_back_big_results_and_what_the_cell_defined(
         redis_client: Client, docker_client: docker.DockerClient) -> None:
     """A --fresh container runs its one job in a lean runtime (cloudpickle is not loaded up
-    front): a big result still comes through the container's /dev/shm, and functions and
-    classes the cell defined still travel (by value, with cloudpickle)."""
+    front): a big result is still handed over as a file, and functions and classes the cell
+    defined still travel (by value, with cloudpickle)."""
     cell = ("def double(x):\n    return 2 * x\n"
             "class Box:\n    pass\n"
             "box = Box()\nbox.v = 3\nbig = bytes(3 * 2**20)\nn = double(21)\n")

@@ -1,11 +1,11 @@
 """The worker's channel to one running container of the runtime's fork server: requests go in
 as frames on its stdin, frames come back on its stdout, over one Docker attach socket that
-lives as long as the container (Docker's multiplexed stream demultiplexed here). A big result
-may instead be read from the container's /dev/shm, when this process can see it.
+lives as long as the container (Docker's multiplexed stream demultiplexed here). Big payloads
+and results do not: they are handed over as files (celery_nb.worker.handover), when this
+process can reach the container's /dev/shm.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import struct
@@ -18,7 +18,7 @@ import docker.errors
 from celery_nb.worker.policy import ContainerSpec
 from celery_nb_runtime import protocol
 
-SPOOL_DIR = "/dev/shm"
+SHARED_DIR = "/dev/shm"  # the container's, where its jobs' processes listen for files handed over
 
 
 class ContainerExited(Exception):
@@ -42,13 +42,14 @@ class RuntimeContainer:
     sock: socket.socket
     spec: ContainerSpec
     one_shot: bool = False  # runs one job, then exits (never pooled)
-    spools: bool = False  # whether this process reads the container's /dev/shm (big results spooled there)
+    hands_over: bool = False  # whether this process reaches the container's /dev/shm (files are handed over there)
     jobs_run: int = 0
     replacing: bool = False  # it has run its max jobs and serves on while its replacement starts
     retired: bool = False  # its replacement is in the pool: removed when its job ends
     last_used: float = field(default_factory=time.monotonic)
     stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
     _attached: object = None
+    _pid: int | None = None  # of its main process, as this process sees it
     _raw: bytearray = field(default_factory=bytearray)
     _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
 
@@ -95,20 +96,12 @@ class RuntimeContainer:
         finally:
             self.sock.settimeout(None)
 
-    def read_spooled(self, path: str, copy: bool) -> bytearray | mmap.mmap:
-        """The result a job spooled to a file in the container (the file is deleted): mapped,
-        with no copy, or (``copy``) copied out, so that values the caller keeps for long do not
-        hold the container's memory (its /dev/shm counts against its limit)."""
-        path = f"{_root_seen_from_here(self.container)}{path}"  # the container is alive: its job's server waits
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if copy:
-                data: bytearray | mmap.mmap = bytearray(size)
-                f.readinto(data)
-            else:
-                data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        os.unlink(path)
-        return data
+    def pid(self) -> int:
+        """The host's pid of the container's main process (asked of Docker once)."""
+        if self._pid is None:
+            self.container.reload()
+            self._pid = int(self.container.attrs["State"]["Pid"])
+        return self._pid
 
     def kill(self) -> None:
         try:
@@ -129,19 +122,13 @@ class RuntimeContainer:
             pass
 
 
-_spool_readable: bool | None = None  # the answer of reads_spool, the same for every container
+_shared_dir_reachable: bool | None = None  # the answer of reaches_shared_dir, the same for every container
 
 
-def reads_spool(container: docker.models.containers.Container) -> bool:
-    """Whether this process can read containers' /dev/shm: a worker on the containers' host, as
+def reaches_shared_dir(runtime: RuntimeContainer) -> bool:
+    """Whether this process reaches containers' /dev/shm: a worker on the containers' host, as
     root. Asked of the first container only, so later cold starts skip the inspection."""
-    global _spool_readable
-    if _spool_readable is None:
-        _spool_readable = os.access(f"{_root_seen_from_here(container)}{SPOOL_DIR}", os.R_OK | os.W_OK)
-    return _spool_readable
-
-
-def _root_seen_from_here(container: docker.models.containers.Container) -> str:
-    """The running container's root directory, as this process sees it."""
-    container.reload()
-    return f"/proc/{container.attrs['State']['Pid']}/root"
+    global _shared_dir_reachable
+    if _shared_dir_reachable is None:
+        _shared_dir_reachable = os.access(f"/proc/{runtime.pid()}/root{SHARED_DIR}", os.R_OK | os.W_OK)
+    return _shared_dir_reachable
