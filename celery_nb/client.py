@@ -60,7 +60,7 @@ class Client:
         self._follower = JobFollower(self.store)
         self._local_code = LocalCode()
         # big payloads and results as shared memory files, with the workers of this host that share it
-        self.kernel_files = shm.Exchange.own() if self._shares_memory() else None
+        self.kernel_files = shm.Exchange.own(this_process=self.embedded) if self._shares_memory() else None
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
         if broker_url is None:
@@ -112,12 +112,14 @@ class Client:
         _set_task_join_will_block(False)
 
     def shutdown(self) -> None:
-        """Stop the embedded worker and remove its idle containers."""
+        """Stop the embedded worker, remove its idle containers and the shared memory files of its jobs."""
         global _embedded_owner
         if self._embedded is not None:
             self._embedded.stop(in_sighandler=False, exitcode=0)
             self._embedded = None
             self.app.celery_nb_pool.shutdown()
+            if self.kernel_files is not None:  # its jobs' files: they ended with the worker
+                self.kernel_files.remove()
             with _embedded_lock:
                 _embedded_owner = None
 

@@ -1,7 +1,8 @@
 """Big payloads and results as shared memory files, between a kernel and the workers of its host.
 
-A kernel keeps them in its user's folder of /dev/shm, ``/dev/shm/celery_nb-UID`` (mode 0700): the
-payloads it sends (``in-…``), written once, and the results that workers of this host put there
+A kernel keeps them in its user's folder of /dev/shm, ``/dev/shm/celery_nb-UID`` (mode 0700; a
+kernel with the embedded worker has one of its own, ``celery_nb-UID-PID``, gone with it as its
+jobs are): the payloads it sends (``in-…``), written once, and the results that workers of this host put there
 (``out-…``: allocated by the worker, written by the job's process straight into the file, owned by
 the kernel's user), which the kernel maps instead of reading them. A worker uses such files only
 where it sees the kernel's /dev/shm: both read the same random host id from
@@ -13,7 +14,8 @@ of the job's queue can read it, and in the blob store (Redis, S3) otherwise.
 
 Files go as blobs do: a payload once its job has ended, a result once it has been collected;
 those never collected expire DEFAULT_TTL after they were written (their modification time), swept
-by workers and by kernels.
+by workers and by kernels; the folder of a kernel with the embedded worker goes when the kernel
+shuts down, or (killed) when the next such kernel of its user starts.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import functools
 import mmap
 import os
 import re
+import shutil
 import stat
 import time
 import uuid
@@ -32,7 +35,7 @@ from celery_nb_runtime.protocol import write_pieces
 
 SHM_DIR = "/dev/shm"
 _HOST_ID_FILE = os.path.join(SHM_DIR, "celery_nb-host")
-_FOLDER = re.compile(re.escape(SHM_DIR) + r"/celery_nb-(\d+)")
+_FOLDER = re.compile(re.escape(SHM_DIR) + r"/celery_nb-(\d+)(?:-(\d+))?")  # the user's; a process's of the user
 _FILE_NAME = re.compile(r"(in|out)-[0-9a-f]{32}")
 
 
@@ -86,11 +89,14 @@ class Exchange:
         self.host = host
 
     @classmethod
-    def own(cls) -> Exchange | None:
-        """This process's user's folder (made, and swept of expired files, now); None where
-        there is no usable /dev/shm."""
+    def own(cls, this_process: bool = False) -> Exchange | None:
+        """This process's user's folder (made, and swept of expired files, now), or one of this
+        process's own (``this_process``: the folders of this user's processes that have died are
+        removed first); None where there is no usable /dev/shm."""
         host = host_id()
-        folder = f"{SHM_DIR}/celery_nb-{os.geteuid()}"
+        folder = f"{SHM_DIR}/celery_nb-{os.geteuid()}" + (f"-{os.getpid()}" if this_process else "")
+        if this_process:
+            _remove_folders_of_dead_processes(host)
         try:
             os.mkdir(folder, 0o700)
         except FileExistsError:
@@ -195,6 +201,10 @@ class Exchange:
         except FileNotFoundError:
             pass
 
+    def remove(self) -> None:
+        """Remove the folder and its files (a process's own, when it stops)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def sweep(self, max_age: float | None = None) -> None:
         """Delete the files written more than ``max_age`` seconds ago (default: the blobs' expiry)."""
         oldest = time.time() - (DEFAULT_TTL if max_age is None else max_age)
@@ -213,6 +223,20 @@ class Exchange:
         if folder != self.folder or not _FILE_NAME.fullmatch(name):
             raise MissingBlobError(f"{path} is not a file of the shared memory folder {self.folder}")
         return path
+
+
+def _remove_folders_of_dead_processes(host: str | None) -> None:
+    """Remove the folders of this user's processes that are no longer alive (a kernel with the
+    embedded worker that was killed: its jobs ended with it)."""
+    for folder in kernel_folders():
+        match = _FOLDER.fullmatch(folder.folder)
+        if match and match.group(2) and folder.owner == os.geteuid() and folder.host == host:
+            try:
+                os.kill(int(match.group(2)), 0)
+            except ProcessLookupError:
+                folder.remove()
+            except PermissionError:
+                pass  # alive, another user's: a pid reused
 
 
 def kernel_folders() -> list[Exchange]:

@@ -7,9 +7,11 @@ the files gone once their job has ended and its result has been collected."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -23,7 +25,7 @@ from celery_nb.worker import docker_api, handover
 from celery_nb.worker.channel import RuntimeContainer
 from celery_nb.worker.docker_api import LABEL_WORKER
 from celery_nb.worker.policy import ContainerSpec
-from tests.conftest import IMAGE, NUMPY_IMAGE, assert_container_removed, start_worker, stop_process
+from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, assert_container_removed, start_worker, stop_process
 
 BLOB = bytes(range(256)) * (12 * 4096)  # 12 MiB
 ELSEWHERE = "elsewhere"  # the queue of the worker that does not share the kernel's /dev/shm
@@ -270,3 +272,56 @@ def test_big_blocks_a_job_allocates_are_in_huge_pages(client: Client) -> None:
             assert default["huge"] >= 60 << 20
     own = client.submit_cell(cell, {}, image=IMAGE, memory="512m", env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert own.result(timeout=60)["tunables"] == "glibc.malloc.hugetlb=0"
+
+
+def test_an_embedded_kernels_files_go_with_it(docker_client: docker.DockerClient) -> None:
+    """Its jobs end with it: at its shutdown its folder goes, results never collected included;
+    a kernel killed leaves its folder to the next such kernel of its user, which removes it."""
+    kernel = f"""\
+import os
+from celery_nb import Client
+client = Client(None)
+job = client.submit_cell("out = data[::-1]\\n", {{"data": bytes(3 << 20)}}, image={IMAGE!r})
+assert job.wait(60) and job.status == "succeeded"
+print(client.kernel_files.folder, sorted(name[:4] for name in os.listdir(client.kernel_files.folder)), flush=True)
+client.shutdown()
+print(os.path.exists(client.kernel_files.folder), flush=True)
+os._exit(0)  # as if killed: what it made since is not cleaned up
+"""
+    run = subprocess.run([sys.executable, "-c", kernel], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    lines = run.stdout.split("\n")
+    assert lines[0].split(" ", 1)[1] == "['out-']" and lines[1] == "False", run.stdout + run.stderr
+    killed = subprocess.run([sys.executable, "-c", "import os\nfrom celery_nb import shm\n"
+                             "folder = shm.Exchange.own(this_process=True)\nfolder.put([b'x'])\n"
+                             "print(folder.folder)\nos._exit(0)"], capture_output=True, text=True, check=True)
+    left = killed.stdout.strip()
+    assert os.listdir(left)
+    alive = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom celery_nb import shm\n"
+                              "print(shm.Exchange.own(this_process=True).folder, flush=True)\ntime.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    living = alive.stdout.readline().strip()
+    try:
+        mine = shm.Exchange.own(this_process=True)
+        assert not os.path.exists(left) and os.path.exists(living)
+        mine.remove()
+    finally:
+        alive.kill()
+        alive.wait()
+        shutil.rmtree(living, ignore_errors=True)
+
+
+def test_files_are_handed_to_jobs_that_run_as_another_user(redis_url: str, docker_client: docker.DockerClient) -> None:
+    """The job's process gets the descriptors whatever its user: neither the kernel's folder nor
+    the files need be open to it."""
+    worker = start_worker(redis_url, "nobody", "nobody", env={"CELERY_NB_USER": "65534:65534"})
+    try:
+        client = Client(redis_url)
+        files = _files(client)
+        job = client.submit_cell("import os\nuid = os.getuid()\nout = data[::-1]\n", {"data": BLOB}, image=IMAGE,
+                                 queue="nobody", memory="512m")
+        assert job.wait(60) and "shm" in _done(client, job)["result_ref"]
+        outputs = job.result(timeout=60)
+        assert outputs["uid"] == 65534 and outputs["out"] == BLOB[::-1]
+        assert _files(client) == files
+    finally:
+        stop_process(worker)
