@@ -339,7 +339,7 @@ def _file_from_worker(frames: FrameWriter, wanted: Dict[str, Any]) -> Optional[i
                 credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 if struct.unpack("3i", credentials)[0] != 0:
                     continue  # a process of this container
-                _message, fds, _flags, _address = socket.recv_fds(connection, 1, 1)
+                _message, fds, _flags, _address = socket.recv_fds(connection, 1, 1, socket.MSG_CMSG_CLOEXEC)
                 return fds[0] if fds else None
     finally:
         listener.close()
