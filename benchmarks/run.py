@@ -241,7 +241,7 @@ def big_data(client: Client, embedded: Client) -> list[Row]:
             sides[f"no input, {where}"] = functools.partial(given, c, {"data": b""})
     for side in sides.values():
         side()
-    times = alternating(sides, runs=BIG_RUNS, block=1)
+    times = alternating(sides, runs=BIG_RUNS, block=1, pause=0.3)  # what the previous side freed, freed first
     for name, samples in times.items():
         print(f"{name}: median {samples.median * 1e3:.1f} ms, {min(samples.values) * 1e3:.1f}-"
               f"{max(samples.values) * 1e3:.1f} ms over {len(samples.values)}")
