@@ -7,11 +7,12 @@ In a notebook::
     %%celery_docker --image python:3.12-slim --memory 2g
     result = heavy(x)          # x comes from the kernel, result goes back to it
 
-From Python: ``submit(fn, *args, image=...)``, ``@remote(image=...)`` and ``Executor(...)``
-(``concurrent.futures``).
+From Python: ``submit(fn, *args, image=...)``, ``@remote(image=...)``, ``Executor(...)``
+(``concurrent.futures``) and joblib's backend ``"celery_nb"`` (scikit-learn's ``n_jobs``).
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from celery_nb import widgets  # noqa: F401  (shows Jobs as live widgets in notebooks)
@@ -19,19 +20,25 @@ from celery_nb.client import Client, RemoteFunction, default_client, remote, sub
 from celery_nb.config import CeleryNB, use_settings
 from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError,
                               EnvironmentBuildError, ImageNotFoundError, InputError, JobCancelled, JobTimeoutError,
-                              LogUnavailableError, OptionError, OutOfMemoryError, OutputError, PolicyError,
-                              PythonVersionError, RemoteError, SignatureError, UnknownJobError, UnsupportedMagicError)
+                              LogUnavailableError, NoWorkerError, OptionError, OutOfMemoryError, OutputError,
+                              PolicyError, PythonVersionError, RemoteError, SignatureError, UnknownJobError,
+                              UnsupportedMagicError)
 from celery_nb.executor import Executor
 from celery_nb.job import Job, JobFuture
 from celery_nb.options import JobOptions
 from celery_nb_runtime import progress
 
+if importlib.util.find_spec("joblib") is not None:  # joblib is optional: its backend "celery_nb" if it is there
+    from celery_nb import joblib_backend
+
+    joblib_backend.register()
+
 __all__ = [
     "BrokerUnavailableError", "CeleryNBError", "Client", "ContainerError", "DockerUnavailableError",
     "EnvironmentBuildError", "Executor", "ImageNotFoundError", "InputError", "Job", "JobCancelled", "JobFuture",
-    "JobOptions", "JobTimeoutError", "LogUnavailableError", "OptionError", "OutOfMemoryError", "OutputError",
-    "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction", "SignatureError", "UnknownJobError",
-    "UnsupportedMagicError", "default_client", "progress", "remote", "submit",
+    "JobOptions", "JobTimeoutError", "LogUnavailableError", "NoWorkerError", "OptionError", "OutOfMemoryError",
+    "OutputError", "PolicyError", "PythonVersionError", "RemoteError", "RemoteFunction", "SignatureError",
+    "UnknownJobError", "UnsupportedMagicError", "default_client", "progress", "remote", "submit",
 ]
 
 

@@ -4,20 +4,23 @@ and the one task name. A kernel on a broker only publishes with it; a worker add
 """
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import uuid
 from queue import Empty
 from typing import Any
 
 import redis
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
 from kombu.transport import memory as kombu_memory
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 from celery_nb.config import DEFAULT_QUEUE
 from celery_nb.jobstore import DEFAULT_PATIENCE, REDIS_TIMEOUTS, RENEW_INTERVAL, redis_retry
@@ -45,24 +48,43 @@ def visibility_timeout() -> float:
     return value
 
 
-class _Riders(threading.local):
-    commands: Callable[[redis.client.Pipeline], None] | None = None
+def task_message(app: Celery, request: dict[str, Any], task_id: str, queue: str, shadow: str,
+                 argsrepr: str) -> bytes:
+    """The message of a run_job task of ``request`` on ``queue``, as kombu's Redis transport
+    keeps it in the queue's list: the message Celery's ``send_task`` would publish (protocol 2,
+    JSON, in kombu's envelope; tests/test_pinned.py compares them), built without that
+    machinery, which costs a kernel more CPU per job than all the rest of a submit."""
+    body = json.dumps([[request], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    headers = {"lang": "py", "task": TASK_NAME, "id": task_id, "shadow": shadow, "eta": None, "expires": None,
+               "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
+               "parent_id": None, "argsrepr": argsrepr, "kwargsrepr": "{}", "origin": _ORIGIN, "ignore_result": None,
+               "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
+    properties = {"correlation_id": task_id, "reply_to": app.thread_oid, "argsrepr": argsrepr, "delivery_mode": 2,
+                  "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                  "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}
+    return kombu_redis.dumps({"body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
+                              "content-type": "application/json", "headers": headers,
+                              "properties": properties}).encode()
 
 
-_riders = _Riders()
+_ORIGIN = anon_nodename()  # who sent a task, as Celery names a process that is no worker
 
 
-@contextmanager
-def commands_before_publish(commands: Callable[[redis.client.Pipeline], None]) -> Iterator[None]:
-    """The next task message this thread publishes goes to Redis in one round trip with the
-    Redis commands that ``commands`` adds to a pipeline, and after them (a job's first event
-    and its message: the worker's events always come after). Only for an app whose
-    ``celery_nb_publishes_with_commands`` is true (a redis:// broker)."""
-    _riders.commands = commands
-    try:
-        yield
-    finally:
-        _riders.commands = None
+def unacked_records(delivery_tag: str) -> tuple[str, str, str]:
+    """Where kombu's Redis transport records a delivered message until it is acked: its hash of
+    messages, its index of delivery times (their keys), and the message's tag (JobStore.finish)."""
+    return kombu_redis.Channel.unacked_key, kombu_redis.Channel.unacked_index_key, delivery_tag
+
+
+def acked_with_its_job(delivery_tag: str) -> None:
+    """The records of message ``delivery_tag`` went in the round trip that ended its job
+    (JobStore.finish with its unacked_records): Celery's ack of it then costs no second one."""
+    with _acked_lock:
+        _acked.add(delivery_tag)
+
+
+_acked: set[str] = set()
+_acked_lock = threading.Lock()
 
 
 def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
@@ -71,33 +93,40 @@ def patient_redis_transport(patience: float) -> type[kombu_redis.Transport]:
     kombu takes a message off the queue (BRPOP), then records it as unacked with a second
     command: were that one to fail, the message would be lost. Acks, publishes and restores go
     through the same connections. The consumer's own (BRPOP) connection still fails at once,
-    so that the worker notices and reconnects.
-
-    A message published within commands_before_publish goes in one pipeline with the commands.
+    so that the worker notices and reconnects. A message whose records went with its job's end
+    (acked_with_its_job) is acked without a round trip.
     """
     retry = redis_retry(patience)
 
+    class AckedWithItsJobQoS(kombu_redis.QoS):
+        def ack(self, delivery_tag: str) -> None:
+            with _acked_lock:
+                already = delivery_tag in _acked
+                _acked.discard(delivery_tag)
+            if already:  # (see acked_with_its_job) kombu's own book-keeping only
+                kombu_virtual.QoS.ack(self, delivery_tag)
+            else:
+                super().ack(delivery_tag)
+
     class Channel(kombu_redis.Channel):
+        QoS = AckedWithItsJobQoS
+        _plain_client: redis.Redis | None = None
+
         def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
             params = super()._connparams(asynchronous)
             if not asynchronous:
                 params["retry"] = retry
             return params
 
-        def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-            commands, _riders.commands = _riders.commands, None
-            if commands is None:
-                return super()._put(queue, message, **kwargs)
-            # kombu's own _put for what it does beyond one LPUSH (batches, queue expiry)
-            plain = kwargs.get("_publish_batch") is None and not (self._expires and queue in self._expires)
-            with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-                commands(pipe)
-                if plain:
-                    pipe.lpush(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)),
-                               kombu_redis.dumps(message))
-                pipe.execute()
-            if not plain:
-                super()._put(queue, message, **kwargs)
+        def _create_client(self, asynchronous: bool = False) -> redis.Redis:
+            # kombu makes a client per command (an ack, a delivery's record), and redis-py builds
+            # its table of reply parsers with each: one client of the channel's pool does
+            if asynchronous:
+                return super()._create_client(asynchronous)
+            client = self._plain_client
+            if client is None or client.connection_pool is not self.pool:
+                client = self._plain_client = super()._create_client()
+            return client
 
     class Transport(kombu_redis.Transport):
         pass
@@ -162,9 +191,9 @@ class PromptMemoryTransport(kombu_memory.Transport):
 def celery_app(broker_url: str | None, broker_patience: float = DEFAULT_PATIENCE) -> Celery:
     """A Celery app on ``broker_url`` (None: the in-process memory transport of the embedded
     worker). ``broker_patience``: seconds its broker commands retry while Redis is away.
-    ``app.celery_nb_publishes_with_commands``: see commands_before_publish."""
+    ``app.celery_nb_redis_queues``: its queues are Redis lists (see task_message)."""
     app = Celery("celery_nb", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
-    app.celery_nb_publishes_with_commands = False
+    app.celery_nb_redis_queues = False
     app.conf.update(
         # JSON only: the worker never unpickles what arrives from the broker
         task_serializer="json",
@@ -196,7 +225,7 @@ def celery_app(broker_url: str | None, broker_patience: float = DEFAULT_PATIENCE
     }
     if broker_url.startswith(("redis://", "rediss://")):  # (sentinel:// has a transport of its own)
         app.conf.broker_transport = patient_redis_transport(broker_patience)
-        app.celery_nb_publishes_with_commands = True
+        app.celery_nb_redis_queues = True
     if broker_url.startswith("rediss://"):
         app.conf.broker_use_ssl = tls_options(broker_url)
     return app

@@ -25,7 +25,7 @@ from celery.worker import WorkController
 
 from celery_nb import analysis, cell_syntax, journal, payload, requirements, shm
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, MissingBlobError, blob_store_for
-from celery_nb.broker import TASK_NAME, celery_app, commands_before_publish
+from celery_nb.broker import TASK_NAME, celery_app, task_message
 from celery_nb.config import settings
 from celery_nb.errors import BrokerUnavailableError, InputError, SignatureError, UnknownJobError
 from celery_nb.files import Uploads, resolve_uploads
@@ -34,7 +34,7 @@ from celery_nb.jobstore import DEFAULT_TTL, FIRST_EVENT_ID, START, JobStore, Mem
 from celery_nb.local_code import LocalCode, LocalModule, ReferenceRecorder
 from celery_nb.options import JobOptions
 from celery_nb.signing import Signer, digest
-from celery_nb.worker.app import worker_app
+from celery_nb.worker.app import WORKER_SLOTS_COMMAND, worker_app
 from celery_nb_runtime import map_chunk
 from celery_nb_runtime.runner import CELL_BUILTINS
 
@@ -159,22 +159,25 @@ class Client:
                           lambda: requirements.cell_modules(cell.source, first_line, values))
 
     def submit(self, fn: Callable[..., Any], *args: Any, kwargs: Mapping[str, Any] | None = None,
-               options: JobOptions | None = None, **option_fields: Any) -> Job:
+               options: JobOptions | None = None, label: str | None = None, **option_fields: Any) -> Job:
         """Run ``fn(*args, **kwargs)`` in a container (the image needs the kernel's Python minor
         version). The job's options are ``options`` with ``option_fields`` (any JobOptions
         field: image=, memory=, fresh=, network=, gpus=, upload=, ...) on top. The local modules
-        it needs (``fn``'s own, those of the functions and classes it is given) travel with it."""
+        it needs (``fn``'s own, those of the functions and classes it is given) travel with it.
+        ``label``: what its widget, ``%celery_jobs`` and Flower call the job (default: ``fn``'s name)."""
         job_options = JobOptions.build(options, **option_fields)
         referenced = ReferenceRecorder()
         data = payload.call_payload(fn, args, kwargs or {}, _uploads(job_options), job_options.download or (),
                                     dumps=referenced)
         code = self._local_code.for_call(args[0] if fn is map_chunk else fn, referenced.modules)
         if fn is map_chunk:  # a chunk of RemoteFunction.map: name the mapped function
-            label = f"{_function_name(args[0])}() over {len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
-            needs = functools.partial(requirements.function_modules, args[0], args[1])
+            count = f"{len(args[1])} item{'s' if len(args[1]) != 1 else ''}"
+            label = label or f"{_function_name(args[0])}() over {count}"
+            needs = functools.partial(requirements.function_modules, args[0], args[1], referenced.modules)
         else:
-            label = f"{_function_name(fn)}()"
-            needs = functools.partial(requirements.function_modules, fn, (*args, *(kwargs or {}).values()))
+            label = label or f"{_function_name(fn)}()"
+            needs = functools.partial(requirements.function_modules, fn, (*args, *(kwargs or {}).values()),
+                                      referenced.modules)
         return self._send("call", data, job_options, label, code, needs)
 
     def _send(self, kind: str, data: list[Any], options: JobOptions, label: str, code: Sequence[LocalModule],
@@ -188,6 +191,8 @@ class Client:
         assert options.image is not None and options.queue is not None  # the defaults set them
         job = Job(self, uuid.uuid4().hex, kind, options.image, options.queue, label)
         request: dict[str, Any] = {"job_id": job.id, "kind": kind, "options": options.to_request()}
+        if self._follower.inbox is not None:  # its worker names it there: the follower reads it then
+            request["inbox"] = self._follower.inbox
         try:
             self._add_payload(request, data, options.queue)
             if code:
@@ -229,20 +234,18 @@ class Client:
         # Flower and the worker's log show the job by its label (shadow) and its options
         # (argsrepr; its environment variables left out), not as celery_nb.run_job with the payload
         shown = {k: v for k, v in options.to_request().items() if k not in ("env", "queue")}
-        publish = functools.partial(
-            self.app.send_task, TASK_NAME, args=[request], task_id=job.id, queue=job.queue,
-            shadow=f"{job.kind}: {job.label[:80]}", argsrepr=repr(shown))
-        if isinstance(self.store, RedisJobStore) and self.app.celery_nb_publishes_with_commands:
-            # the job's first event and its message in one round trip; the follower reads on
-            # from after that event (the Job already says what it says)
-            wake = self._follower.follow(job, cursor=FIRST_EVENT_ID)
-            store = self.store
-            with commands_before_publish(lambda pipe: store.first_event_in(pipe, job.id, queued, wake)):
-                publish()
+        shadow, argsrepr = f"{job.kind}: {job.label[:80]}", repr(shown)
+        if isinstance(self.store, RedisJobStore) and self.app.celery_nb_redis_queues:
+            # the job's first event and its task message (on its queue's list) in one round trip;
+            # the follower reads on from after that event (the Job already says what it says)
+            self._follower.follow(job, cursor=FIRST_EVENT_ID, routed="inbox" in request)
+            message = task_message(self.app, request, job.id, job.queue, shadow, argsrepr)
+            self.store.first_event(job.id, queued, then=lambda pipe: pipe.lpush(job.queue, message))
         else:
             wake = self._follower.follow(job)
             self.store.append(job.id, queued, wake=wake)
-            publish()
+            self.app.send_task(TASK_NAME, args=[request], task_id=job.id, queue=job.queue, shadow=shadow,
+                               argsrepr=argsrepr)
 
     def attach(self, job_id: str) -> Job:
         """See ``Job.attach``."""
@@ -316,6 +319,17 @@ class Client:
     def read_blob(self, ref: dict[str, Any]) -> Any:
         """See JobBackend.read_blob."""
         return self.blobs.get(ref)
+
+    def worker_slots(self, queue: str | None = None, timeout: float = 1.0) -> int:
+        """How many jobs the workers that take ``queue``'s jobs (default: CeleryNB.default_queue)
+        run at once: the embedded worker's concurrency, or the sum over the workers on the broker
+        that answer within ``timeout`` seconds (0: none did)."""
+        if self.embedded:  # its worker takes every job of this client, whatever its queue
+            return self._embedded.concurrency if self._embedded is not None else 0
+        queue = queue or settings().default_queue
+        replies = self.app.control.broadcast(WORKER_SLOTS_COMMAND, reply=True, timeout=timeout)
+        return sum(answer["concurrency"] for reply in replies for answer in reply.values()
+                   if isinstance(answer, dict) and queue in answer.get("queues", ()))
 
     def cancel(self, job_id: str) -> None:
         # The flag stops a running job (its worker checks it while the container runs); the

@@ -37,6 +37,10 @@ class BrokerUnavailableError(CeleryNBError):
     """The kernel cannot reach the Celery broker; nothing was submitted."""
 
 
+class NoWorkerError(CeleryNBError, RuntimeError):
+    """No worker answered that it takes jobs from the queue (joblib's n_jobs=-1 counts their slots)."""
+
+
 class UnknownJobError(CeleryNBError, KeyError):
     """No job with that id is known to the job store (wrong broker, or its events expired)."""
 

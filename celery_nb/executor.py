@@ -33,6 +33,7 @@ class _Call:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # the job's, when the caller names it (submit_as)
 
 
 class Executor(concurrent.futures.Executor):
@@ -60,11 +61,18 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Run ``fn(*args, **kwargs)`` in a container; the future's result is its return value."""
-        future = JobFuture()
+        return self._hold(_Call(JobFuture(), fn, args, kwargs))
+
+    def submit_as(self, label: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> JobFuture:
+        """``submit``, with the job called ``label`` in its widget, ``%celery_jobs`` and Flower."""
+        return self._hold(_Call(JobFuture(), fn, args, kwargs, label))
+
+    def _hold(self, call: _Call) -> JobFuture:
+        future = call.future
         with self._changed:
             if self._shut_down:
                 raise RuntimeError("cannot submit to a celery_nb Executor after its shutdown()")
-            self._held.append(_Call(future, fn, args, kwargs))
+            self._held.append(call)
             self._unfinished.add(future)
         future.add_done_callback(self._forget)
         self._send_held()
@@ -92,9 +100,7 @@ class Executor(concurrent.futures.Executor):
             self._shut_down = True
             unfinished = list(self._unfinished)
         if cancel_futures:
-            for future in unfinished:
-                if not future.cancel() and future.job is not None:
-                    future.job.cancel()  # running: its container is killed
+            stop(unfinished)
         if wait:
             with self._changed:
                 self._changed.wait_for(
@@ -112,7 +118,7 @@ class Executor(concurrent.futures.Executor):
                 self._in_flight += 1
             try:
                 job = (self._client or default_client()).submit(call.fn, *call.args, kwargs=call.kwargs,
-                                                                options=self.options)
+                                                                options=self.options, label=call.label)
             except Exception as exc:  # e.g. an argument that cannot be pickled: the future says so
                 with self._changed:
                     self._in_flight -= 1
@@ -133,6 +139,14 @@ class Executor(concurrent.futures.Executor):
         with self._changed:
             self._unfinished.discard(future)
             self._changed.notify_all()
+
+
+def stop(futures: Iterable[JobFuture]) -> None:
+    """Cancel the calls not sent yet and the jobs queued, and stop the running ones (their
+    containers are killed; their futures raise JobCancelled)."""
+    for future in futures:
+        if not future.cancel() and future.job is not None:
+            future.job.cancel()  # running (or done: then nothing happens)
 
 
 def _results_in_order(futures: list[JobFuture], deadline: float | None) -> Iterator[Any]:

@@ -25,6 +25,9 @@ from celery_nb.logwindow import LogWindow
 from celery_nb.options import format_size
 
 _READ_TIMEOUT = 0.5  # s; listeners are also called this often while the job runs (elapsed time)
+# s between two reads of every followed job's events, also of those routed to the client's inbox:
+# a job whose worker did not name it there (a queued job revoked before Celery read its request)
+_SWEEP_INTERVAL = 2.0
 
 
 class JobBackend(Protocol):
@@ -446,15 +449,25 @@ class JobFollower:
         self._store = store
         self._waker = store.waker()
         self._jobs: dict[str, tuple[Job, str]] = {}  # job id -> (job, cursor)
+        self._routed: set[str] = set()  # the jobs whose workers name them in the inbox
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def follow(self, job: Job, cursor: str = START) -> Waker:
-        """Start reading ``job``'s events after ``cursor``. Ring the returned bell (e.g. with
-        the job's first event, in the same round trip) so that a read already waiting
-        includes the job."""
+    @property
+    def inbox(self) -> str | None:
+        """What a job's request names for its worker to route its events to this follower (None:
+        the store needs none)."""
+        return self._waker.inbox
+
+    def follow(self, job: Job, cursor: str = START, routed: bool = False) -> Waker:
+        """Start reading ``job``'s events after ``cursor``. ``routed``: its request names the
+        inbox, and its worker names it there with each of its writes; otherwise ring the returned
+        bell (e.g. with the job's first event, in the same round trip) so that a read already
+        waiting includes the job."""
         with self._lock:
             self._jobs[job.id] = (job, cursor)
+            if routed:
+                self._routed.add(job.id)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery_nb-job-follower", daemon=True)
                 self._thread.start()
@@ -463,13 +476,25 @@ class JobFollower:
     def forget(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.id, None)
+            self._routed.discard(job.id)
+
+    def _routed_cursors(self, named: set[str]) -> dict[str, str]:
+        """The cursors of the jobs among ``named`` that are followed and routed to the inbox."""
+        with self._lock:
+            return {job_id: self._jobs[job_id][1] for job_id in named if job_id in self._jobs and job_id in self._routed}
 
     def _run(self) -> None:
+        swept = ticked = time.monotonic()
         while True:  # also while no job runs: a bell ends the wait, and the thread stays warm
-            with self._lock:
-                cursors = {job_id: cursor for job_id, (_job, cursor) in self._jobs.items()}
+            sweep = time.monotonic() - swept > _SWEEP_INTERVAL
+            swept = time.monotonic() if sweep else swept
+            tick = time.monotonic() - ticked >= _READ_TIMEOUT  # every job's listeners are called
+            ticked = time.monotonic() if tick else ticked
+            with self._lock:  # the jobs routed to the inbox are read when named there (and at a sweep)
+                cursors = {job_id: cursor for job_id, (_job, cursor) in self._jobs.items()
+                           if sweep or job_id not in self._routed}
             try:
-                found = self._store.read_many(cursors, _READ_TIMEOUT, self._waker)
+                found = self._store.read_many(cursors, _READ_TIMEOUT, self._waker, self._routed_cursors)
             except Exception as exc:  # the broker went away: keep trying, say so in the logs
                 for job, _cursor in list(self._jobs.values()):
                     job._apply({"type": "log", "stream": "stderr",
@@ -477,22 +502,27 @@ class JobFollower:
                 time.sleep(1)
                 continue
             with self._lock:
+                changed = []
                 for job_id, (events, cursor) in found.items():
                     if job_id not in self._jobs:  # forgotten meanwhile
                         continue
                     job = self._jobs[job_id][0]
                     self._jobs[job_id] = (job, cursor)
+                    changed.append(job)
                     for event in events:
                         job._apply(event)
                         if job.finished:
                             break
-                active = [job for job, _cursor in self._jobs.values()]
-                finished = [job for job in active if job.finished]
+                # those with new events now, every job now and then (its elapsed time): not every job
+                # at each read, which would cost a kernel sending many jobs at once their square
+                listened = [job for job, _cursor in self._jobs.values()] if tick else changed
+                finished = [job for job in changed if job.finished]
                 for job in finished:
                     del self._jobs[job.id]
+                    self._routed.discard(job.id)
             if finished:
                 time.sleep(0)  # let a thread waiting for a result (woken by _apply) run before the bookkeeping
-            for job in active:
+            for job in listened:
                 job._notify(job._listeners)
             for job in finished:
                 job._complete()

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,12 +105,22 @@ class JobStore(Protocol):
     def read(self, job_id: str, cursor: str, timeout: float) -> tuple[list[Event], str]:
         """Events after ``cursor`` (waiting up to ``timeout`` s for one) and the new cursor."""
 
-    def read_many(self, cursors: dict[str, str], timeout: float, wake: Waker) -> dict[str, tuple[list[Event], str]]:
+    def read_many(self, cursors: dict[str, str], timeout: float, wake: Waker,
+                  routed: Callable[[set[str]], dict[str, str]] | None = None) -> dict[str, tuple[list[Event], str]]:
         """New events of several jobs at once, waiting up to ``timeout`` s for any of them or
-        for ``wake`` to be rung; only jobs with events are in the answer."""
+        for ``wake`` to be rung; only jobs with events are in the answer. The jobs routed to
+        ``wake``'s inbox (``route``) need not be among ``cursors``: they are read once named there,
+        so that the wait costs the same however many jobs are followed; ``routed(named)`` gives
+        the cursors of those of the named jobs to read (asked after the wait: jobs followed
+        meanwhile are among them)."""
 
     def waker(self) -> Waker:
-        """A bell that interrupts read_many (to make it read a newly followed job)."""
+        """A bell that interrupts read_many (to make it read a newly followed job), and the inbox
+        of the jobs routed to it."""
+
+    def route(self, job_id: str, inbox: str | None) -> None:
+        """From now on each write of ``job_id``'s events also names the job in ``inbox`` (a
+        ``Waker.inbox``, from its request), until it finishes or ``inbox`` is None."""
 
     def request_cancel(self, job_id: str) -> None: ...
 
@@ -136,15 +147,20 @@ class JobStore(Protocol):
         out again. Called a renewal interval after expired_leases named them, so that a live
         holder whose renewals were late (Redis was away) takes its lease back first."""
 
-    def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
+    def finish(self, job_id: str, event: Event, blob: bytes | None = None,
+               message: tuple[str, str, str] | None = None) -> bool:
         """Append the job's final event and release its lease, unless it already has one
-        (then False: another run finished it first)."""
+        (then False: another run finished it first). ``message``: where kombu's Redis transport
+        records the run's broker message until it is acked (its hash and index, the delivery
+        tag): removed in the same round trip, whatever the outcome (the message is acked)."""
 
     local: bool
     """True when the store lives in this process (its calls cost no round trip)."""
 
 
 class Waker(Protocol):
+    inbox: str | None  # what a job's request names for route (None: every read looks at every job)
+
     def ring(self) -> None: ...
 
 
@@ -186,7 +202,8 @@ class MemoryJobStore:
     def read(self, job_id: str, cursor: str, timeout: float) -> tuple[list[Event], str]:
         return self.read_many({job_id: cursor}, timeout, self.waker()).get(job_id, ([], cursor))
 
-    def read_many(self, cursors: dict[str, str], timeout: float, wake: Waker) -> dict[str, tuple[list[Event], str]]:
+    def read_many(self, cursors: dict[str, str], timeout: float, wake: Waker,
+                  routed: Callable[[set[str]], dict[str, str]] | None = None) -> dict[str, tuple[list[Event], str]]:
         deadline = time.monotonic() + timeout
         with self._changed:
             rings = self._rings
@@ -204,6 +221,9 @@ class MemoryJobStore:
 
     def waker(self) -> Waker:
         return _MemoryWaker(self)
+
+    def route(self, job_id: str, inbox: str | None) -> None:
+        pass  # a read looks at every job's events in memory at no cost
 
     def _ring(self) -> None:
         with self._changed:
@@ -236,7 +256,8 @@ class MemoryJobStore:
     def take_over(self, job_ids: list[str]) -> list[Expired]:
         return []
 
-    def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
+    def finish(self, job_id: str, event: Event, blob: bytes | None = None,
+               message: tuple[str, str, str] | None = None) -> bool:
         with self._changed:
             if job_id in self._finished:
                 return False
@@ -247,6 +268,8 @@ class MemoryJobStore:
 
 
 class _MemoryWaker:
+    inbox = None
+
     def __init__(self, store: MemoryJobStore) -> None:
         self._store = store
 
@@ -254,11 +277,20 @@ class _MemoryWaker:
         self._store._ring()
 
 
+def is_inbox(key: Any) -> bool:
+    """Whether ``key`` (from a request) names a kernel's inbox, the only keys a worker notifies."""
+    return isinstance(key, str) and key.startswith(_INBOX_PREFIX) and len(key) <= 100
+
+
+_INBOX_PREFIX = "celery_nb:inbox:"
+
+
 class _RedisWaker:
-    """A tiny stream of its own that the follower's XREAD also watches."""
+    """A stream of its own that the follower's XREAD watches: its bell, and the inbox where the
+    jobs routed to it are named when they have new events (ids read, then trimmed)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.key = f"celery_nb:wake:{uuid.uuid4().hex}"
+        self.key = self.inbox = f"{_INBOX_PREFIX}{uuid.uuid4().hex}"
         self.cursor = "0"
         self._redis = client
 
@@ -268,8 +300,8 @@ class _RedisWaker:
         pipe.execute()
 
     def ring_in(self, pipe: Any) -> None:
-        pipe.xadd(self.key, {"w": 1}, maxlen=10, approximate=True)
-        pipe.expire(self.key, 3600)
+        pipe.xadd(self.key, {"w": 1})  # (never MAXLEN: it would drop jobs' names not read yet)
+        pipe.expire(self.key, DEFAULT_TTL)
 
 
 # Scripts that say when a lease ends do so in Redis's clock, the one clock every host shares.
@@ -345,12 +377,22 @@ for i = 1, #ARGV do
 end
 return taken
 """
-# KEYS: done, events, lease, leases, deliveries; ARGV: ttl s, job id, event json[, blob] -> 1 if appended
+# KEYS: done, events, lease, leases, deliveries, inbox, unacked messages, their index (unused ones: any key);
+# ARGV: ttl s, job id, event json, notify the inbox ('1' or ''), delivery tag to ack ('' if none)[, blob]
+# -> 1 if appended
 _FINISH = """
+if ARGV[5] ~= '' then
+  redis.call('HDEL', KEYS[7], ARGV[5])
+  redis.call('ZREM', KEYS[8], ARGV[5])
+end
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
-if ARGV[4] then redis.call('XADD', KEYS[2], '*', 'e', ARGV[3], 'b', ARGV[4])
+if ARGV[6] then redis.call('XADD', KEYS[2], '*', 'e', ARGV[3], 'b', ARGV[6])
 else redis.call('XADD', KEYS[2], '*', 'e', ARGV[3]) end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[6], '*', 'j', ARGV[2])
+  redis.call('EXPIRE', KEYS[6], ARGV[1])
+end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('HDEL', KEYS[5], ARGV[2])
@@ -387,6 +429,7 @@ class RedisJobStore:
     def __init__(self, url: str, ttl: int = DEFAULT_TTL, patience: float = DEFAULT_PATIENCE) -> None:
         self._redis = connect_redis(url, patience)
         self._ttl = ttl
+        self._routes: dict[str, str] = {}  # job id -> the inbox its writes notify (route)
         self._claim = self._redis.register_script(_CLAIM)
         self._renew = self._redis.register_script(_RENEW)
         self._finish = self._redis.register_script(_FINISH)
@@ -409,9 +452,22 @@ class RedisJobStore:
         for fields in entries:
             pipe.xadd(key, fields)
         pipe.expire(key, self._ttl)
+        self._notify_in(pipe, job_id)
         if isinstance(wake, _RedisWaker):
             wake.ring_in(pipe)
         pipe.execute()
+
+    def route(self, job_id: str, inbox: str | None) -> None:
+        if is_inbox(inbox):
+            self._routes[job_id] = inbox
+        else:
+            self._routes.pop(job_id, None)
+
+    def _notify_in(self, pipe: redis.client.Pipeline, job_id: str) -> None:
+        inbox = self._routes.get(job_id)
+        if inbox is not None:
+            pipe.xadd(inbox, {"j": job_id})
+            pipe.expire(inbox, self._ttl)
 
     def append_dropping(self, job_id: str, events: list[Event], drop: list[str]) -> list[str]:
         key = events_key(job_id)
@@ -421,39 +477,45 @@ class RedisJobStore:
         if drop:
             pipe.xdel(key, *drop)
         pipe.expire(key, self._ttl)
+        self._notify_in(pipe, job_id)
         return [event_id.decode() for event_id in pipe.execute()[:len(events)]]
 
-    def first_event_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event, wake: Waker) -> None:
-        """Add to ``pipe`` (of a client of the same Redis, to run with other commands) the
-        commands that make ``event`` the job's first event, with id FIRST_EVENT_ID (once,
-        however often the pipeline is retried), and ring ``wake``."""
+    def first_event(self, job_id: str, event: Event, then: Callable[[redis.client.Pipeline], object]) -> None:
+        """In one round trip: ``event`` becomes the job's first event, with id FIRST_EVENT_ID (once,
+        however often the round trip is retried), then the commands that ``then`` adds to the
+        pipeline run (the job's task message: its worker's events come after)."""
+        pipe = self._redis.pipeline(transaction=False)
         pipe.eval(_FIRST_EVENT, 1, events_key(job_id), FIRST_EVENT_ID, json.dumps(event), self._ttl)
-        if isinstance(wake, _RedisWaker):
-            wake.ring_in(pipe)
+        then(pipe)
+        pipe.execute()
 
     def read(self, job_id: str, cursor: str, timeout: float) -> tuple[list[Event], str]:
         return self.read_many({job_id: cursor}, timeout, self.waker()).get(job_id, ([], cursor))
 
-    def read_many(self, cursors: dict[str, str], timeout: float, wake: Waker) -> dict[str, tuple[list[Event], str]]:
+    def read_many(self, cursors: dict[str, str], timeout: float, wake: Waker,
+                  routed: Callable[[set[str]], dict[str, str]] | None = None) -> dict[str, tuple[list[Event], str]]:
         assert isinstance(wake, _RedisWaker)
         streams = {events_key(job_id): cursor for job_id, cursor in cursors.items()}
         streams[wake.key] = wake.cursor
-        # one blocking read for every job: one connection however many jobs run (BLOCK 0 would never return)
+        # one blocking read: one connection however many jobs run (BLOCK 0 would never return)
         reply = self._redis.xread(streams, block=max(1, int(timeout * 1000)))
         found = {}
+        named: set[str] | None = None  # the jobs the inbox names, if it was read
         for key, entries in reply:
-            key = key.decode()
-            if key == wake.key:
+            if key.decode() == wake.key:
                 wake.cursor = entries[-1][0].decode()
-                continue
-            job_id = key[len(events_key("")):]
-            events = []
-            for _entry_id, fields in entries:
-                event = json.loads(fields[b"e"])
-                if b"b" in fields:
-                    event["blob"] = fields[b"b"]
-                events.append(event)
-            found[job_id] = (events, entries[-1][0].decode())
+                named = {fields[b"j"].decode() for _entry_id, fields in entries if b"j" in fields}
+            else:
+                found[key.decode()[len(events_key("")):]] = _events(entries)
+        if named is not None:  # read them now (not those just read: their events named were there); the inbox trimmed
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xtrim(wake.key, minid=wake.cursor, approximate=False)
+            more = routed(named - cursors.keys()) if routed is not None else {}
+            if more:
+                pipe.xread({events_key(job_id): cursor for job_id, cursor in more.items()})
+            replies = pipe.execute()
+            for key, entries in (replies[1] or []) if more else []:
+                found[key.decode()[len(events_key("")):]] = _events(entries)
         return found
 
     def waker(self) -> Waker:
@@ -491,11 +553,16 @@ class RedisJobStore:
         taken = self._take_over(keys=[LEASES_KEY, DELIVERIES_KEY, *keys], args=job_ids)
         return [Expired(job_id.decode(), tag.decode()) for job_id, tag in taken]
 
-    def finish(self, job_id: str, event: Event, blob: bytes | None = None) -> bool:
-        args: list[Any] = [self._ttl, job_id, json.dumps(event)]
+    def finish(self, job_id: str, event: Event, blob: bytes | None = None,
+               message: tuple[str, str, str] | None = None) -> bool:
+        inbox = self._routes.pop(job_id, None)  # its last write
+        unacked, index, tag = message or ("", "", "")
+        events = events_key(job_id)
+        keys = [done_key(job_id), events, lease_key(job_id), LEASES_KEY, DELIVERIES_KEY, inbox or events,
+                unacked or events, index or events]
+        args: list[Any] = [self._ttl, job_id, json.dumps(event), "1" if inbox else "", tag]
         if blob is not None:
             args.append(blob)
-        keys = [done_key(job_id), events_key(job_id), lease_key(job_id), LEASES_KEY, DELIVERIES_KEY]
         return bool(self._finish(keys=keys, args=args))
 
     def announce(self, worker: str, facts: dict[str, Any], ttl: float) -> None:
@@ -516,3 +583,14 @@ class RedisJobStore:
         """The facts of the workers whose announcement has not expired, by worker name."""
         found = self._live_workers(keys=[WORKERS_KEY], args=[worker_key("")])
         return {found[i].decode(): json.loads(found[i + 1]) for i in range(0, len(found), 2)}
+
+
+def _events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Event], str]:
+    """A job's stream entries as events (a binary attachment as event["blob"]), and the last one's id."""
+    events = []
+    for _entry_id, fields in entries:
+        event = json.loads(fields[b"e"])
+        if b"b" in fields:
+            event["blob"] = fields[b"b"]
+        events.append(event)
+    return events, entries[-1][0].decode()

@@ -57,6 +57,9 @@ _more = threading.Event()  # entries are pending
 _write_lock = threading.Lock()
 _writer_lock = threading.Lock()  # not _write_lock: a job must not wait for the previous one's write
 _writer: threading.Thread | None = None
+# the connection writes go through, kept open (opening one costs more than a write), and what it
+# is of: (process, path, inode)
+_writing: tuple[tuple[int, Path, int], sqlite3.Connection] | None = None
 
 
 def record(entry: JournalEntry) -> None:
@@ -84,13 +87,14 @@ def _connect() -> sqlite3.Connection:
     A file that is no journal (damaged by an OS crash, or another file) is moved aside."""
     path = journal_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT)
+    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, check_same_thread=False)  # (used under _write_lock)
     try:
         db.execute("PRAGMA journal_mode=TRUNCATE")
         db.execute("PRAGMA synchronous=OFF")
         columns = ", ".join(field.name for field in dataclasses.fields(JournalEntry))
         db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns}, PRIMARY KEY (job_id))")
         db.execute("CREATE INDEX IF NOT EXISTS jobs_by_broker ON jobs (broker, submitted_at)")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_at)")  # what expires, found at once
     except sqlite3.DatabaseError as exc:
         db.close()
         if isinstance(exc, sqlite3.OperationalError):  # (busy: not a damaged file)
@@ -101,20 +105,26 @@ def _connect() -> sqlite3.Connection:
 
 
 def _write_pending() -> None:
+    global _writing
     with _write_lock:
         rows = []
         while not _pending.empty():
             rows.append(dataclasses.astuple(_pending.get_nowait()))
         if not rows:
             return
-        db = _connect()
+        path = journal_path()
         try:
-            with db:  # one transaction
-                db.executemany(f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(rows[0]))})", rows)
-                db.execute("DELETE FROM jobs WHERE submitted_at < ? OR rowid <= (SELECT MAX(rowid) FROM jobs) - ?",
-                           (time.time() - DEFAULT_TTL, _MAX_ENTRIES))
-        finally:
-            db.close()
+            key = (os.getpid(), path, path.stat().st_ino)
+        except FileNotFoundError:
+            key = None
+        if _writing is None or _writing[0] != key:  # the first write, or another file (moved aside, a fork)
+            db = _connect()
+            _writing = ((os.getpid(), path, path.stat().st_ino), db)
+        db = _writing[1]
+        with db:  # one transaction
+            db.executemany(f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(rows[0]))})", rows)
+            db.execute("DELETE FROM jobs WHERE submitted_at < ?", (time.time() - DEFAULT_TTL,))
+            db.execute("DELETE FROM jobs WHERE rowid <= (SELECT MAX(rowid) FROM jobs) - ?", (_MAX_ENTRIES,))
 
 
 def entries(broker_url: str) -> list[JournalEntry]:

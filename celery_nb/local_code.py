@@ -70,12 +70,16 @@ class _RecordingPickler(cloudpickle.Pickler):
             module = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
             if isinstance(module, str):
                 self._modules.add(module.partition(".")[0])
+        elif isinstance(obj, types.FunctionType):  # sent by value (the notebook's): what it imports when it runs
+            self._modules |= _imported_by_function(obj)
         return reduced
 
 
 class ReferenceRecorder:
     """``cloudpickle.dumps`` that notes in ``modules`` the top-level modules of what it pickles
-    by reference (functions and classes importable from a module, module objects)."""
+    by reference (functions and classes importable from a module, module objects) and those that
+    the functions it pickles by value import in their bodies (a function of the notebook's, held
+    by another value: a joblib batch, a functools.partial)."""
 
     def __init__(self) -> None:
         self.modules: set[str] = set()

@@ -98,11 +98,18 @@ def cell_modules(source: str, first_line: int, values: Iterable[Any]) -> set[str
     return {module.partition(".")[0] for module in imported} | _modules_of_values(values)
 
 
-def function_modules(fn: Callable[..., Any], values: Iterable[Any]) -> set[str]:
+def function_modules(fn: Callable[..., Any], values: Iterable[Any], referenced: Iterable[str] = ()) -> set[str]:
     """The top-level modules ``fn`` needs: its own, those its globals and closure name, those its
-    body imports; and those its arguments ``values`` are made of."""
+    body imports; those its arguments ``values`` are made of; and ``referenced``, the modules
+    the job's pickle refers to (a local_code.ReferenceRecorder's), which are all that says what a
+    callable object such as a joblib batch holds: the functions and classes of its calls."""
+    if not isinstance(fn, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)):
+        found = {type(fn).__module__}  # a callable object: its class is pickled by reference
     # cloudpickle sends a function of an importable module by reference: that module must be there too
-    found = {_module_of(fn)} if "<locals>" not in getattr(fn, "__qualname__", "<locals>") else set()
+    elif "<locals>" not in getattr(fn, "__qualname__", "<locals>"):
+        found = {_module_of(fn)}
+    else:
+        found = set()
     code = getattr(fn, "__code__", None)
     if isinstance(code, types.CodeType):
         namespace = getattr(fn, "__globals__", {})
@@ -115,7 +122,7 @@ def function_modules(fn: Callable[..., Any], values: Iterable[Any]) -> set[str]:
                 found.add(_module_of(cell.cell_contents))
             except ValueError:  # a cell not yet filled
                 continue
-    return {module.partition(".")[0] for module in found if module} | _modules_of_values(values)
+    return {module.partition(".")[0] for module in (*found, *referenced) if module} | _modules_of_values(values)
 
 
 def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:

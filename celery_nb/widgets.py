@@ -5,17 +5,21 @@ readable ``text/plain`` form that is updated when the job ends.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
 from IPython import get_ipython
 from IPython.display import display
 
-from celery_nb.job import Job, collapse_carriage_returns
+from celery_nb.job import Job, JobFuture, collapse_carriage_returns
+from celery_nb.errors import JobCancelled
 from celery_nb.kernel_hooks import serve_while_busy
 from celery_nb.options import format_size
 
@@ -348,6 +352,123 @@ class JobView:
                 self.job.cancel()
                 self.job.wait(5)
             raise
+
+
+class ParallelView:
+    """A joblib Parallel call on celery_nb (celery_nb.joblib_backend) in the notebook: one live
+    line for all its batches (each a job once sent) - the tasks done of those sent (of all, when
+    joblib knows how many), the batches waiting, running and ended, the time so far, and a Cancel
+    button that stops them all - and at the end what its jobs used. Its saved text says how it ended.
+
+    ``batches``: the call's batch futures with their number of tasks, appended to as joblib sends
+    them; ``cancel`` stops them all.
+    """
+
+    _TICK = 0.2  # s between redraws; batches held in the kernel have no events to redraw on
+    _SETTLING = 5.0  # s that finish() waits for stopped jobs to end (their workers confirm)
+
+    def __init__(self, batches: list[tuple[JobFuture, int]], total: int | None, cancel: Callable[[], None]) -> None:
+        self._batches = batches
+        self._total = total
+        self._started = time.monotonic()
+        self._ended: float | None = None
+        self._lock = threading.Lock()
+        self.status = w.HTML()
+        self.title = w.HTML(layout=w.Layout(flex="1 1 auto"))
+        self.elapsed = w.HTML()
+        self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning",
+                                      tooltip="Stop all the jobs of this joblib call", layout=w.Layout(width="auto"))
+        self.cancel_button.on_click(lambda _b: cancel())
+        self.bar = w.FloatProgress(value=0, min=0, max=1, layout=w.Layout(flex="1 1 auto"))
+        self.end = w.HTML()
+        self.widget = w.VBox([
+            w.HBox([self.status, self.title, self.elapsed, self.cancel_button],
+                   layout=w.Layout(align_items="center", justify_content="space-between")),
+            self.bar, self.end], layout=w.Layout(border=f"1px solid {_BORDER}", padding="4px 8px", margin="2px 0"))
+        self.redraw()
+        self._handle = display(self, display_id=True)
+        serve_while_busy(self.cancel_button)  # the cell blocks in joblib meanwhile
+        self._stop_ticking = threading.Event()
+        threading.Thread(target=self._tick, name="celery_nb-joblib-view", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._stop_ticking.wait(self._TICK):
+            self.redraw()
+
+    def finish(self) -> None:
+        """The call has ended: once its stopped jobs have ended too, the last redraw, which its saved text keeps."""
+        self._stop_ticking.set()
+        concurrent.futures.wait([future for future, _tasks in self._batches], timeout=self._SETTLING)
+        self._ended = time.monotonic()
+        self.redraw()
+        self._handle.update(self)
+
+    def outcome(self) -> str:
+        """running, succeeded, failed (a batch raised) or cancelled (a batch's job was)."""
+        futures = [future for future, _tasks in self._batches]
+        if self._ended is None:
+            return "running"
+        errors = [future.exception() for future in futures if future.done() and not future.cancelled()]
+        if any(future.cancelled() for future in futures) or any(isinstance(e, JobCancelled) for e in errors):
+            return "cancelled"
+        return "failed" if any(errors) else "succeeded"
+
+    def counts(self) -> dict[str, int]:
+        """Tasks sent and done (in batches that succeeded); batches waiting (held in the kernel, or
+        their jobs queued), running and ended."""
+        counts = dict.fromkeys(("sent", "done", "waiting", "running", "ended"), 0)
+        for future, tasks in list(self._batches):
+            counts["sent"] += tasks
+            if future.done():
+                counts["ended"] += 1
+                counts["done"] += tasks if not future.cancelled() and future.exception() is None else 0
+            else:
+                counts["running" if future.running() else "waiting"] += 1
+        return counts
+
+    def usage_text(self) -> str:
+        """The CPU time of the call's jobs, and the largest peak memory of one of them against its limit."""
+        usages = [future.job.usage for future, _tasks in list(self._batches) if future.job and future.job.usage]
+        if not usages:
+            return ""
+        peak = max(usages, key=lambda usage: usage["peak_memory"])
+        return (f"CPU {sum(usage['cpu_seconds'] for usage in usages):.2f} s in all, largest peak "
+                f"{format_size(peak['peak_memory'])} of {format_size(peak['memory_limit'])}")
+
+    def progress_text(self) -> str:
+        """e.g. "12/30 tasks in 8 batches (2 waiting, 4 running, 2 ended)"."""
+        c = self.counts()
+        return (f"{c['done']}/{self._total or c['sent']} tasks in {len(self._batches)} batches ({c['waiting']} "
+                f"waiting, {c['running']} running, {c['ended']} ended)")
+
+    def summary(self) -> str:
+        """One line: how the call went, its tasks and batches, what its jobs used."""
+        elapsed = (self._ended or time.monotonic()) - self._started
+        usage = self.usage_text()
+        return (f"celery_nb joblib call: {self.outcome()} after {elapsed:.1f} s | {self.progress_text()}"
+                + (f" | {usage}" if usage else ""))
+
+    def redraw(self) -> None:
+        with self._lock:
+            c = self.counts()
+            outcome = self.outcome()
+            self.status.value = (f'<span class="celery-nb-status" style="background:{_STATUS_BADGE[outcome]};'
+                                 f'color:white;border-radius:4px;padding:1px 8px;font-weight:bold">{outcome}</span>')
+            self.title.value = f'<span class="celery-nb-title">&nbsp;joblib: {html.escape(self.progress_text())}</span>'
+            elapsed = (self._ended or time.monotonic()) - self._started
+            self.elapsed.value = f'<span class="celery-nb-elapsed">{elapsed:.1f} s</span>&nbsp;'
+            self.bar.max = max(self._total or c["sent"], 1)
+            self.bar.value = c["done"]
+            self.bar.bar_style = {"succeeded": "success", "failed": "danger", "cancelled": "warning"}.get(outcome, "")
+            if self._ended is not None:
+                self.cancel_button.layout.display = "none"
+                self.end.value = (f'<span class="celery-nb-usage" style="color:{_MUTED}">'
+                                  f'{html.escape(self.usage_text())}</span>')
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = self.summary()
+        return bundle
 
 
 def _show_live(job: Job) -> None:

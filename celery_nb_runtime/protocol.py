@@ -9,7 +9,8 @@ into an intermediate pickle stream and can be loaded zero-copy from a memoryview
 
 Frames: the container's real stdout carries only frames (the cell's own fd 1/2 go to pipes
 that the runtime wraps into log frames), so the worker can demultiplex logs, progress,
-errors and the result from one byte stream. Requests reach the container's stdin as frames too.
+errors and the result from one byte stream. Requests reach the container's stdin as frames too
+(or, from a worker on the container's host, the server's own socket: SERVER_SOCKET).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ FRAME_EVENT = 3  # JSON: progress, display, ...
 FRAME_RESULT = 4  # bundle
 FRAME_ERROR = 5  # JSON: {"kind", "message", "exc_type", "traceback"}
 FRAME_END = 6  # JSON: how the job's process ended {"exit", "signal", "oom_kills", "usage"}; the server is ready again
-# worker -> container on stdin: bundle {"env", "files", "payload_file"} + [job payload, code bundles...]
+# worker -> container (stdin, or the server's socket): bundle {"env", "files", "payload_file"} + [job payload, code bundles...]
 FRAME_REQUEST = 7
 FRAME_RESULT_FILE = 8  # JSON {"size"}: the result bundle, written into the file the worker handed over
 FRAME_USAGE = 9  # JSON {"cpu_seconds", "peak_memory"}: what the job used, just before its RESULT or ERROR
@@ -50,6 +51,13 @@ FRAME_FILE_WANTED = 10
 FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST,
                FRAME_RESULT_FILE, FRAME_USAGE, FRAME_FILE_WANTED)
 OUT_OF_BAND_MIN = 1 << 16  # bytes and bytearrays from this size travel as out-of-band buffers
+
+# A pooled container's server listens here, for SERVER_SOCKET_WAIT s at its start, for its worker to
+# connect through /proc/<pid>/root (a worker on the container's host): then requests and frames go
+# over that connection instead of stdin and stdout, which Docker relays (the "attach" stream); a
+# request on stdin, or none within the wait, keeps them there.
+SERVER_SOCKET = "/dev/shm/celery_nb-server.sock"
+SERVER_SOCKET_WAIT = 2.0
 
 
 class ProtocolError(ValueError):

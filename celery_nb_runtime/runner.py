@@ -20,13 +20,12 @@ import pickle
 import resource
 import select
 import signal
-import socket
 import struct
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import celery_nb_runtime
 from celery_nb_runtime import cell, events, protocol, rich_output, versions, workdir
@@ -37,6 +36,8 @@ SHARED_DIR = "/dev/shm"  # where a job's process listens for the files it asked 
 _HANDOVER_TIMEOUT = 120.0  # s a job's process waits for a file it asked for
 _READ_CHUNK = 65536
 _MEMORY_SAMPLE_INTERVAL = 0.01  # s between two looks at the container's memory while a job runs
+_JOINED = 1 << 16  # bytes of frames written at once (the rest piece by piece, never copied)
+_EXIT_POLL_INTERVAL = 0.01  # s between two looks for a job's end, where no pidfd tells it
 _SHARED = struct.Struct("QQ")  # between the server and a job's process: (the job has its request, peak added)
 
 
@@ -74,20 +75,30 @@ class FrameWriter:
         self._lock = threading.Lock()
 
     def write(self, kind: int, *pieces: Any) -> None:
-        size = sum(memoryview(p).nbytes for p in pieces)
+        self.write_frames([(kind, pieces)])
+
+    def write_frames(self, frames: List[Tuple[int, Sequence[Any]]]) -> None:
+        """Frames (kind, pieces) in order: up to _JOINED bytes in one write, so that their reader
+        wakes once for them (a write per piece cost the server a relay round each)."""
+        parts: List[Any] = []
+        for kind, pieces in frames:
+            parts.append(protocol.frame_header(kind, sum(memoryview(p).nbytes for p in pieces)))
+            parts.extend(pieces)
+        if sum(memoryview(p).nbytes for p in parts) <= _JOINED:
+            parts = [b"".join(parts)]
         with self._lock:
-            for piece in (protocol.frame_header(kind, size), *pieces):
-                view = memoryview(piece).cast("B")
-                while view.nbytes:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+            for part in parts:
+                self._write_all(part)
 
     def write_raw(self, data: Any) -> None:
         """Bytes that are already (part of) a frame."""
-        view = memoryview(data).cast("B")
         with self._lock:
-            while view.nbytes:
-                view = view[os.write(self._fd, view):]
+            self._write_all(data)
+
+    def _write_all(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            view = view[os.write(self._fd, view):]
 
     def event(self, obj: Dict[str, Any]) -> None:
         self.write(protocol.FRAME_EVENT, json.dumps(obj, separators=(",", ":")).encode())
@@ -318,14 +329,15 @@ def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory,
         kind, result = protocol.FRAME_RESULT_FILE, [json.dumps({"size": size}).encode()]
     usage = _usage([resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)],
                    memory.peak())
-    frames.write(protocol.FRAME_USAGE, json.dumps(usage).encode())
-    frames.write(kind, *result)
+    frames.write_frames([(protocol.FRAME_USAGE, [json.dumps(usage).encode()]), (kind, result)])
 
 
 def _file_from_worker(frames: FrameWriter, wanted: Dict[str, Any]) -> Optional[int]:
     """Ask the worker for a file (a FILE_WANTED frame) and receive its descriptor on a unix socket
     this process listens on in the container's /dev/shm (None: the worker has none to give). Only
     a process outside the container, whose pid is 0 here, can be the worker: others are ignored."""
+    import socket  # (as in _worker_channel: not in a one-shot container's start)
+
     path = os.path.join(SHARED_DIR, "celery_nb-%s.sock" % os.urandom(16).hex())
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -404,29 +416,34 @@ def _memory_in_use() -> int:
 
 class _JobMemory:
     """How much a job's processes together added to the container's memory: sampled by the
-    server while the job runs, and read by the job's process when it reports its usage. (The
+    server while the job runs, every _MEMORY_SAMPLE_INTERVAL from its start (a job that ends
+    sooner costs no sample), and read by the job's process when it reports its usage. (The
     kernel's high-water mark is per process: a job's subprocesses running side by side add up.)"""
 
     def __init__(self) -> None:
         self._shared = mmap.mmap(-1, _SHARED.size)  # anonymous and shared with the forked job's process
         self._baseline = 0
-        self._sampled_at = 0.0
+        self._next_sample: Optional[float] = None  # (monotonic) once the job runs
 
     def start(self) -> None:
         """Before a job's process is forked: what the container holds without it."""
         self._baseline = _memory_in_use()
+        self._next_sample = None
         _SHARED.pack_into(self._shared, 0, 0, 0)
 
     def running(self) -> None:
-        """In the job's process, once its request has arrived: from now on the server samples
-        (a process waiting in an idle container costs it no reads)."""
-        _SHARED.pack_into(self._shared, 0, 1, 0)
+        """In the server, once the job's process has its request (a process waiting in an idle
+        container costs no reads)."""
+        self._next_sample = time.monotonic() + _MEMORY_SAMPLE_INTERVAL
+
+    def sample_in(self) -> Optional[float]:
+        """Seconds until the next sample is due (None: none is, the job is not running)."""
+        return None if self._next_sample is None else max(0.0, self._next_sample - time.monotonic())
 
     def sample(self) -> None:
-        now = time.monotonic()
-        running, peak = _SHARED.unpack_from(self._shared)
-        if running and now - self._sampled_at >= _MEMORY_SAMPLE_INTERVAL:
-            self._sampled_at = now
+        if self._next_sample is not None and time.monotonic() >= self._next_sample:
+            self._next_sample = time.monotonic() + _MEMORY_SAMPLE_INTERVAL
+            running, peak = _SHARED.unpack_from(self._shared)
             _SHARED.pack_into(self._shared, 0, running, max(peak, _memory_in_use() - self._baseline))
 
     def peak(self) -> int:
@@ -439,21 +456,31 @@ class _ChildRelay:
 
     It also watches the request channel (``requests_fd``) for the worker hanging up: the
     worker died (or dropped the container), so nobody will hear of the job again, and another
-    worker may run it; the job is killed at once (``orphaned``)."""
+    worker may run it; the job is killed at once (``orphaned``). It waits for something to
+    happen, not in turns: output, the job's start (``started_r``: a byte once its request has
+    come), its end (a pidfd), a hang-up, or a memory sample due."""
 
     def __init__(self, frames: FrameWriter, stdout_r: int, stderr_r: int, frames_r: int, requests_fd: int,
-                 memory: _JobMemory) -> None:
+                 started_r: int, memory: _JobMemory) -> None:
         self._frames = frames
         self._memory = memory
         self._logs = {stdout_r: protocol.FRAME_STDOUT, stderr_r: protocol.FRAME_STDERR}
         self._frames_r = frames_r
+        self._started_r: Optional[int] = started_r
+        self._requests_fd = requests_fd
         self._frame_left = 0  # bytes of the child's current frame still to relay
         self._head = b""  # a partial frame header from the child
-        self._hang_up = select.poll()
-        self._hang_up.register(requests_fd, 0)  # hang-ups only: a request waiting there is not read
+        self._poll = select.poll()
+        for fd in (stdout_r, stderr_r, frames_r, started_r):
+            self._poll.register(fd, select.POLLIN)
+        self._poll.register(requests_fd, 0)  # hang-ups only: a request waiting there is not read
         self.orphaned = False
         for fd in self._logs:
             os.set_blocking(fd, False)
+
+    def _close(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        os.close(fd)
 
     def _drain_logs(self) -> None:
         for fd, kind in list(self._logs.items()):
@@ -463,7 +490,7 @@ class _ChildRelay:
                 except BlockingIOError:
                     break
                 if not chunk:
-                    os.close(fd)
+                    self._close(fd)
                     del self._logs[fd]
                     break
                 self._frames.write(kind, chunk)
@@ -497,43 +524,70 @@ class _ChildRelay:
         if pos > start:
             self._frames.write_raw(view[start:pos])
 
+    def _wait_ms(self, exit_fd: Optional[int], deadline: Optional[float]) -> int:
+        """How long to wait for the next event: until a memory sample or the deadline is due;
+        without a pidfd, _EXIT_POLL_INTERVAL at the most (the job's end is then looked for)."""
+        waits = [self._memory.sample_in(), None if deadline is None else deadline - time.monotonic(),
+                 _EXIT_POLL_INTERVAL if exit_fd is None else None]
+        due = [wait for wait in waits if wait is not None]
+        return -1 if not due else max(0, int(min(due) * 1000 + 0.999))
+
     def run(self, pid: int) -> Tuple[int, Any]:
         """Relay until the child has exited and its pipes are closed; return its wait status and
         its rusage (with the subprocesses it waited for), sampling the job's memory meanwhile."""
-        status = None
-        open_fds = [*self._logs, self._frames_r]
+        status = rusage = None
+        exit_fd = _exit_descriptor(pid)
+        if exit_fd is not None:
+            self._poll.register(exit_fd, select.POLLIN)
         deadline = None
-        while open_fds:
-            ready, _, _ = select.select(open_fds, [], [], 0.01)
+        while self._logs or self._frames_r >= 0:
+            ready = {fd for fd, _event in self._poll.poll(self._wait_ms(exit_fd, deadline))}
             between_frames = self._frame_left == 0 and not self._head
             if self._frames_r in ready:
                 chunk = os.read(self._frames_r, _READ_CHUNK)
                 if chunk:
                     self._relay_frames(chunk)
                 else:
-                    os.close(self._frames_r)
-                    open_fds.remove(self._frames_r)
-            elif ready and between_frames:
+                    self._close(self._frames_r)
+                    self._frames_r = -1
+            elif ready & self._logs.keys() and between_frames:
                 self._drain_logs()
-            open_fds = [fd for fd in open_fds if fd == self._frames_r or fd in self._logs]
-            if not self.orphaned and self._hang_up.poll(0):
+            if self._started_r is not None and self._started_r in ready:  # its request came (or it ended)
+                self._close(self._started_r)
+                self._started_r = None
+                self._memory.running()
+            if self._requests_fd in ready and not self.orphaned:
                 self.orphaned = True
+                self._poll.unregister(self._requests_fd)
                 _kill_group(pid)
-            if status is None:
-                self._memory.sample()
+            if status is None and (exit_fd is None or exit_fd in ready):
                 done, status, rusage = os.wait4(pid, os.WNOHANG)
                 if done:
                     _kill_group(pid)  # background processes the job started
                     deadline = time.monotonic() + 1.0
+                    if exit_fd is not None:
+                        self._close(exit_fd)
+                        exit_fd = None
                 else:
                     status = None
+            self._memory.sample()
             if deadline is not None and time.monotonic() > deadline:
                 break  # something outside the job's process group holds a pipe open
-        for fd in open_fds:
-            os.close(fd)
+        for fd in [*self._logs, self._frames_r, self._started_r, exit_fd]:
+            if fd is not None and fd >= 0:
+                os.close(fd)
         if status is None:
             _pid, status, rusage = os.wait4(pid, 0)
         return status, rusage
+
+
+def _exit_descriptor(pid: int) -> Optional[int]:
+    """A pidfd of child ``pid``, readable once it has exited (None where the kernel, or the
+    container's seccomp profile, has none: the relay then looks every _EXIT_POLL_INTERVAL)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _kill_group(pid: int) -> None:
@@ -588,33 +642,71 @@ def _warm_up(memory: _JobMemory) -> None:
 _EXIT_NO_MORE_REQUESTS = 99
 
 
+def _worker_channel(stdin: int) -> Optional[int]:
+    """The worker's connection to protocol.SERVER_SOCKET, if it connects within
+    SERVER_SOCKET_WAIT s and before a request comes on ``stdin`` (None: requests come on stdin,
+    frames go to stdout). The socket is gone before any job runs. A byte says the connection is
+    taken: a worker connecting as the wait ends may otherwise not know."""
+    import socket  # (not in one-shot containers: ~3 ms of their start)
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            listener.bind(protocol.SERVER_SOCKET)
+        except OSError:  # no /dev/shm to listen in: stdin it is
+            return None
+        listener.listen(1)
+        ready, _, _ = select.select([listener, stdin], [], [], protocol.SERVER_SOCKET_WAIT)
+        if listener not in ready:
+            return None
+        connection, _address = listener.accept()
+        connection.sendall(b".")
+        # stdin is no channel any more: a job reading it gets end of file, as with requests there
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, stdin)
+        os.close(devnull)
+        return connection.detach()
+    finally:
+        listener.close()
+        try:
+            os.unlink(protocol.SERVER_SOCKET)
+        except OSError:
+            pass
+
+
 def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
-    """Keep one forked child on standby: it warms up, takes the next request from stdin, runs
-    it and exits; this process relays its output, reports how it ended, and forks the next.
+    """Keep one forked child on standby: it warms up, takes the next request from the worker's
+    channel (stdin, or the connection of _worker_channel), runs it and exits; this process relays
+    its output, reports how it ended, and forks the next.
 
     ``one_shot``: a container for a single job, so nothing is prepared for later jobs; after the
     job the server waits for stdin to close, keeping the container there until the worker is
     done with it.
     """
-    frames = FrameWriter(os.dup(1))
+    channel = None if one_shot else _worker_channel(requests_fd)
+    if channel is None:
+        frames = FrameWriter(os.dup(1))
+    else:  # a job's process lets go of it once it has its request, as of stdin
+        frames, requests_fd = FrameWriter(channel), channel
     if not one_shot:
         import cloudpickle  # noqa: F401  (imported once here, warm in every job)
 
         gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
     memory = _JobMemory()
     previous: Optional[workdir.JobDirectory] = None
+    oom_kills = _oom_kills()  # so far: a job's END says how many struck while it ran
     while True:
-        oom_before = _oom_kills()
         memory.start()
         job_dir = workdir.JobDirectory()  # the next job's
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         frames_r, frames_w = os.pipe()
+        started_r, started_w = os.pipe()  # a byte once the job's request has come
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                for fd in (stdout_r, stderr_r, frames_r):
+                for fd in (stdout_r, stderr_r, frames_r, started_r):
                     os.close(fd)
                 os.dup2(stdout_w, 1)
                 os.dup2(stderr_w, 2)
@@ -632,19 +724,20 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 if request is None:
                     code = _EXIT_NO_MORE_REQUESTS
                 else:
+                    os.write(started_w, b".")
+                    os.close(started_w)
                     job_dir.wait_until_made()
-                    memory.running()
                     _run_child(memoryview(request), frames_writer, memory, job_dir)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
                 code = 70
             finally:
                 os._exit(code)
-        for fd in (stdout_w, stderr_w, frames_w):
+        for fd in (stdout_w, stderr_w, frames_w, started_w):
             os.close(fd)
         job_dir.make(previous)  # while the job's process warms up and waits for its request
         previous = job_dir
-        relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, memory)
+        relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, started_r, memory)
         status, rusage = relay.run(pid)
         while True:  # we are PID 1: reap whatever was reparented to us
             try:
@@ -654,10 +747,11 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 break
         if relay.orphaned or os.WIFEXITED(status) and os.WEXITSTATUS(status) == _EXIT_NO_MORE_REQUESTS:
             return 0
+        oom_kills, before = _oom_kills(), oom_kills
         frames.write(protocol.FRAME_END, json.dumps({
             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-            "oom_kills": _oom_kills() - oom_before,
+            "oom_kills": oom_kills - before,
             "usage": _usage([rusage], memory.peak()),
         }).encode())
         if one_shot:

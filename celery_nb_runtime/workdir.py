@@ -139,9 +139,14 @@ class JobDirectory:
 
     def remove(self) -> None:
         """Remove the directory and the modules' folder, and all in them (the job's process
-        group has been killed)."""
-        _remove_tree(self.work)
-        _remove_tree(self.code)
+        group has been killed): at once where the job left them empty (or made none), as most do."""
+        for folder in (self.work, self.code):
+            try:
+                os.rmdir(folder)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                _remove_tree(folder)
 
 
 def _remove_tree(root: str) -> None:

@@ -25,6 +25,7 @@ from celery_nb import Client
 from celery_nb.worker import docker_api
 from celery_nb.worker.docker_api import LABEL_WORKER
 from celery_nb.worker.environments import list_environments, remove_environment
+from tests.kernel import Kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("CELERY_NB_TEST_IMAGE", "local/py311")  # python3 only
@@ -143,6 +144,19 @@ def embedded_client(docker_client: docker.DockerClient) -> Iterator[Client]:
 def client(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -> Client:
     """Each test using this runs through both paths."""
     return request.getfixturevalue(f"{request.param}_client")
+
+
+def kernel_with_celery_nb(request: pytest.FixtureRequest, env: dict[str, str]) -> Iterator[Kernel]:
+    """For a module-scoped fixture parametrized "redis"/"embedded": a real kernel with ``env`` and
+    celery_nb loaded, whose jobs go through the test Redis to the session's separate worker
+    ("redis") or run on its embedded worker."""
+    if request.param == "redis":
+        env = {**env, "CELERY_NB_BROKER_URL": request.getfixturevalue("redis_url")}
+        request.getfixturevalue("celery_worker")
+    kernel = Kernel(env)
+    assert kernel.run("%load_ext celery_nb").error() is None
+    yield kernel
+    kernel.shutdown()
 
 
 def assert_container_removed(docker_client: docker.DockerClient, container_id: str | None) -> None:

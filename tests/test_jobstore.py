@@ -76,3 +76,53 @@ def test_a_job_cancelled_before_it_runs_is_not_run(store: JobStore) -> None:
     job = _job()
     store.request_cancel(job)
     assert store.claim(job, "worker-a/1", LEASE).outcome == "cancelled"
+
+
+def test_a_kernel_waits_on_its_inbox_and_reads_the_jobs_their_workers_name_there(redis_url: str) -> None:
+    """However many jobs a kernel follows, it waits on one key: each write of a routed job's events
+    names the job in the kernel's inbox, then the kernel reads that job's stream, also a job it
+    began to follow while it waited; what it read of the inbox goes."""
+    redis.Redis.from_url(redis_url).flushdb()
+    kernel, worker = RedisJobStore(redis_url), RedisJobStore(redis_url)  # two processes' stores
+    bell = kernel.waker()
+    assert bell.inbox is not None and bell.inbox.startswith("celery_nb:inbox:")
+    early, late, unrouted = _job(), _job(), _job()
+    followed = {early: START}
+    for job in (early, late):
+        worker.route(job, bell.inbox)
+    worker.route(unrouted, "celery_nb:events:not-an-inbox")  # (a forged request's "inbox": ignored)
+
+    def work() -> None:
+        followed[late] = START  # followed while the kernel waits
+        worker.append(late, {"type": "status", "status": "starting"})
+        worker.append(unrouted, {"type": "log", "text": "unseen"})
+
+    threading.Timer(0.2, work).start()
+    started = time.monotonic()
+    found = kernel.read_many({}, timeout=10, wake=bell,
+                             routed=lambda named: {job: followed[job] for job in named if job in followed})
+    assert time.monotonic() - started < 5
+    assert list(found) == [late] and found[late][0] == [{"type": "status", "status": "starting"}]
+    worker.append_many(early, [{"type": "log", "text": "a"}, {"type": "log", "text": "b"}])
+    assert worker.finish(early, {"type": "done", "status": "succeeded"})
+    found = kernel.read_many({}, timeout=10, wake=bell, routed=lambda named: {job: START for job in named})
+    assert [e.get("text") or e["status"] for e in found[early][0]] == ["a", "b", "succeeded"]
+    client = redis.Redis.from_url(redis_url)
+    assert client.xlen(bell.inbox) <= 1 and client.ttl(bell.inbox) > 3600  # read, trimmed; expires if the kernel dies
+    assert client.type("celery_nb:events:not-an-inbox") == b"none"
+
+
+def test_a_job_s_end_acks_its_broker_message_whoever_ends_it(redis_url: str) -> None:
+    """The final event's round trip removes kombu's records of the run's unacked message (its
+    ack), also for a run whose job another finished first."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store, job = RedisJobStore(redis_url), _job()
+    records = ("test-unacked", "test-unacked-index")
+    for tag in ("tag-1", "tag-2"):
+        client.hset(records[0], tag, "[message]")
+        client.zadd(records[1], {tag: time.time()})
+    client.hset(records[0], "other", "[message]")
+    assert store.finish(job, {"type": "done", "status": "succeeded"}, message=(*records, "tag-1"))
+    assert not store.finish(job, {"type": "done", "status": "failed"}, message=(*records, "tag-2"))
+    assert client.hkeys(records[0]) == [b"other"] and client.zcard(records[1]) == 0

@@ -8,6 +8,7 @@ import base64
 import importlib.metadata
 import json
 import os
+import re
 import sys
 
 import docker
@@ -44,6 +45,11 @@ def local_code_and_files(docker_client: docker.DockerClient, tmp_path_factory: p
     summary = ROOT / "notebooks/output/summary.json"
     summary.unlink(missing_ok=True)  # left by an earlier run: this one must write it
     return execute_notebook("local_code_and_files", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def grid_search(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return execute_notebook("grid_search", tmp_path_factory)
 
 
 def _displayed(cell, mime: str) -> list:
@@ -128,3 +134,28 @@ def test_local_code_and_files_reach_the_job_and_come_back(local_code_and_files: 
     assert checks.text_of(cells["functions"]) == f"submit: True\nmap: {means}\n"
     workdir, = _displayed(cells["workdir"], "text/plain")
     assert "files earlier jobs left here: []" in workdir
+
+
+def test_grid_search_fits_in_containers_with_its_progress_and_the_kernels_scores(grid_search: dict) -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    cells = grid_search["cells"]
+    search = cells["search"]
+    assert not [o for o in search.outputs if o.output_type == "error"]
+    X, y = load_digits(return_X_y=True)
+    here = GridSearchCV(SVC(), {"C": [1, 10, 100], "gamma": [0.0005, 0.001]}, cv=3).fit(X, y)
+    assert checks.text_of(search) == ("Fitting 3 folds for each of 6 candidates, totalling 18 fits\n"
+                                      f"best: {here.best_params_}, accuracy {here.best_score_:.3f}\n")
+    view, = [o for o in search.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    summary = view.data["text/plain"]  # the live view's last text, saved with the notebook
+    assert summary.startswith("celery_nb joblib call: succeeded after ") and "| 18/18 tasks in " in summary
+    assert "0 waiting, 0 running" in summary and re.search(r"\| CPU [0-9.]+ s in all, largest peak [0-9.]+ MiB of "
+                                                           r"1\.0 GiB$", summary)  # memory="1g"
+    states = grid_search["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any("joblib: 18/18 tasks" in str(m["state"].get("value")) for m in states.values())  # the live line
+    scores = checks.text_of(cells["results"]).splitlines()
+    assert scores[:-1] == [f"C={p['C']:<4} gamma={p['gamma']:<7} accuracy {s:.3f}"
+                           for p, s in zip(here.cv_results_["params"], here.cv_results_["mean_test_score"])]
+    assert scores[-1] == "the same scores in the kernel: True"

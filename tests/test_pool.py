@@ -3,7 +3,10 @@
 cleanup at shutdown and start; and its book-keeping on its own (no Docker)."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -16,7 +19,7 @@ from celery_nb.worker.docker_api import LABEL_OWNER, LABEL_WORKER
 from celery_nb.worker.policy import ContainerSpec
 from celery_nb.worker.pool import PoolBook
 from celery_nb.worker.settings import WorkerSettings
-from tests.conftest import IMAGE, assert_container_removed, start_worker, stop_process, worker_containers
+from tests.conftest import IMAGE, ROOT, assert_container_removed, start_worker, stop_process, worker_containers
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"
 
@@ -78,6 +81,63 @@ def test_a_job_cannot_read_the_next_jobs_request(client: Client) -> None:
     second = client.submit_cell("stolen = open('/tmp/stolen', 'rb').read()\n", {}, image=IMAGE, memory=memory)
     assert second.result(timeout=30) == {"stolen": b""}
     assert second.container == "warm"
+
+
+def _server_sockets(container: docker.models.containers.Container) -> list[str]:
+    """The sockets the container's main process (its server) holds beyond stdin, stdout and
+    stderr: its connection to its worker, if they talk directly."""
+    container.reload()
+    fds = f"/proc/{container.attrs['State']['Pid']}/fd"
+    links = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds) if int(fd) > 2]
+    return [link for link in links if link.startswith("socket:")]
+
+
+# what a job sees of its server's channel: the sockets it holds, and whether the server's socket is there
+SEES_CHANNEL = ("import os\nsockets = []\n"
+                "for fd in os.listdir('/proc/self/fd'):\n"
+                "    try:\n        link = os.readlink(f'/proc/self/fd/{fd}')\n"
+                "    except FileNotFoundError:\n        continue  # (the listing's own)\n"
+                "    if link.startswith('socket:'):\n        sockets.append(link)\n"
+                "listening = os.path.exists('/dev/shm/celery_nb-server.sock')\n")
+SEEN = ["sockets", "listening"]
+
+
+def test_a_worker_on_the_containers_host_talks_to_a_warm_container_over_its_own_socket(
+        client: Client, docker_client: docker.DockerClient) -> None:
+    """Requests and frames bypass Docker's attach stream (dockerd's copying): the server's own
+    socket, reached through /proc. A job holds no socket of its server's, and finds none to connect to."""
+    memory = "120m"
+    jobs = [client.submit_cell(SEES_CHANNEL, {}, outputs=SEEN, image=IMAGE, memory=memory) for _ in range(2)]
+    assert [job.result(timeout=60) for job in jobs] == [{"sockets": [], "listening": False}] * 2
+    assert len(_server_sockets(docker_client.containers.get(jobs[-1].container_id))) == 1
+    fresh = client.submit_cell(SEES_CHANNEL, {}, outputs=SEEN, image=IMAGE, memory=memory, fresh=True)
+    assert fresh.result(timeout=60) == {"sockets": [], "listening": False}  # (one-shot: stdin, as ever)
+
+
+def test_a_worker_that_cannot_see_the_containers_processes_talks_through_docker(
+        redis_url: str, docker_client: docker.DockerClient) -> None:
+    """A worker in a pid namespace of its own (as in a container of the compose stack) cannot
+    reach the servers' sockets: its warm containers serve it over the attach stream."""
+    queue, name = "attach-only", f"attach-only-{os.getpid()}"
+    # its own hostname too: its containers' owner label names a pid of its namespace
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--uts", "sh", "-c",
+         f'hostname {name} && exec "$@"', "sh", sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker",
+         redis_url, "-Q", queue, "-c", "2", "-n", f"{name}@%h"],
+        stdout=open(ROOT / f".pytest_cache/worker-{name}.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        client = Client(redis_url)
+        _wait_until(lambda: client.app.control.ping(timeout=0.5, destination=[f"{name}@{name}"]), 60,
+                    "the worker in a namespace of its own did not answer")
+        jobs = [client.submit_cell(SEES_CHANNEL, {}, outputs=SEEN, image=IMAGE, queue=queue) for _ in range(3)]
+        assert [job.result(timeout=60) for job in jobs] == [{"sockets": [], "listening": False}] * 3
+        assert {job.container for job in jobs} == {"cold", "warm"}
+        assert _server_sockets(docker_client.containers.get(jobs[-1].container_id)) == []
+    finally:  # the worker is unshare's child, which does not pass signals on: stopped itself (warm shutdown)
+        for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(child), signal.SIGTERM)
+        stop_process(proc)
+    assert not worker_containers(docker_client, f"{name}@{name}")
 
 
 def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client: docker.DockerClient) -> None:

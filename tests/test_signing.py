@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from celery_nb import Client, Job, SignatureError
+from celery_nb import client as client_module
 from celery_nb import payload as payload_module
 from celery_nb.broker import TASK_NAME
 from celery_nb.signing import CLOCK_SKEW, LIFETIME, Signer
@@ -57,12 +58,12 @@ def test_an_unsigned_request_is_refused_and_nothing_runs(redis_url: str, signed_
 
 def _submit_altered(client: Client, source: str, alter: Callable[[dict], dict]) -> Job:
     """Submit cell ``source``, its request changed by ``alter`` on the way to the broker (after signing)."""
-    send_task = client.app.send_task
-    client.app.send_task = lambda name, args, **kwargs: send_task(name, args=[alter(args[0])], **kwargs)
+    build = client_module.task_message
+    client_module.task_message = lambda app, request, *args: build(app, alter(request), *args)
     try:
         return client.submit_cell(source, {}, image=IMAGE, queue="signed")
     finally:
-        client.app.send_task = send_task
+        client_module.task_message = build
 
 
 def test_a_tampered_request_is_refused_and_nothing_runs(signed_client: Client) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import celeryd_after_setup, task_revoked, worker_shutdown
+from celery.worker.control import inspect_command
 
 from celery_nb.blobs import BlobStore
 from celery_nb.broker import TASK_NAME, celery_app
@@ -21,6 +22,17 @@ from celery_nb.worker.pool import ContainerPool
 from celery_nb.worker.presence import WorkerPresence
 from celery_nb.worker.settings import WorkerSettings
 from celery_nb.worker.tasks import WorkerServices, report_revoked, run_job
+
+WORKER_SLOTS_COMMAND = "celery_nb_slots"
+
+
+@inspect_command(name=WORKER_SLOTS_COMMAND)
+def worker_slots(state: Any) -> dict[str, Any]:
+    """A worker's answer to a kernel that asks how many jobs the workers run at once
+    (Client.worker_slots; joblib's n_jobs=-1): its concurrency, and the queues it takes jobs from."""
+    consumer = state.consumer
+    queues = consumer.task_consumer.queues if consumer.task_consumer else ()
+    return {"concurrency": consumer.pool.num_processes, "queues": sorted(queue.name for queue in queues)}
 
 
 def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settings: WorkerSettings | None = None,
@@ -39,7 +51,7 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
     policy = WorkerPolicy.from_settings(settings)
     leases = LeaseKeeper(store, BrokerMessages(app) if broker_url else None, after_takeover=pool.remove_orphans)
     services = WorkerServices(store, blobs, policy, pool, signer or Signer(), leases, CodeCache(blobs),
-                              Environments(settings, policy))
+                              Environments(settings, policy), acks_with_finish=app.celery_nb_redis_queues)
     app.celery_nb_pool = pool
 
     @app.task(name=TASK_NAME, bind=True, shared=False)  # per app: each has its own store

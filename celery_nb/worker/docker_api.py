@@ -15,7 +15,7 @@ import docker.errors
 
 from celery_nb.errors import ContainerError, DockerUnavailableError, ImageNotFoundError
 from celery_nb.worker.bootstrap import runtime_command
-from celery_nb.worker.channel import RuntimeContainer, reaches_shared_dir
+from celery_nb.worker.channel import RuntimeContainer, reaches_container
 from celery_nb.worker.policy import ContainerSpec
 
 LABEL_WORKER = "celery_nb.worker"
@@ -114,12 +114,15 @@ def create_container(client: docker.DockerClient, spec: ContainerSpec, labels: d
 
 def start(runtime: RuntimeContainer) -> None:
     """Start a created container; a ContainerError in the user's terms if Docker refuses (the
-    container is then the caller's to remove)."""
+    container is then the caller's to remove). A pooled one's channel bypasses Docker where it can
+    (RuntimeContainer.connect_direct)."""
     try:
         runtime.container.start()
     except docker.errors.APIError as exc:
         raise _start_error(runtime.spec, str(exc.explanation or exc)) from None
-    runtime.hands_over = reaches_shared_dir(runtime)
+    runtime.reachable = reaches_container(runtime)
+    if not runtime.one_shot:
+        runtime.connect_direct()
 
 
 def _create(client: docker.DockerClient, spec: ContainerSpec, labels: dict[str, str], one_shot: bool) -> str:

@@ -65,7 +65,7 @@ LABEL_BASE_ID = "celery_nb.env.base_id"
 LABEL_REQUIREMENTS = "celery_nb.env.requirements"
 LABEL_BUILD = "celery_nb.env.build"  # on build containers: the hash they build
 BUILD_TIMEOUT = 1800.0  # s a build may take before it is stopped
-_RECIPE = 2  # how environments are built: part of their hash, so a new recipe builds them anew
+_RECIPE = 3  # how environments are built: part of their hash, so a new recipe builds them anew
 _BUILD_DIR = "/celery-nb-build"  # in the build container: the CA bundle, the requirements, uv (for the volume)
 _DONE = "\0celery-nb-build "  # the driver's last line: {"exit", "size", "python"} or {"uv_missing": true}
 _REFRESH_INTERVAL = 60.0  # s between two checks that an environment in use is still there (and marks of its use)
@@ -75,7 +75,9 @@ _UV_LINE = re.compile(r"^\s*(Resolved|Prepared|Downloaded)\s+(\d+ packages?|\S+)
 
 # Runs in the build container with the image's python3 (3.9+): uv (the volume's, put there from
 # the build directory the first time) makes the environment from that Python and installs the
-# requirements; a failed build removes what it made. The last line says how it went.
+# requirements, compiling their bytecode (jobs mount the environment read-only, so their Python
+# cannot cache it: each job would compile every module it imports); a failed build removes what
+# it made. The last line says how it went.
 _DRIVER = r"""
 import json, os, shutil, subprocess, sys, time, uuid
 build, root, env, version, timeout, index = sys.argv[1:5] + [float(sys.argv[5]), sys.argv[6:]]
@@ -89,7 +91,8 @@ if not os.path.exists(uv):
     shutil.copy(build + "/uv", copy)
     os.rename(copy, uv)  # whole or not at all, whoever else puts it there meanwhile
 steps = [[uv, "venv", "--python", sys.executable, "--system-site-packages", env],
-         [uv, "pip", "install", "--python", env + "/bin/python", "-r", build + "/requirements.txt"] + index]
+         [uv, "pip", "install", "--compile-bytecode", "--python", env + "/bin/python", "-r",
+          build + "/requirements.txt"] + index]
 for step in steps:
     try:
         code = subprocess.run(step, stderr=subprocess.STDOUT, timeout=max(1, deadline - time.monotonic())).returncode

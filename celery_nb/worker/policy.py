@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class ContainerSpec:
     mounts: tuple[DataMount, ...] = ()
     environment: str | None = None  # the volume of the host's environments (worker.environments), read-only
 
-    @property
+    @functools.cached_property  # asked several times a job
     def pool_key(self) -> str:
         fields = "|".join(f"{name}={value!r}" for name, value in dataclasses.asdict(self).items())
         return hashlib.sha256(fields.encode()).hexdigest()[:24]

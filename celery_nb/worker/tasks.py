@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from celery_nb import shm
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
+from celery_nb.broker import acked_with_its_job, unacked_records
 from celery_nb.errors import CeleryNBError, ImageNotFoundError, InputError, JobCancelled, SignatureError, error_kind
 from celery_nb.jobstore import LEASE, Claim, JobStore
 from celery_nb.options import JobOptions, format_memory, format_size
@@ -35,9 +36,8 @@ from celery_nb.worker.pool import ContainerPool
 from celery_nb.worker.settings import WorkerSettings
 from celery_nb_runtime import protocol
 
-CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this
+CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this, and a running job is reported within it
 _END_GRACE = 5.0  # s a job's process may take to exit after its result, before its container is dropped
-_HELD_BACK_FOR = 0.02  # s a warm job runs before its start is reported (if it has not ended by then)
 # display: rich output, at most ~1 MiB each (the runtime sees to it); downloads: the files the job sends back
 _RELAYED_EVENT_TYPES = {"progress", "display", "downloads"}
 _HELD_POLL_INTERVAL = 1.0  # s; how often a job delivered twice checks on the run that holds it
@@ -57,6 +57,7 @@ class WorkerServices:
     leases: LeaseKeeper
     code: CodeCache
     environments: Environments
+    acks_with_finish: bool = False  # a job's end acks its broker message (kombu's Redis transport: broker.unacked_records)
 
 
 class JobRun:
@@ -72,6 +73,7 @@ class JobRun:
         self.signer = services.signer
         self.code = services.code
         self.environments = services.environments
+        self.acks_with_finish = services.acks_with_finish
         self.request = request
         self.job_id: str = request["job_id"]
         self.worker = worker
@@ -80,9 +82,10 @@ class JobRun:
         self.timings: dict[str, float] = {"received": time.time()}
         self._starting: dict[str, Any] | None = {"type": "status", "status": "starting", "worker": worker,
                                                  "t": self.timings["received"]}
-        # a warm job's start, reported only once it has run for a moment (most end within milliseconds,
-        # and their "done" says the same): one event batch, and one wake of the kernel, less per job
+        # a warm job's start, reported only once it has run for CANCEL_POLL_INTERVAL (most end within
+        # milliseconds, and their "done" says the same): one event batch, and one wake of the kernel, less per job
         self._held_back: list[dict[str, Any]] | None = None
+        self._next_look = 0.0  # (monotonic) when the running job is next looked at (_look)
         self._container: str | None = None  # "warm" or "cold", once it has one
         self._container_id: str | None = None  # its Docker id
         self._environment: Environment | None = None  # of a job that asks for packages, once known
@@ -113,6 +116,13 @@ class JobRun:
             self._held_back = None
 
     def run(self) -> str:
+        self.store.route(self.job_id, self.request.get("inbox"))  # its kernel's (checked: an inbox's key)
+        try:
+            return self._checked_run()
+        finally:
+            self.store.route(self.job_id, None)
+
+    def _checked_run(self) -> str:
         try:
             self.signer.check(self.request, "the worker's")
         except SignatureError as refusal:
@@ -261,11 +271,13 @@ class JobRun:
         (the job's process has exited) only decides whether the container can be reused.
         """
         deadline = time.monotonic() + timeout if timeout else None  # this job's, not the container's first
+        self._next_look = time.monotonic() + CANCEL_POLL_INTERVAL
         status: str | None = None
         end: dict[str, Any] | None = None
         while end is None:
             try:
-                frames = runtime.read_frames(_HELD_BACK_FOR if self._held_back else CANCEL_POLL_INTERVAL)
+                wait = self._next_look - time.monotonic() if status is None else CANCEL_POLL_INTERVAL
+                frames = runtime.read_frames(min(max(wait, 0.001), CANCEL_POLL_INTERVAL))
             except ContainerExited:
                 break
             for kind, body in frames:
@@ -283,15 +295,10 @@ class JobRun:
             if end is not None:
                 break
             self.log.flush(now=False)
-            if status is None:
-                self._report_held_back()  # still running
-            if status is None and self.store.cancel_requested(self.job_id):
-                runtime.kill()
-                return self._finish("cancelled"), False
-            if status is None and self.leases.lost(self.run_id):  # another worker runs it now
-                runtime.kill()
-                log.warning("celery_nb: job %s was taken over by another worker; this run stops", self.job_id)
-                return "superseded", False
+            if status is None and time.monotonic() >= self._next_look:
+                stopped = self._look(runtime)
+                if stopped is not None:
+                    return stopped, False
             if deadline is not None and time.monotonic() > deadline:
                 runtime.kill()
                 if status is not None:  # reported, but its process would not exit
@@ -310,6 +317,21 @@ class JobRun:
         self._error = self._explain_end(runtime, end)
         # after an OOM kill the container is dropped too: no container outlives a timeout, OOM or cancel
         return self._finish("failed"), self._error["kind"] != "oom"
+
+    def _look(self, runtime: RuntimeContainer) -> str | None:
+        """Every CANCEL_POLL_INTERVAL while the job runs (one that ends sooner costs no round trip
+        for it): its start reported, if held back, and whether it was cancelled or another worker
+        took it over; then its container is killed and this returns how the run ended."""
+        self._next_look = time.monotonic() + CANCEL_POLL_INTERVAL
+        self._report_held_back()
+        if self.store.cancel_requested(self.job_id):
+            runtime.kill()
+            return self._finish("cancelled")
+        if self.leases.lost(self.run_id):  # another worker runs it now
+            runtime.kill()
+            log.warning("celery_nb: job %s was taken over by another worker; this run stops", self.job_id)
+            return "superseded"
+        return None
 
     def _explain_end(self, runtime: RuntimeContainer, end: dict[str, Any]) -> dict[str, Any]:
         """The job's process ended without a result or an error report."""
@@ -334,9 +356,9 @@ class JobRun:
     def _request_for(self, runtime: RuntimeContainer, plan: JobPlan) -> bytes:
         """The REQUEST frame body: env, the job's payload (a big one is handed over as a file where
         the worker can, when the job's process asks), and the code of the kernel's local modules."""
-        payload = self._payload(runtime.hands_over)
+        payload = self._payload(runtime.reachable)
         code = [self.code.get(module) for module in self.request.get("code", ())]
-        return protocol.pack_request(payload, plan.env, runtime.hands_over, code)
+        return protocol.pack_request(payload, plan.env, runtime.reachable, code)
 
     @functools.cached_property
     def _kernel_files(self) -> shm.Exchange | None:
@@ -438,7 +460,11 @@ class JobRun:
             result, ref = self._stored_result(result)
             done.update({"result_ref": ref} if ref else {})
         self._release_files()
-        if not self.store.finish(self.job_id, {**done, "t": time.time()}, blob=result):
+        message = unacked_records(self.delivery_tag) if self.acks_with_finish and self.delivery_tag else None
+        finished = self.store.finish(self.job_id, {**done, "t": time.time()}, blob=result, message=message)
+        if message is not None:
+            acked_with_its_job(message[2])
+        if not finished:
             log.warning("celery_nb: job %s was finished by another run first; this run's end (%s) is dropped",
                         self.job_id, status)
             if "result_ref" in done:
@@ -523,6 +549,7 @@ def drop_payload(blobs: BlobStore, request: dict[str, Any], kernel_files: shm.Ex
 def report_revoked(services: WorkerServices, job_id: str, worker: str, request: dict[str, Any] | None) -> None:
     """A job cancelled while queued: Celery dropped its message; its kernel still hears of it."""
     now = time.time()
+    services.store.route(job_id, (request or {}).get("inbox"))
     if services.store.finish(job_id, {"type": "done", "status": "cancelled", "error": None, "worker": worker,
                                       "timings": {"received": now, "finished": now}, "t": now}) and request:
         drop_payload(services.blobs, request, kernel_files(services.pool.settings, request))
