@@ -25,7 +25,8 @@ from celery_nb.worker import docker_api, handover
 from celery_nb.worker.channel import RuntimeContainer
 from celery_nb.worker.docker_api import LABEL_WORKER
 from celery_nb.worker.policy import ContainerSpec
-from tests.conftest import IMAGE, NUMPY_IMAGE, ROOT, assert_container_removed, start_worker, stop_process
+from tests.conftest import (IMAGE, NUMPY_IMAGE, ROOT, assert_container_removed, server_sockets, start_worker,
+                            stop_process)
 
 BLOB = bytes(range(256)) * (12 * 4096)  # 12 MiB
 ELSEWHERE = "elsewhere"  # the queue of the worker that does not share the kernel's /dev/shm
@@ -52,8 +53,10 @@ def _blob_keys(redis_url: str) -> set[bytes]:
     return set(redis_lib.Redis.from_url(redis_url).keys("celery_nb:blob:*"))
 
 
-def test_big_data_with_a_worker_of_the_kernels_host_goes_through_shared_memory(client: Client,
-                                                                               redis_url: str) -> None:
+def test_big_data_with_a_worker_of_the_kernels_host_goes_through_shared_memory(
+        client: Client, redis_url: str, docker_client: docker.DockerClient) -> None:
+    """Files handed to the job's process while its worker talks to the container's server over
+    the server's own socket (not Docker's stream)."""
     assert client.kernel_files is not None and client.kernel_files.host == shm.host_id()
     files, keys = _files(client), _blob_keys(redis_url)
     job = client.submit_cell("import time\ntime.sleep(1)\ndoubled = data * 2\n", {"data": BLOB}, image=IMAGE,
@@ -71,6 +74,7 @@ def test_big_data_with_a_worker_of_the_kernels_host_goes_through_shared_memory(c
     assert job.result(timeout=60)["doubled"] == BLOB * 2
     assert _files(client) == files  # the result went once collected
     assert _blob_keys(redis_url) == keys  # nothing through Redis
+    assert len(server_sockets(docker_client.containers.get(job.container_id))) == 1
 
 
 def test_a_numpy_result_is_used_where_the_job_wrote_it(client: Client) -> None:
@@ -300,10 +304,10 @@ os._exit(0)  # as if killed: what it made since is not cleaned up
                               "print(shm.Exchange.own(this_process=True).folder, flush=True)\ntime.sleep(60)"],
                              stdout=subprocess.PIPE, text=True)
     living = alive.stdout.readline().strip()
-    try:
-        mine = shm.Exchange.own(this_process=True)
+    try:  # the next such kernel (not this process: its folder is the session's embedded client's)
+        subprocess.run([sys.executable, "-c", "from celery_nb import shm\nshm.Exchange.own(this_process=True).remove()"],
+                       check=True, timeout=60)
         assert not os.path.exists(left) and os.path.exists(living)
-        mine.remove()
     finally:
         alive.kill()
         alive.wait()
