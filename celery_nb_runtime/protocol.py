@@ -52,11 +52,14 @@ FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERRO
                FRAME_RESULT_FILE, FRAME_USAGE, FRAME_FILE_WANTED)
 OUT_OF_BAND_MIN = 1 << 16  # bytes and bytearrays from this size travel as out-of-band buffers
 
+# The container's folder that a worker on its host reaches through /proc/<pid>/root: the server's
+# socket and those that jobs' processes take files on (FRAME_FILE_WANTED) are there.
+SHARED_DIR = "/dev/shm"
 # A pooled container's server listens here, for SERVER_SOCKET_WAIT s at its start, for its worker to
 # connect through /proc/<pid>/root (a worker on the container's host): then requests and frames go
 # over that connection instead of stdin and stdout, which Docker relays (the "attach" stream); a
 # request on stdin, or none within the wait, keeps them there.
-SERVER_SOCKET = "/dev/shm/celery_nb-server.sock"
+SERVER_SOCKET = SHARED_DIR + "/celery_nb-server.sock"
 SERVER_SOCKET_WAIT = 2.0
 
 

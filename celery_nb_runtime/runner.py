@@ -32,7 +32,6 @@ from celery_nb_runtime import cell, events, protocol, rich_output, versions, wor
 
 CELL_BUILTINS = tuple(cell.BUILTINS)  # names every cell has, unless the kernel sends a variable of that name
 FILE_THRESHOLD = 1 << 20  # results from this size go into a file the worker hands over, where it does
-SHARED_DIR = "/dev/shm"  # where a job's process listens for the files it asked the worker for
 _HANDOVER_TIMEOUT = 120.0  # s a job's process waits for a file it asked for
 _READ_CHUNK = 65536
 _MEMORY_SAMPLE_INTERVAL = 0.01  # s between two looks at the container's memory while a job runs
@@ -338,7 +337,7 @@ def _file_from_worker(frames: FrameWriter, wanted: Dict[str, Any]) -> Optional[i
     a process outside the container, whose pid is 0 here, can be the worker: others are ignored."""
     import socket  # (as in _worker_channel: not in a one-shot container's start)
 
-    path = os.path.join(SHARED_DIR, "celery_nb-%s.sock" % os.urandom(16).hex())
+    path = os.path.join(protocol.SHARED_DIR, "celery_nb-%s.sock" % os.urandom(16).hex())
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(path)

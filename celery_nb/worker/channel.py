@@ -20,8 +20,6 @@ import docker.errors
 from celery_nb.worker.policy import ContainerSpec
 from celery_nb_runtime import protocol
 
-SHARED_DIR = "/dev/shm"  # the container's, where its jobs' processes listen for files handed over
-
 
 class ContainerExited(Exception):
     """The container's output ended (it exited or was killed)."""
@@ -211,4 +209,4 @@ def _sees_processes_of(container_id: str, pid: int) -> bool:
                 return False
     except OSError:
         return False
-    return os.access(f"/proc/{pid}/root{SHARED_DIR}", os.R_OK | os.W_OK | os.X_OK)
+    return os.access(f"/proc/{pid}/root{protocol.SHARED_DIR}", os.R_OK | os.W_OK | os.X_OK)

@@ -19,7 +19,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery_nb.worker.channel import SHARED_DIR, RuntimeContainer
+from celery_nb.worker.channel import RuntimeContainer
+from celery_nb_runtime.protocol import SHARED_DIR, write_pieces
 
 _SOCKET_NAME = re.compile(r"celery_nb-[0-9a-f]{32}\.sock")
 _CONNECT_TIMEOUT = 10.0  # s; the job's process listens before it asks
@@ -64,10 +65,8 @@ def memory_file(size: int) -> int:
 def memory_file_of(data: Any) -> int:
     """A descriptor of a new anonymous shared memory file holding ``data`` (bytes-like)."""
     fd = os.memfd_create("celery_nb", os.MFD_CLOEXEC)
-    view = memoryview(data).cast("B")
     try:
-        while view.nbytes:
-            view = view[os.write(fd, view):]
+        write_pieces(fd, [data])
     except OSError:
         os.close(fd)
         raise
