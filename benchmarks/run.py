@@ -19,6 +19,7 @@ over a run does not decide a ratio; medians and p90s.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import io
 import os
@@ -385,7 +386,7 @@ def print_table(rows: list[Row]) -> None:
             print(f"{left}  {name:<22}{baseline:>10.4g}{ratio:>8.2f}  {verdict}")
 
 
-def main() -> None:
+def main(big_data_only: bool) -> None:
     redis.Redis.from_url(BROKER_URL).flushdb()
     client = Client(BROKER_URL)
     os.makedirs(ROOT / "build", exist_ok=True)
@@ -402,7 +403,7 @@ def main() -> None:
               lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
     ]
     try:
-        rows = big_data_rows(client) if sys.argv[1:2] == ["--big-data"] else run_all(client)
+        rows = big_data_rows(client) if big_data_only else run_all(client)
     finally:
         for proc in workers:
             proc.terminate()
@@ -411,7 +412,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--peak-memory"]:
-        peak_memory(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--big-data", action="store_true", help="only the big data rows")
+    parser.add_argument("--peak-memory", metavar="KIND", help=argparse.SUPPRESS)  # (kernel_memory's fresh process)
+    arguments = parser.parse_args()
+    if arguments.peak_memory:
+        peak_memory(arguments.peak_memory)
     else:
-        main()
+        main(arguments.big_data)
