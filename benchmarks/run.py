@@ -2,13 +2,16 @@
 
     python benchmarks/run.py            # prints the table
 
+    python benchmarks/run.py --big-data # only the big data rows
+
 Needs Docker, a Redis at BENCH_REDIS_URL (default redis://127.0.0.1:6379/14, flushed), the
 images BENCH_IMAGE (python3; default local/py311) and BENCH_NUMPY_IMAGE (with numpy; default
 local/py311-numpy), both with the kernel's Python minor version for the function benchmarks,
 and the package index (the environment rows build numpy environments, and remove them and
-uv's download cache first). Starts its own `celery-nb worker` and a plain Celery worker
-(threads, 4 each); ipyparallel (two engines) and Dask (two single-threaded worker processes)
-when they are installed.
+uv's download cache first). Starts its own `celery-nb worker`, another one as on another host
+(CELERY_NB_KERNEL_SHARED_MEMORY=0: big data through Redis, on queue ELSEWHERE) and a plain
+Celery worker (threads, 4 each); ipyparallel (two engines) and Dask (two single-threaded worker
+processes) when they are installed.
 
 Each figure is printed with each baseline measured in the same run and the ratio. Round trips
 are timed in alternating blocks (celery_nb, then each baseline), so that the machine's drift
@@ -16,6 +19,8 @@ over a run does not decide a ratio; medians and p90s.
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import io
 import os
 import statistics
@@ -45,6 +50,10 @@ IMAGE = os.environ.get("BENCH_IMAGE", "local/py311")
 NUMPY_IMAGE = os.environ.get("BENCH_NUMPY_IMAGE", "local/py311-numpy")
 BIG = 100 * 2**20
 BIG_CELL = f"import numpy as np\nresult = np.ones({BIG // 8})\n"
+NO_RESULT_CELL = f"import numpy as np\nnp.ones({BIG // 8})\nresult = 1\n"  # the same work, nothing big back
+ONE_GB_PER_S = BIG / 1e9 * 1e3  # ms that BIG bytes take at 1 GB/s
+ELSEWHERE = "elsewhere"  # the queue of the worker as on another host (and its node name's start)
+BIG_RUNS = 7  # timings of each big data side
 MANY = 2000
 CACHED_PIP = "numpy tqdm"  # the environment of the cache-hit row (the quickstart's)
 BUILT_PIP = "numpy"  # the environment the first-build rows build, again and again
@@ -128,12 +137,15 @@ def _memory_kib(name: str) -> int:
 
 
 def peak_memory(kind: str) -> None:
-    """In a fresh process: the peak resident memory added by collecting one big result, as a
-    multiple of the payload (ru_maxrss would not do: Linux keeps it across exec)."""
-    if kind == "celery_nb":
-        client = Client(BROKER_URL)
-        client.submit_cell("a = 1", {}, image=NUMPY_IMAGE, memory="1g").result(60)
-        collect = lambda: client.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g").result(120)  # noqa: E731
+    """In a fresh process: the peak resident memory added by collecting one big result and
+    reading it once (all its pages resident), as a multiple of the payload (ru_maxrss would not
+    do: Linux keeps it across exec). ``kind``: "same host" (a worker of this host), "elsewhere"
+    (through Redis) or "raw" (raw Celery)."""
+    if kind != "raw":
+        client, queue = Client(BROKER_URL), ELSEWHERE if kind == "elsewhere" else None
+        client.submit_cell("a = 1", {}, image=NUMPY_IMAGE, memory="1g", queue=queue).result(60)
+        collect = lambda: client.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g",  # noqa: E731
+                                             queue=queue).result(120)["result"]
     else:
         echo.delay(1).get(timeout=60)
         collect = lambda: ones.delay(BIG).get(timeout=120)  # noqa: E731
@@ -141,6 +153,7 @@ def peak_memory(kind: str) -> None:
         f.write("5")  # reset the peak (VmHWM) to the current resident size
     before = _memory_kib("VmRSS")
     result = collect()
+    float(result.sum())
     print((_memory_kib("VmHWM") - before) * 1024 / BIG)
     del result
 
@@ -209,34 +222,63 @@ def chunked_map(client: Client, raw_rate: float) -> Row:
 
 
 def big_data(client: Client, embedded: Client) -> list[Row]:
+    """100 MiB results and inputs with a worker on this host (the embedded one, a separate one:
+    shared memory), against the same cell without them, and against 1 GB/s; and with a worker as
+    on another host (through Redis), against raw Celery's pickle result and arguments."""
     data = b"x" * BIG
-    result_cell = lambda c: c.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g").result(120)  # noqa: E731
-    input_cell = lambda c: c.submit_cell("n = len(data)\n", {"data": data}, image=IMAGE, memory="1g").result(120)  # noqa: E731
-    sides = {
-        "result, Redis": lambda: result_cell(client), "result, embedded": lambda: result_cell(embedded),
-        "input, Redis": lambda: input_cell(client), "input, embedded": lambda: input_cell(embedded),
-        "Celery result": lambda: ones.delay(BIG).get(timeout=120),
-        "Celery input": lambda: size_of.delay(data).get(timeout=120),
-    }
+    cell = lambda c, source, queue=None: c.submit_cell(source, {}, image=NUMPY_IMAGE, memory="1g",  # noqa: E731
+                                                       queue=queue).result(120)
+    given = lambda c, inputs, queue=None: c.submit_cell("n = len(data)\n", inputs, image=IMAGE,  # noqa: E731
+                                                        memory="1g", queue=queue).result(120)
+    workers = {"embedded worker": (embedded, None), "worker on this host": (client, None),
+               "worker elsewhere (Redis)": (client, ELSEWHERE)}
+    sides: dict[str, Callable[[], object]] = {"Celery pickle result": lambda: ones.delay(BIG).get(timeout=120),
+                                              "Celery pickle input": lambda: size_of.delay(data).get(timeout=120)}
+    for where, (c, queue) in workers.items():
+        sides[f"result, {where}"] = functools.partial(cell, c, BIG_CELL, queue)
+        sides[f"input, {where}"] = functools.partial(given, c, {"data": data}, queue)
+        if queue is None:
+            sides[f"no result, {where}"] = functools.partial(cell, c, NO_RESULT_CELL)
+            sides[f"no input, {where}"] = functools.partial(given, c, {"data": b""})
     for side in sides.values():
         side()
-    times = {name: timed(side, 3) for name, side in sides.items()}
+    times = alternating(sides, runs=BIG_RUNS, block=1, pause=0.3)  # what the previous side freed, freed first
+    for name, samples in times.items():
+        print(f"{name}: median {samples.median * 1e3:.1f} ms, {min(samples.values) * 1e3:.1f}-"
+              f"{max(samples.values) * 1e3:.1f} ms over {len(samples.values)}")
+    ms = {name: samples.median * 1e3 for name, samples in times.items()}
     rows = []
-    for way in ("result", "input"):
-        celery = times[f"Celery {way}"].median * 1e3
-        rows.append(Row(f"100 MiB {way} via Redis", times[f"{way}, Redis"].median * 1e3, "ms",
-                        {f"Celery pickle {way}": celery}, {f"Celery pickle {way}": ("<=", 0.5)}))
-        embedded_ms = times[f"{way}, embedded"].median * 1e3
-        rows.append(Row(f"100 MiB {way}, embedded worker", embedded_ms, "ms", {"1 GB/s": BIG / 1e9 * 1e3},
-                        {"1 GB/s": ("<=", 1.0)}))
+    for way, what in (("result", "numpy result"), ("input", "bytes input")):
+        for where, (_c, queue) in workers.items():
+            value = ms[f"{way}, {where}"]
+            if queue is None:  # what the bytes add to the same cell, and the whole cell against 1 GB/s
+                without = f"same cell, no {way}"
+                rows.append(Row(f"100 MiB {what}, {where}", value, "ms",
+                                {without: ms[f"no {way}, {where}"], "1 GB/s": ONE_GB_PER_S},
+                                {without: ("+<=", ONE_GB_PER_S)}, times[f"{way}, {where}"].p90 * 1e3))
+            else:
+                celery = f"Celery pickle {way}"
+                rows.append(Row(f"100 MiB {what}, {where}", value, "ms", {celery: ms[celery]},
+                                {celery: ("<=", 0.5)}, times[f"{way}, {where}"].p90 * 1e3))
     return rows
 
 
 def kernel_memory() -> Row:
     peaks = {kind: float(subprocess.run([sys.executable, __file__, "--peak-memory", kind], capture_output=True,
-                                        text=True, check=True, cwd=ROOT).stdout) for kind in ("celery_nb", "raw")}
-    return Row("kernel peak memory for a 100 MiB result", peaks["celery_nb"], "x", {"payload": 1.0,
-               "raw Celery": peaks["raw"]}, {"payload": ("<=", 1.5)})
+                                        text=True, check=True, cwd=ROOT).stdout)
+             for kind in ("same host", "elsewhere", "raw")}
+    return Row("kernel peak memory for a 100 MiB result", peaks["same host"], "x",
+               {"payload": 1.0, "through Redis": peaks["elsewhere"], "raw Celery": peaks["raw"]},
+               {"payload": ("<=", 1.5)})
+
+
+def big_data_rows(client: Client) -> list[Row]:
+    embedded = Client(None)
+    try:
+        rows = big_data(client, embedded)
+    finally:
+        embedded.shutdown()
+    return [*rows, kernel_memory()]
 
 
 def remove_environment(docker_client: docker.DockerClient, requirements: str) -> None:
@@ -317,12 +359,7 @@ def run_all(client: Client) -> list[Row]:
     rows.append(kernel_round_trip())
     rows.append(cold_start(client))
     rows.append(chunked_map(client, raw_rate))
-    embedded = Client(None)
-    try:
-        rows.extend(big_data(client, embedded))
-    finally:
-        embedded.shutdown()
-    rows.append(kernel_memory())
+    rows.extend(big_data_rows(client))
     rows.extend(environment_rows(client))
     return rows
 
@@ -349,7 +386,7 @@ def print_table(rows: list[Row]) -> None:
             print(f"{left}  {name:<22}{baseline:>10.4g}{ratio:>8.2f}  {verdict}")
 
 
-def main() -> None:
+def main(big_data_only: bool) -> None:
     redis.Redis.from_url(BROKER_URL).flushdb()
     client = Client(BROKER_URL)
     os.makedirs(ROOT / "build", exist_ok=True)
@@ -357,12 +394,16 @@ def main() -> None:
         start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
                "-n", f"bench{os.getpid()}@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
               str(ROOT / "build/bench-celery_nb-worker.log")),
+        start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4", "-Q",
+               ELSEWHERE, "-n", f"{ELSEWHERE}{os.getpid()}@%h", "-l", "WARNING"], {"CELERY_NB_KERNEL_SHARED_MEMORY": "0"},
+              lambda: any(ELSEWHERE in node for reply in client.app.control.ping(timeout=0.5) for node in reply),
+              str(ROOT / "build/bench-elsewhere-worker.log")),
         start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
                "-n", f"raw{os.getpid()}@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
               lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
     ]
     try:
-        rows = run_all(client)
+        rows = big_data_rows(client) if big_data_only else run_all(client)
     finally:
         for proc in workers:
             proc.terminate()
@@ -371,7 +412,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--peak-memory"]:
-        peak_memory(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--big-data", action="store_true", help="only the big data rows")
+    parser.add_argument("--peak-memory", metavar="KIND", help=argparse.SUPPRESS)  # (kernel_memory's fresh process)
+    arguments = parser.parse_args()
+    if arguments.peak_memory:
+        peak_memory(arguments.peak_memory)
     else:
-        main()
+        main(arguments.big_data)

@@ -23,8 +23,8 @@ import redis
 from celery._state import _set_task_join_will_block
 from celery.worker import WorkController
 
-from celery_nb import analysis, cell_syntax, journal, payload, requirements
-from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, blob_store_for
+from celery_nb import analysis, cell_syntax, journal, payload, requirements, shm
+from celery_nb.blobs import BLOB_THRESHOLD, BlobStore, MemoryBlobStore, MissingBlobError, blob_store_for
 from celery_nb.broker import TASK_NAME, celery_app, task_message
 from celery_nb.config import settings
 from celery_nb.errors import BrokerUnavailableError, InputError, SignatureError, UnknownJobError
@@ -59,6 +59,8 @@ class Client:
                     worker_app(None, self.store, self.blobs, worker_name=EMBEDDED_WORKER, signer=self.signer))
         self._follower = JobFollower(self.store)
         self._local_code = LocalCode()
+        # big payloads and results as shared memory files, with the workers of this host that share it
+        self.kernel_files = shm.Exchange.own(this_process=self.embedded) if self._shares_memory() else None
         self.jobs: list[Job] = []
         self._embedded: WorkController | None = None
         if broker_url is None:
@@ -67,6 +69,19 @@ class Client:
     @property
     def embedded(self) -> bool:
         return self.broker_url is None
+
+    def _shares_memory(self) -> bool:
+        """Whether big data may go through shared memory files: with workers that say they see
+        this host's, and (the embedded worker) unless its settings say no."""
+        return not self.embedded or self.app.celery_nb_pool.settings.kernel_shared_memory
+
+    def _payload_files_for(self, queue: str) -> shm.Exchange | None:
+        """Where a big payload for ``queue`` goes as a shared memory file: the kernel's folder, if
+        every live worker of the queue can read it (the embedded worker always); else None."""
+        if self.kernel_files is None or not isinstance(self.store, RedisJobStore):  # or the embedded worker's
+            return self.kernel_files
+        serving = [facts for facts in self.store.live_workers().values() if queue in facts.get("queues", ())]
+        return self.kernel_files if serving and all(map(self.kernel_files.shared_with, serving)) else None
 
     def _start_embedded_worker(self, concurrency: int) -> None:
         global _embedded_owner
@@ -97,12 +112,14 @@ class Client:
         _set_task_join_will_block(False)
 
     def shutdown(self) -> None:
-        """Stop the embedded worker and remove its idle containers."""
+        """Stop the embedded worker, remove its idle containers and the shared memory files of its jobs."""
         global _embedded_owner
         if self._embedded is not None:
             self._embedded.stop(in_sighandler=False, exitcode=0)
             self._embedded = None
             self.app.celery_nb_pool.shutdown()
+            if self.kernel_files is not None:  # its jobs' files: they ended with the worker
+                self.kernel_files.remove()
             with _embedded_lock:
                 _embedded_owner = None
 
@@ -163,10 +180,10 @@ class Client:
                                       referenced.modules)
         return self._send("call", data, job_options, label, code, needs)
 
-    def _send(self, kind: str, data: bytes, options: JobOptions, label: str, code: Sequence[LocalModule],
+    def _send(self, kind: str, data: list[Any], options: JobOptions, label: str, code: Sequence[LocalModule],
               imports: Callable[[], Iterable[str]] | None = None) -> Job:
-        """``code``: the local modules the job ships; ``imports``: the modules it needs, for
-        ``--pip auto`` (asked only then)."""
+        """``data``: the pieces of the payload bundle; ``code``: the local modules the job ships;
+        ``imports``: the modules it needs, for ``--pip auto`` (asked only then)."""
         config = settings()
         options = requirements.pin_auto(options.with_defaults(config.job_defaults(kind)), imports)
         if self.embedded:  # the embedded worker consumes only the default queue: every job runs here
@@ -177,12 +194,7 @@ class Client:
         if self._follower.inbox is not None:  # its worker names it there: the follower reads it then
             request["inbox"] = self._follower.inbox
         try:
-            if len(data) > BLOB_THRESHOLD:  # big inputs stay out of the Celery message
-                request["payload_ref"] = self.blobs.put([data])
-                if self.signer.enabled:
-                    request["payload_digest"] = digest(data)
-            else:
-                request["payload"] = base64.b64encode(data).decode("ascii")
+            self._add_payload(request, data, options.queue)
             if code:
                 request["code"] = self._local_code.send(code, self.blobs)
             self._publish(job, self.signer.sign(request), options)
@@ -196,6 +208,24 @@ class Client:
             journal.record(journal.JournalEntry(job.id, journal.public_url(self.broker_url), kind, job.image,
                                                 job.queue, label, job.submitted_at, os.getpid()))
         return job
+
+    def _add_payload(self, request: dict[str, Any], data: list[Any], queue: str) -> None:
+        """The payload into ``request``: inline, or (big) by reference, as a shared memory file where
+        the job's workers can read it, else in the blob store; and where the kernel's shared memory
+        folder is, for a big result to come back there."""
+        if self.kernel_files is not None:
+            request["kernel_shm"] = self.kernel_files.where()
+        if sum(memoryview(piece).nbytes for piece in data) <= BLOB_THRESHOLD:
+            request["payload"] = base64.b64encode(b"".join(data)).decode("ascii")
+            return
+        files = self._payload_files_for(queue)  # big inputs stay out of the Celery message
+        in_files = files.put(data) if files is not None else None
+        if in_files is not None:
+            request["payload_shm"] = in_files
+        else:
+            request["payload_ref"] = self.blobs.put(data)
+        if self.signer.enabled:
+            request["payload_digest"] = digest(data)
 
     def _publish(self, job: Job, request: dict[str, Any], options: JobOptions) -> None:
         """The job's first event ("queued") and its task message, and follow the job."""
@@ -264,7 +294,9 @@ class Client:
     def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None,
                 signature: dict[str, Any] | None) -> Any:
         """A finished job's result bundle (see JobBackend.collect)."""
-        if ref is not None:
+        if ref is not None and "shm" in ref:  # in this kernel's shared memory folder: mapped
+            data = self._result_files().take(ref)
+        elif ref is not None:
             data = self.blobs.get(ref)
             self.blobs.delete(ref)
         else:
@@ -276,6 +308,13 @@ class Client:
             except SignatureError as problem:
                 raise SignatureError(f"the result of job {job_id} {problem}; it was not unpickled") from None
         return data
+
+    def _result_files(self) -> shm.Exchange:
+        """This kernel's shared memory folder, where workers of its host leave big results."""
+        if self.kernel_files is None:
+            raise MissingBlobError("the result is in a shared memory folder of another host, or of a kernel "
+                                   "whose folder this one cannot use")
+        return self.kernel_files
 
     def read_blob(self, ref: dict[str, Any]) -> Any:
         """See JobBackend.read_blob."""

@@ -32,6 +32,7 @@ RENEW_INTERVAL = 1.5  # s between a live worker's renewals of its jobs' leases
 REDIS_TIMEOUTS = {"socket_connect_timeout": 10.0, "socket_timeout": 30.0}
 LEASES_KEY = "celery_nb:leases"  # sorted set: job id -> when its lease ends (ms, Redis's clock)
 DELIVERIES_KEY = "celery_nb:deliveries"  # hash: job id -> delivery tag of its lease holder's broker message
+WORKERS_KEY = "celery_nb:workers"  # set: the names of workers that announced themselves (worker_key)
 
 
 def events_key(job_id: str) -> str:
@@ -52,6 +53,11 @@ def done_key(job_id: str) -> str:
 
 def attempts_key(job_id: str) -> str:
     return f"celery_nb:attempts:{job_id}"
+
+
+def worker_key(worker: str) -> str:
+    """What a live worker tells kernels (celery_nb.shm.worker_facts), until its announcement expires."""
+    return f"celery_nb:worker:{worker}"
 
 
 def redis_retry(patience: float) -> Retry:
@@ -394,6 +400,23 @@ return 1
 """
 
 
+# KEYS: the set of announced workers; ARGV: the prefix of their keys. Returns name, facts, name,
+# facts... of the workers whose announcement has not expired, and forgets the others.
+_LIVE_WORKERS = """
+local found = {}
+for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local facts = redis.call('GET', ARGV[1] .. worker)
+  if facts then
+    table.insert(found, worker)
+    table.insert(found, facts)
+  else
+    redis.call('SREM', KEYS[1], worker)
+  end
+end
+return found
+"""
+
+
 class RedisJobStore:
     """Redis streams (``celery_nb:events:<job>``), flags and leases, expiring after ``ttl`` seconds.
 
@@ -412,6 +435,7 @@ class RedisJobStore:
         self._finish = self._redis.register_script(_FINISH)
         self._expired = self._redis.register_script(_EXPIRED)
         self._take_over = self._redis.register_script(_TAKE_OVER)
+        self._live_workers = self._redis.register_script(_LIVE_WORKERS)
 
     def append(self, job_id: str, event: Event, blob: bytes | None = None, wake: Waker | None = None) -> None:
         fields: dict[str, Any] = {"e": json.dumps(event)}
@@ -540,6 +564,26 @@ class RedisJobStore:
         if blob is not None:
             args.append(blob)
         return bool(self._finish(keys=keys, args=args))
+
+    def announce(self, worker: str, facts: dict[str, Any], ttl: float) -> None:
+        """Tell kernels ``facts`` of a live worker (celery_nb.shm.worker_facts), for ``ttl`` seconds."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(worker_key(worker), json.dumps(facts), px=int(ttl * 1000))  # expires by Redis's clock
+        pipe.sadd(WORKERS_KEY, worker)
+        pipe.execute()
+
+    def withdraw(self, worker: str) -> None:
+        """The worker stops: its announcement goes."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(worker_key(worker))
+        pipe.srem(WORKERS_KEY, worker)
+        pipe.execute()
+
+    def live_workers(self) -> dict[str, dict[str, Any]]:
+        """The facts of the workers whose announcement has not expired, by worker name."""
+        found = self._live_workers(keys=[WORKERS_KEY], args=[worker_key("")])
+        return {found[i].decode(): json.loads(found[i + 1]) for i in range(0, len(found), 2)}
+
 
 def _events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Event], str]:
     """A job's stream entries as events (a binary attachment as event["blob"]), and the last one's id."""

@@ -26,8 +26,9 @@ def _pickle_or_raise(writer: protocol.ValueWriter, value: Any, describe: Callabl
 
 def cell_payload(source: str, first_line: int, inputs: Mapping[str, Any],
                  outputs: Sequence[str], outputs_explicit: bool, timed: bool = False, uploads: Uploads | None = None,
-                 download: Sequence[str] = (), dumps: Callable[..., bytes] = cloudpickle.dumps) -> bytes:
-    """``dumps`` pickles the inputs (e.g. a local_code.ReferenceRecorder)."""
+                 download: Sequence[str] = (), dumps: Callable[..., bytes] = cloudpickle.dumps) -> list[Any]:
+    """The pieces of a cell's payload bundle (bytes-like: the inputs' buffers as they are, not
+    joined). ``dumps`` pickles the inputs (e.g. a local_code.ReferenceRecorder)."""
     writer = protocol.ValueWriter(dumps)
     index = {
         name: _pickle_or_raise(writer, value, lambda exc, name=name: (
@@ -37,20 +38,22 @@ def cell_payload(source: str, first_line: int, inputs: Mapping[str, Any],
     }
     header = protocol.cell_header(source, first_line, index, list(outputs), outputs_explicit, timed)
     _add_files(writer, header, uploads, download)
-    return b"".join(protocol.pack_bundle(header, writer.sections))
+    return protocol.pack_bundle(header, writer.sections)
 
 
 def call_payload(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], uploads: Uploads | None = None,
-                 download: Sequence[str] = (), dumps: Callable[..., bytes] = cloudpickle.dumps) -> bytes:
-    """``dumps`` pickles the function and its arguments (e.g. a local_code.ReferenceRecorder)."""
+                 download: Sequence[str] = (), dumps: Callable[..., bytes] = cloudpickle.dumps) -> list[Any]:
+    """The pieces of a call's payload bundle (as cell_payload). ``dumps`` pickles the function and
+    its arguments (e.g. a local_code.ReferenceRecorder)."""
     writer = protocol.ValueWriter(dumps)
     name = getattr(fn, "__qualname__", repr(fn))
-    call = _pickle_or_raise(writer, (fn, args, dict(kwargs)), lambda exc: (
+    arguments = (tuple(map(protocol.out_of_band, args)), {key: protocol.out_of_band(v) for key, v in kwargs.items()})
+    call = _pickle_or_raise(writer, (fn, *arguments), lambda exc: (
         f"function {name!r} or its arguments cannot be pickled to send them to the container: {exc}"))
     header = {"v": protocol.PROTOCOL_VERSION, "kind": "call", "call": call,
               "python": list(sys.version_info[:2]), "function": name}
     _add_files(writer, header, uploads, download)
-    return b"".join(protocol.pack_bundle(header, writer.sections))
+    return protocol.pack_bundle(header, writer.sections)
 
 
 def _add_files(writer: protocol.ValueWriter, header: dict[str, Any], uploads: Uploads | None,

@@ -34,7 +34,11 @@ LIFETIME = DEFAULT_TTL - 4 * CLOCK_SKEW
 
 
 def digest(data: Any) -> str:
-    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+    """The SHA-256 of ``data``: bytes-like, or a list of bytes-like pieces (of their concatenation)."""
+    sha = hashlib.sha256()
+    for piece in data if isinstance(data, list) else [data]:
+        sha.update(memoryview(piece).cast("B"))
+    return sha.hexdigest()
 
 
 class Signer:

@@ -9,11 +9,13 @@ into an intermediate pickle stream and can be loaded zero-copy from a memoryview
 
 Frames: the container's real stdout carries only frames (the cell's own fd 1/2 go to pipes
 that the runtime wraps into log frames), so the worker can demultiplex logs, progress,
-errors and the result from one byte stream. Requests reach the container's stdin as frames too.
+errors and the result from one byte stream. Requests reach the container's stdin as frames too
+(or, from a worker on the container's host, the server's own socket: SERVER_SOCKET).
 """
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import sys
@@ -24,9 +26,12 @@ PICKLE_PROTOCOL = 5
 CELL_FILENAME = "<cell>"  # a cell's code object's filename, in tracebacks (kernel and container alike)
 RETURN_VALUE = "return"  # a function's return value among a result's outputs (no variable has that name)
 
-_BUNDLE_MAGIC = b"CNB\x01"
+_BUNDLE_MAGIC = b"CNB\x02"
 _BUNDLE_HEAD = struct.Struct(">4sII")  # magic, header length, section count
 _SECTION_LEN = struct.Struct(">Q")
+# sections start at multiples of this from the bundle's start (zero bytes between), so that the
+# arrays loaded in place from a bundle that starts aligned (a mapped file, a fetched blob) are aligned
+_SECTION_ALIGN = 64
 
 FRAME_MAGIC = b"CNBF"
 _FRAME_HEAD = struct.Struct(">4sBQ")  # magic, kind, body length
@@ -36,17 +41,25 @@ FRAME_EVENT = 3  # JSON: progress, display, ...
 FRAME_RESULT = 4  # bundle
 FRAME_ERROR = 5  # JSON: {"kind", "message", "exc_type", "traceback"}
 FRAME_END = 6  # JSON: how the job's process ended {"exit", "signal", "oom_kills", "usage"}; the server is ready again
-FRAME_REQUEST = 7  # worker -> container on stdin: bundle {"env", "spool"} + [job payload, code bundles...]
-FRAME_RESULT_FILE = 8  # JSON {"path", "size"}: the result bundle, written to the spool directory
+# worker -> container (stdin, or the server's socket): bundle {"env", "files", "payload_file"} + [job payload, code bundles...]
+FRAME_REQUEST = 7
+FRAME_RESULT_FILE = 8  # JSON {"size"}: the result bundle, written into the file the worker handed over
 FRAME_USAGE = 9  # JSON {"cpu_seconds", "peak_memory"}: what the job used, just before its RESULT or ERROR
+# JSON {"for": "payload" or "result", "size" (a result's), "socket", "pid"}: the job's process asks the
+# worker for a file, to be handed over on the unix socket it listens on (a path in the container)
+FRAME_FILE_WANTED = 10
 FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST,
-               FRAME_RESULT_FILE, FRAME_USAGE)
+               FRAME_RESULT_FILE, FRAME_USAGE, FRAME_FILE_WANTED)
+OUT_OF_BAND_MIN = 1 << 16  # bytes and bytearrays from this size travel as out-of-band buffers
 
+# The container's folder that a worker on its host reaches through /proc/<pid>/root: the server's
+# socket and those that jobs' processes take files on (FRAME_FILE_WANTED) are there.
+SHARED_DIR = "/dev/shm"
 # A pooled container's server listens here, for SERVER_SOCKET_WAIT s at its start, for its worker to
 # connect through /proc/<pid>/root (a worker on the container's host): then requests and frames go
 # over that connection instead of stdin and stdout, which Docker relays (the "attach" stream); a
 # request on stdin, or none within the wait, keeps them there.
-SERVER_SOCKET = "/dev/shm/celery_nb-server.sock"
+SERVER_SOCKET = SHARED_DIR + "/celery_nb-server.sock"
 SERVER_SOCKET_WAIT = 2.0
 
 
@@ -60,9 +73,16 @@ Buffer = Any  # bytes, bytearray, memoryview or pickle.PickleBuffer
 def pack_bundle(header: Dict[str, Any], sections: List[Buffer]) -> List[Buffer]:
     """Return the pieces of a bundle; write them in order (or b"".join them)."""
     head_json = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    sizes = [memoryview(s).nbytes for s in sections]
     pieces: List[Buffer] = [_BUNDLE_HEAD.pack(_BUNDLE_MAGIC, len(head_json), len(sections)), head_json]
-    pieces.extend(_SECTION_LEN.pack(memoryview(s).nbytes) for s in sections)
-    pieces.extend(sections)
+    pieces.extend(_SECTION_LEN.pack(size) for size in sizes)
+    pos = _BUNDLE_HEAD.size + len(head_json) + len(sections) * _SECTION_LEN.size
+    for section, size in zip(sections, sizes):
+        padding = -pos % _SECTION_ALIGN
+        if padding:
+            pieces.append(bytes(padding))
+        pieces.append(section)
+        pos += padding + size
     return pieces
 
 
@@ -75,10 +95,41 @@ def cell_header(source: str, first_line: int, inputs: Dict[str, List[int]], outp
             "python": list(sys.version_info[:2])}
 
 
-def pack_request(payload: Buffer, env: Dict[str, str], spool: Optional[str], code: Sequence[Buffer] = ()) -> bytes:
-    """The body of a REQUEST frame: the job's environment, where to spool a big result (None:
-    nowhere), its payload bundle and the code bundles of the kernel's local modules it needs."""
-    return b"".join(pack_bundle({"env": env, "spool": spool}, [payload, *code]))
+def pack_request(payload: Optional[Buffer], env: Dict[str, str], files: bool, code: Sequence[Buffer] = ()) -> bytes:
+    """The body of a REQUEST frame: the job's environment, its payload bundle (None: the job's
+    process asks the worker for it as a file), the code bundles of the kernel's local modules it
+    needs, and whether the worker hands over ``files`` (a big result goes into one it gives)."""
+    header = {"env": env, "files": files, "payload_file": payload is None}
+    return b"".join(pack_bundle(header, [b"" if payload is None else payload, *code]))
+
+
+def write_pieces(fd: int, pieces: Sequence[Buffer]) -> None:
+    """Write the concatenation of ``pieces`` to file descriptor ``fd`` (gathered, not joined)."""
+    views = [memoryview(piece).cast("B") for piece in pieces]
+    views = [view for view in views if view.nbytes]
+    while views:
+        written = os.writev(fd, views[:1024])  # IOV_MAX
+        while views and written >= views[0].nbytes:
+            written -= views.pop(0).nbytes
+        if written:
+            views[0] = views[0][written:]
+
+
+class _OutOfBand:
+    """Pickles as the bytes or bytearray it holds, whose contents travel as an out-of-band buffer
+    (pickle copies those of bytes into the stream, and picklers cannot be told otherwise)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> Any:
+        return type(self.value), (pickle.PickleBuffer(self.value),)
+
+
+def out_of_band(value: Any) -> Any:
+    """``value``, or what pickles as it with its contents out-of-band: a big bytes or bytearray
+    (loaded with one copy instead of two)."""
+    return _OutOfBand(value) if type(value) in (bytes, bytearray) and len(value) >= OUT_OF_BAND_MIN else value
 
 
 def code_bundle(files: Dict[str, Buffer]) -> List[Buffer]:
@@ -111,6 +162,7 @@ def unpack_bundle(data: Buffer) -> Tuple[Dict[str, Any], List[memoryview]]:
     pos = lengths_end
     sections = []
     for length in lengths:
+        pos += -pos % _SECTION_ALIGN
         if pos + length > view.nbytes:
             raise ProtocolError("bundle section is truncated")
         sections.append(view[pos:pos + length])
@@ -128,7 +180,7 @@ class ValueWriter:
     def add(self, value: Any) -> List[int]:
         """Pickle one value; return the indexes of its sections (pickle stream first)."""
         buffers: List[pickle.PickleBuffer] = []
-        stream = self._dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+        stream = self._dumps(out_of_band(value), protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
         first = len(self.sections)
         self.sections.append(stream)
         for buf in buffers:

@@ -31,7 +31,8 @@ import celery_nb_runtime
 from celery_nb_runtime import cell, events, protocol, rich_output, versions, workdir
 
 CELL_BUILTINS = tuple(cell.BUILTINS)  # names every cell has, unless the kernel sends a variable of that name
-SPOOL_THRESHOLD = 1 << 20
+FILE_THRESHOLD = 1 << 20  # results from this size go into a file the worker hands over, where it does
+_HANDOVER_TIMEOUT = 120.0  # s a job's process waits for a file it asked for
 _READ_CHUNK = 65536
 _MEMORY_SAMPLE_INTERVAL = 0.01  # s between two looks at the container's memory while a job runs
 _JOINED = 1 << 16  # bytes of frames written at once (the rest piece by piece, never copied)
@@ -301,6 +302,8 @@ def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory,
     outer, (payload, *code) = protocol.unpack_bundle(request)
     os.environ.update(outer["env"])
     try:
+        if outer.get("payload_file"):
+            payload = _payload_from_worker(frames)
         header, sections = protocol.unpack_bundle(payload)
         if job_dir is not None:
             job_dir.enter(header, sections, code)
@@ -319,18 +322,74 @@ def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory,
         kind, result = protocol.FRAME_ERROR, [json.dumps(JobFailed(failure.kind, str(failure)).as_json()).encode()]
     sys.stdout.flush()
     sys.stderr.flush()  # the job's output is in the pipes before its last frame
-    spool = outer.get("spool")
     size = sum(memoryview(piece).nbytes for piece in result)
-    if kind == protocol.FRAME_RESULT and spool and size >= SPOOL_THRESHOLD and _memory_headroom() > 2 * size:
-        # the worker reads this file directly, at memory speed, instead of through Docker's stream
-        path = os.path.join(spool, "celery_nb-%d.bundle" % os.getpid())
-        with open(path, "wb") as f:
-            for piece in result:
-                f.write(piece)
-        kind, result = protocol.FRAME_RESULT_FILE, [json.dumps({"path": path, "size": size}).encode()]
+    if (kind == protocol.FRAME_RESULT and outer.get("files") and size >= FILE_THRESHOLD
+            and _result_to_worker(frames, result, size)):
+        kind, result = protocol.FRAME_RESULT_FILE, [json.dumps({"size": size}).encode()]
     usage = _usage([resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)],
                    memory.peak())
     frames.write_frames([(protocol.FRAME_USAGE, [json.dumps(usage).encode()]), (kind, result)])
+
+
+def _file_from_worker(frames: FrameWriter, wanted: Dict[str, Any]) -> Optional[int]:
+    """Ask the worker for a file (a FILE_WANTED frame) and receive its descriptor on a unix socket
+    this process listens on in the container's /dev/shm (None: the worker has none to give). Only
+    a process outside the container, whose pid is 0 here, can be the worker: others are ignored."""
+    import socket  # (as in _worker_channel: not in a one-shot container's start)
+
+    path = os.path.join(protocol.SHARED_DIR, "celery_nb-%s.sock" % os.urandom(16).hex())
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(4)
+        listener.settimeout(_HANDOVER_TIMEOUT)
+        frames.write(protocol.FRAME_FILE_WANTED, json.dumps(dict(wanted, socket=path, pid=os.getpid())).encode())
+        while True:
+            connection, _address = listener.accept()
+            with connection:
+                credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                if struct.unpack("3i", credentials)[0] != 0:
+                    continue  # a process of this container
+                _message, fds, _flags, _address = socket.recv_fds(connection, 1, 1, socket.MSG_CMSG_CLOEXEC)
+                return fds[0] if fds else None
+    finally:
+        listener.close()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def _payload_from_worker(frames: FrameWriter) -> mmap.mmap:
+    """The job's payload, handed over by the worker as a file: mapped, not read. Privately, so
+    the values loaded from it in place are writable (a page is copied when written)."""
+    try:
+        fd = _file_from_worker(frames, {"for": "payload"})
+    except OSError as exc:
+        raise JobFailed("input", "the job's payload did not arrive from the worker: %s" % exc) from None
+    if fd is None:
+        raise JobFailed("input", "the worker handed over no payload for the job")
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def _result_to_worker(frames: FrameWriter, result: List[Any], size: int) -> bool:
+    """Write the result bundle into a file the worker hands over (allocated by the worker, so the
+    result does not count against this container's memory once the job has ended); False if it
+    gives none, and the result goes through the frame stream."""
+    try:
+        fd = _file_from_worker(frames, {"for": "result", "size": size})
+    except OSError:
+        return False
+    if fd is None:
+        return False
+    try:
+        protocol.write_pieces(fd, result)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _usage(rusages: List[Any], added: int) -> Dict[str, Any]:
@@ -388,20 +447,6 @@ class _JobMemory:
 
     def peak(self) -> int:
         return _SHARED.unpack_from(self._shared)[1]
-
-
-def _memory_headroom() -> int:
-    """Bytes the container may still use before its memory limit (0 if unknown): a spooled
-    result lives in memory (tmpfs) next to the values it was pickled from."""
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-                                   ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current")):
-        try:
-            with open(limit_path) as limit, open(usage_path) as usage:
-                return int(limit.read()) - int(usage.read())
-        except (OSError, ValueError):
-            continue
-    return 0
 
 
 class _ChildRelay:
@@ -588,7 +633,7 @@ def _warm_up(memory: _JobMemory) -> None:
     """Rehearse a job (its output thrown away), so that the copy-on-write faults after fork
     are paid before the request arrives rather than while the kernel waits."""
     payload = b"".join(protocol.pack_bundle(protocol.cell_header("warm = 1", 1, {}, ["warm"], False), []))
-    request = protocol.pack_request(payload, {}, None)
+    request = protocol.pack_request(payload, {}, False)
     with open(os.devnull, "wb") as devnull:
         _run_child(memoryview(request), FrameWriter(devnull.fileno()), memory, None)
 
@@ -634,8 +679,8 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
     its output, reports how it ended, and forks the next.
 
     ``one_shot``: a container for a single job, so nothing is prepared for later jobs; after the
-    job the server waits for stdin to close, keeping the container (and a result spooled in
-    its /dev/shm) there until the worker is done with it.
+    job the server waits for stdin to close, keeping the container there until the worker is
+    done with it.
     """
     channel = None if one_shot else _worker_channel(requests_fd)
     if channel is None:

@@ -181,3 +181,12 @@ def remove_environments(docker_client: docker.DockerClient, requirements: str) -
 def worker_containers(docker_client: docker.DockerClient, worker: str) -> list:
     """The containers (running or not) that carry worker node name ``worker``'s label."""
     return docker_client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_WORKER}={worker}"})
+
+
+def server_sockets(container: docker.models.containers.Container) -> list[str]:
+    """The sockets the container's main process (its server) holds beyond stdin, stdout and
+    stderr: its connection to its worker, if they talk directly."""
+    container.reload()
+    fds = f"/proc/{container.attrs['State']['Pid']}/fd"
+    links = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds) if int(fd) > 2]
+    return [link for link in links if link.startswith("socket:")]

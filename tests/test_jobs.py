@@ -180,23 +180,6 @@ def test_cancelling_a_queued_job_reports_it_cancelled_and_never_runs_it(redis_cl
         job.result(timeout=30)
 
 
-def test_big_inputs_and_results_travel_as_blobs_that_expire_and_are_deleted(redis_client: Client,
-                                                                            redis_url: str) -> None:
-    import redis as redis_lib
-
-    server = redis_lib.Redis.from_url(redis_url)
-    before = set(server.keys("celery_nb:blob:*"))  # the local modules' code of other tests' jobs stays
-    blob = bytes(range(256)) * (12 * 4096)  # 12 MiB in, twice that out
-    job = redis_client.submit_cell("doubled = data * 2\n", {"data": blob}, image=IMAGE, memory="512m")
-    request_blobs = set(server.keys("celery_nb:blob:*")) - before
-    assert request_blobs and all(0 < server.ttl(key) <= 24 * 3600 for key in request_blobs)
-    assert job.wait(60)
-    done = [e for e in redis_client.store.read(job.id, "0", 1)[0] if e["type"] == "done"][0]
-    assert done["result_ref"]["size"] > len(blob) * 2 and "blob" not in done  # by reference
-    assert job.result(timeout=60)["doubled"] == blob * 2
-    assert set(server.keys("celery_nb:blob:*")) == before  # input deleted by the worker, result by the kernel
-
-
 def test_the_embedded_worker_leaves_other_celery_apps_usable(embedded_client: Client) -> None:
     from celery.result import assert_will_not_block
 

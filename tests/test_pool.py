@@ -19,7 +19,8 @@ from celery_nb.worker.docker_api import LABEL_OWNER, LABEL_WORKER
 from celery_nb.worker.policy import ContainerSpec
 from celery_nb.worker.pool import PoolBook
 from celery_nb.worker.settings import WorkerSettings
-from tests.conftest import IMAGE, ROOT, assert_container_removed, start_worker, stop_process, worker_containers
+from tests.conftest import (IMAGE, ROOT, assert_container_removed, server_sockets, start_worker, stop_process,
+                            worker_containers)
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"
 
@@ -83,15 +84,6 @@ def test_a_job_cannot_read_the_next_jobs_request(client: Client) -> None:
     assert second.container == "warm"
 
 
-def _server_sockets(container: docker.models.containers.Container) -> list[str]:
-    """The sockets the container's main process (its server) holds beyond stdin, stdout and
-    stderr: its connection to its worker, if they talk directly."""
-    container.reload()
-    fds = f"/proc/{container.attrs['State']['Pid']}/fd"
-    links = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds) if int(fd) > 2]
-    return [link for link in links if link.startswith("socket:")]
-
-
 # what a job sees of its server's channel: the sockets it holds, and whether the server's socket is there
 SEES_CHANNEL = ("import os\nsockets = []\n"
                 "for fd in os.listdir('/proc/self/fd'):\n"
@@ -109,7 +101,7 @@ def test_a_worker_on_the_containers_host_talks_to_a_warm_container_over_its_own_
     memory = "120m"
     jobs = [client.submit_cell(SEES_CHANNEL, {}, outputs=SEEN, image=IMAGE, memory=memory) for _ in range(2)]
     assert [job.result(timeout=60) for job in jobs] == [{"sockets": [], "listening": False}] * 2
-    assert len(_server_sockets(docker_client.containers.get(jobs[-1].container_id))) == 1
+    assert len(server_sockets(docker_client.containers.get(jobs[-1].container_id))) == 1
     fresh = client.submit_cell(SEES_CHANNEL, {}, outputs=SEEN, image=IMAGE, memory=memory, fresh=True)
     assert fresh.result(timeout=60) == {"sockets": [], "listening": False}  # (one-shot: stdin, as ever)
 
@@ -117,7 +109,7 @@ def test_a_worker_on_the_containers_host_talks_to_a_warm_container_over_its_own_
 def test_a_worker_that_cannot_see_the_containers_processes_talks_through_docker(
         redis_url: str, docker_client: docker.DockerClient) -> None:
     """A worker in a pid namespace of its own (as in a container of the compose stack) cannot
-    reach the servers' sockets: its warm containers serve it over the attach stream."""
+    reach the servers' sockets: its warm containers serve it over the attach stream, big data too."""
     queue, name = "attach-only", f"attach-only-{os.getpid()}"
     # its own hostname too: its containers' owner label names a pid of its namespace
     proc = subprocess.Popen(
@@ -132,7 +124,11 @@ def test_a_worker_that_cannot_see_the_containers_processes_talks_through_docker(
         jobs = [client.submit_cell(SEES_CHANNEL, {}, outputs=SEEN, image=IMAGE, queue=queue) for _ in range(3)]
         assert [job.result(timeout=60) for job in jobs] == [{"sockets": [], "listening": False}] * 3
         assert {job.container for job in jobs} == {"cold", "warm"}
-        assert _server_sockets(docker_client.containers.get(jobs[-1].container_id)) == []
+        assert server_sockets(docker_client.containers.get(jobs[-1].container_id)) == []
+        # nor can it hand files to jobs' processes: big data goes through the attach stream, both ways
+        big = bytes(range(256)) * (3 << 12)  # 3 MiB
+        assert client.submit_cell("out = data[::-1]\n", {"data": big}, image=IMAGE, queue=queue).result(60) == {
+            "out": big[::-1]}
     finally:  # the worker is unshare's child, which does not pass signals on: stopped itself (warm shutdown)
         for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
             os.kill(int(child), signal.SIGTERM)
@@ -152,8 +148,8 @@ def test_fresh_gets_a_new_container_and_removes_it(client: Client, docker_client
 def test_fresh_container_brings_back_big_results_and_what_the_cell_defined(
         redis_client: Client, docker_client: docker.DockerClient) -> None:
     """A --fresh container runs its one job in a lean runtime (cloudpickle is not loaded up
-    front): a big result still comes through the container's /dev/shm, and functions and
-    classes the cell defined still travel (by value, with cloudpickle)."""
+    front): a big result is still handed over as a file, and functions and classes the cell
+    defined still travel (by value, with cloudpickle)."""
     cell = ("def double(x):\n    return 2 * x\n"
             "class Box:\n    pass\n"
             "box = Box()\nbox.v = 3\nbig = bytes(3 * 2**20)\nn = double(21)\n")

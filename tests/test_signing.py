@@ -67,7 +67,7 @@ def _submit_altered(client: Client, source: str, alter: Callable[[dict], dict]) 
 
 
 def test_a_tampered_request_is_refused_and_nothing_runs(signed_client: Client) -> None:
-    evil = base64.b64encode(payload_module.cell_payload("print('evil')\n", 1, {}, [], False)).decode()
+    evil = base64.b64encode(b"".join(payload_module.cell_payload("print('evil')\n", 1, {}, [], False))).decode()
     job = _submit_altered(signed_client, "print('meant')\n", lambda request: {**request, "payload": evil})
     with pytest.raises(SignatureError, match="altered"):
         job.result(timeout=60)

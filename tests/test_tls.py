@@ -111,7 +111,8 @@ def test_a_redis_that_stops_answering_fails_a_blob_read_instead_of_blocking() ->
 
 
 def test_jobs_with_big_inputs_and_results_through_tls(tls_url: str, docker_client: docker.DockerClient) -> None:
-    worker = start_worker(tls_url, "tlsq", "tls")
+    # as on another host: big data does not go through the kernel's shared memory
+    worker = start_worker(tls_url, "tlsq", "tls", env={"CELERY_NB_KERNEL_SHARED_MEMORY": "0"})
     try:
         client = Client(tls_url)
         for size in SIZES:
@@ -119,6 +120,8 @@ def test_jobs_with_big_inputs_and_results_through_tls(tls_url: str, docker_clien
             job = client.submit_cell("echoed = data[::-1]\n", {"data": data}, image=IMAGE, queue="tlsq",
                                      memory="512m")
             assert job.result(timeout=120)["echoed"] == data[::-1]
+            done = [e for e in client.store.read(job.id, "0", 1)[0] if e["type"] == "done"][0]
+            assert ("key" in done.get("result_ref", {})) == (size > 1 << 20)  # the big ones through TLS Redis
         assert redis.Redis.from_url(tls_url).keys("celery_nb:blob:*") == []  # collected and deleted
     finally:
         stop_process(worker)

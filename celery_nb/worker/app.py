@@ -12,13 +12,14 @@ from celery.worker.control import inspect_command
 
 from celery_nb.blobs import BlobStore
 from celery_nb.broker import TASK_NAME, celery_app
-from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore
+from celery_nb.jobstore import DEFAULT_PATIENCE, JobStore, RedisJobStore
 from celery_nb.signing import Signer
 from celery_nb.worker.codecache import CodeCache
 from celery_nb.worker.environments import Environments
 from celery_nb.worker.leases import BrokerMessages, LeaseKeeper
 from celery_nb.worker.policy import WorkerPolicy
 from celery_nb.worker.pool import ContainerPool
+from celery_nb.worker.presence import WorkerPresence
 from celery_nb.worker.settings import WorkerSettings
 from celery_nb.worker.tasks import WorkerServices, report_revoked, run_job
 
@@ -64,8 +65,9 @@ def worker_app(broker_url: str | None, store: JobStore, blobs: BlobStore, settin
 
 def _connect_signals(app: Celery, services: WorkerServices, worker_name: str | None) -> None:
     """Cancelled queued jobs are reported, the pool is named, swept and emptied with the worker,
-    and the worker takes over the jobs of dead workers from its start."""
+    the worker takes over the jobs of dead workers from its start, and tells kernels of itself."""
     pool = services.pool
+    presence: list[WorkerPresence] = []  # once it runs
 
     @task_revoked.connect(weak=False)
     def _report_revoked(sender: Any, request: Any, **_kwargs: Any) -> None:
@@ -83,9 +85,16 @@ def _connect_signals(app: Celery, services: WorkerServices, worker_name: str | N
             pool.remove_leftovers()  # from an earlier run of a worker with this name
             pool.watch_for_orphans()
         services.leases.start()
+        if isinstance(services.store, RedisJobStore):  # kernels of the embedded worker know it
+            presence.append(WorkerPresence(services.store, worker_name or sender,
+                                           lambda: list(instance.app.amqp.queues.consume_from),
+                                           pool.settings.kernel_shared_memory))
+            presence[0].start()
 
     @worker_shutdown.connect(weak=False)
     def _stop(sender: Any, **_kwargs: Any) -> None:
         if getattr(sender, "app", app) is app:
+            for running in presence:
+                running.stop()
             services.leases.stop()
             pool.shutdown()

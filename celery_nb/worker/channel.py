@@ -1,13 +1,13 @@
 """The worker's channel to one running container of the runtime's fork server: requests go in
 as frames on its stdin, frames come back on its stdout, over one Docker attach socket that
 lives as long as the container (Docker's multiplexed stream demultiplexed here); or, where this
-process sees the container's processes (a worker on its host, as root), over a connection to the
-server's own socket, with no daemon copying the bytes (connect_direct). A big result may instead
-be read from the container's /dev/shm, when this process can see it.
+process sees the container's processes (a worker on its host, as root: reaches_container), over
+a connection to a warm container's server's own socket, with no daemon copying the bytes
+(connect_direct). Big payloads and results take neither: they are handed over as files
+(celery_nb.worker.handover), there too only where this process sees the container's processes.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import struct
@@ -19,8 +19,6 @@ import docker.errors
 
 from celery_nb.worker.policy import ContainerSpec
 from celery_nb_runtime import protocol
-
-SPOOL_DIR = "/dev/shm"
 
 
 class ContainerExited(Exception):
@@ -44,7 +42,7 @@ class RuntimeContainer:
     sock: socket.socket
     spec: ContainerSpec
     one_shot: bool = False  # runs one job, then exits (never pooled)
-    spools: bool = False  # whether this process reads the container's /dev/shm (big results spooled there)
+    reachable: bool = False  # this process sees its processes and /dev/shm (reaches_container)
     jobs_run: int = 0
     replacing: bool = False  # it has run its max jobs and serves on while its replacement starts
     retired: bool = False  # its replacement is in the pool: removed when its job ends
@@ -52,7 +50,7 @@ class RuntimeContainer:
     stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
     direct: socket.socket | None = None  # the connection to the server's socket (connect_direct), if any
     _attached: object = None
-    _pid: int | None = None
+    _pid: int | None = None  # of its main process, as this process sees it
     _raw: bytearray = field(default_factory=bytearray)
     _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
 
@@ -138,12 +136,9 @@ class RuntimeContainer:
         """Connect to the socket the container's server listens on at its start, through
         /proc/<pid>/root, so that requests and frames no longer go through Docker's attach
         stream, which dockerd and containerd copy (~2 ms of their CPU per job). Only where this
-        process sees the container's processes; else, or if the server does not take the
+        process sees the container's processes (``reachable``); else, or if the server does not take the
         connection, the attach stream carries them, and the server uses it too."""
-        global _direct_reachable
-        if _direct_reachable is None:
-            _direct_reachable = _sees_processes_of(self.container.id, self.pid())
-        if not _direct_reachable:
+        if not self.reachable:
             return
         path = f"/proc/{self.pid()}/root{protocol.SERVER_SOCKET}"
         deadline = time.monotonic() + protocol.SERVER_SOCKET_WAIT
@@ -166,21 +161,6 @@ class RuntimeContainer:
             else:
                 connection.close()
             return
-
-    def read_spooled(self, path: str, copy: bool) -> bytearray | mmap.mmap:
-        """The result a job spooled to a file in the container (the file is deleted): mapped,
-        with no copy, or (``copy``) copied out, so that values the caller keeps for long do not
-        hold the container's memory (its /dev/shm counts against its limit)."""
-        path = f"{_root_seen_from_here(self.container)}{path}"  # the container is alive: its job's server waits
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if copy:
-                data: bytearray | mmap.mmap = bytearray(size)
-                f.readinto(data)
-            else:
-                data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        os.unlink(path)
-        return data
 
     def kill(self) -> None:
         try:
@@ -205,35 +185,28 @@ class RuntimeContainer:
 
 _STDERR_WAIT = 1.0  # s the server's last stderr may take to come after its direct connection ended
 _CONNECT_INTERVAL = 0.002  # s between two tries to connect to a server that is starting
-_direct_reachable: bool | None = None  # whether this process sees containers' processes, the same for all
+_container_reachable: bool | None = None  # the answer of reaches_container, the same for every container
+
+
+def reaches_container(runtime: RuntimeContainer) -> bool:
+    """Whether this process sees the container's processes and reaches its /dev/shm (a worker on
+    the containers' host, as root): then it talks to a warm container's server over the server's
+    socket, and hands files over to its jobs' processes. Asked of the first container only, so
+    later cold starts skip the inspection."""
+    global _container_reachable
+    if _container_reachable is None:
+        _container_reachable = _sees_processes_of(runtime.container.id, runtime.pid())
+    return _container_reachable
 
 
 def _sees_processes_of(container_id: str, pid: int) -> bool:
     """Whether ``pid`` is, as this process sees it, the main process of container ``container_id``
     (a worker in another pid namespace may see another process under that number), and its
-    root can be reached."""
+    /dev/shm can be reached."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             if container_id not in f.read():
                 return False
     except OSError:
         return False
-    return os.access(f"/proc/{pid}/root{SPOOL_DIR}", os.R_OK | os.W_OK | os.X_OK)
-
-
-_spool_readable: bool | None = None  # the answer of reads_spool, the same for every container
-
-
-def reads_spool(container: docker.models.containers.Container) -> bool:
-    """Whether this process can read containers' /dev/shm: a worker on the containers' host, as
-    root. Asked of the first container only, so later cold starts skip the inspection."""
-    global _spool_readable
-    if _spool_readable is None:
-        _spool_readable = os.access(f"{_root_seen_from_here(container)}{SPOOL_DIR}", os.R_OK | os.W_OK)
-    return _spool_readable
-
-
-def _root_seen_from_here(container: docker.models.containers.Container) -> str:
-    """The running container's root directory, as this process sees it."""
-    container.reload()
-    return f"/proc/{container.attrs['State']['Pid']}/root"
+    return os.access(f"/proc/{pid}/root{protocol.SHARED_DIR}", os.R_OK | os.W_OK | os.X_OK)

@@ -21,12 +21,12 @@ from celery_nb.worker.settings import WorkerSettings
 
 # Environment variables that act when a process starts, not when a running one changes them:
 # read by the Python interpreter (PYTHONPATH, PYTHONHASHSEED, ...), the C library and the dynamic
-# loader (LD_*, MALLOC_*, LANG, LC_*, TZ), the NVIDIA container runtime (NVIDIA_*), and the thread
+# loader (LD_*, MALLOC_*, GLIBC_*, LANG, LC_*, TZ), the NVIDIA container runtime (NVIDIA_*), and the thread
 # pools of CUDA and numerical libraries, which read them once, when they load (OMP_NUM_THREADS, ...).
 # A job's such variables are its container's environment (part of its ContainerSpec, so of the
 # warm pool's key); its other variables are set in the job's own process.
-START_ENV_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "LC_", "NVIDIA_", "CUDA_", "OMP_", "GOMP_", "KMP_", "MKL_",
-                      "OPENBLAS_", "BLIS_", "NUMEXPR_")
+START_ENV_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_", "LC_", "NVIDIA_", "CUDA_", "OMP_", "GOMP_", "KMP_",
+                      "MKL_", "OPENBLAS_", "BLIS_", "NUMEXPR_")
 START_ENV_NAMES = frozenset({"LANG", "LANGUAGE", "TZ", "VECLIB_MAXIMUM_THREADS"})
 
 

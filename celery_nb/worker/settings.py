@@ -68,6 +68,13 @@ class WorkerSettings(EnvConfigurable):
                    "once.",
     ).tag(config=True, env="CELERY_NB_ORPHAN_INTERVAL")
 
+    # -- big data (celery_nb.shm, celery_nb.worker.handover) --------------------------------
+    kernel_shared_memory = Bool(
+        True, help="Exchange big payloads and results with kernels on this host through shared memory files "
+                   "(/dev/shm), mapped on both sides, instead of the blob store (Redis, S3); off: as if every "
+                   "kernel were on another host.",
+    ).tag(config=True, env="CELERY_NB_KERNEL_SHARED_MEMORY")
+
     # -- what a job keeps of its output (celery_nb.worker.logs) ---------------------------
     max_log_bytes = Int(
         4 << 20, help="Bytes of a job's output its event stream keeps (and a kernel's Job.logs): the first half "

@@ -6,28 +6,34 @@ kernel and the container.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
+import mmap
+import os
 import time
 import uuid
 from typing import Any
 
 from dataclasses import dataclass
 
+from celery_nb import shm
 from celery_nb.blobs import BLOB_THRESHOLD, BlobStore
 from celery_nb.broker import acked_with_its_job, unacked_records
-from celery_nb.errors import CeleryNBError, ImageNotFoundError, JobCancelled, SignatureError, error_kind
+from celery_nb.errors import CeleryNBError, ImageNotFoundError, InputError, JobCancelled, SignatureError, error_kind
 from celery_nb.jobstore import LEASE, Claim, JobStore
 from celery_nb.options import JobOptions, format_memory, format_size
 from celery_nb.signing import Signer, digest
 from celery_nb.worker import docker_api
-from celery_nb.worker.channel import SPOOL_DIR, ContainerExited, ExitStatus, RuntimeContainer
+from celery_nb.worker import handover
+from celery_nb.worker.channel import ContainerExited, ExitStatus, RuntimeContainer
 from celery_nb.worker.codecache import CodeCache
 from celery_nb.worker.environments import Environment, Environments
 from celery_nb.worker.leases import LeaseKeeper
 from celery_nb.worker.logs import JobLog
 from celery_nb.worker.policy import ContainerSpec, JobPlan, WorkerPolicy
 from celery_nb.worker.pool import ContainerPool
+from celery_nb.worker.settings import WorkerSettings
 from celery_nb_runtime import protocol
 
 CANCEL_POLL_INTERVAL = 0.1  # s; cancel and timeout act within this, and a running job is reported within it
@@ -84,7 +90,9 @@ class JobRun:
         self._container_id: str | None = None  # its Docker id
         self._environment: Environment | None = None  # of a job that asks for packages, once known
         self._attempt: int | None = None
-        self._result: Any = None  # the result bundle (bytes-like)
+        self._result: Any = None  # the result bundle (bytes-like), or the handover.SharedFile it was written into
+        self._payload_file: int | None = None  # a big payload's file, handed over when the job's process asks
+        self._result_file: handover.SharedFile | None = None  # handed over for a big result
         self._returning = False  # announced to the pool as coming back
         self._error: dict[str, Any] | None = None
         self._usage: dict[str, Any] | None = None  # what the job used (its container's memory limit with it)
@@ -135,7 +143,7 @@ class JobRun:
             claim, warm = self._claim(warm)
             if claim.outcome == "done":  # a message delivered again after its job had ended
                 log.info("celery_nb: job %s has already finished; its message delivered again is dropped", self.job_id)
-                drop_payload(self.blobs, self.request)
+                drop_payload(self.blobs, self.request, self._kernel_files)
                 return "duplicate"
             if claim.outcome == "cancelled":  # also covers a worker that missed the revoke broadcast
                 return self._finish("cancelled")
@@ -346,18 +354,75 @@ class JobRun:
             f"result" + (f"; its last output:\n{stderr[-2000:]}" if stderr else ""))}
 
     def _request_for(self, runtime: RuntimeContainer, plan: JobPlan) -> bytes:
-        """The REQUEST frame body: env, where to spool a big result, the job's payload and the
-        code of the kernel's local modules it needs."""
-        if "payload_ref" in self.request:
-            payload = self.blobs.get(self.request["payload_ref"])
-            if self.signer.enabled and digest(payload) != self.request.get("payload_digest"):
-                raise SignatureError(f"the payload of job {self.job_id} in the blob store does not match its "
-                                     f"signed request: it was altered; nothing ran")
-        else:
-            payload = base64.b64decode(self.request["payload"])
-        spool = SPOOL_DIR if runtime.spools else None
+        """The REQUEST frame body: env, the job's payload (a big one is handed over as a file where
+        the worker can, when the job's process asks), and the code of the kernel's local modules."""
+        payload = self._payload(runtime.reachable)
         code = [self.code.get(module) for module in self.request.get("code", ())]
-        return protocol.pack_request(payload, plan.env, spool, code)
+        return protocol.pack_request(payload, plan.env, runtime.reachable, code)
+
+    @functools.cached_property
+    def _kernel_files(self) -> shm.Exchange | None:
+        """The kernel's shared memory folder, where this worker shares its host and may use it."""
+        return kernel_files(self.pool.settings, self.request)
+
+    def _payload(self, as_file: bool) -> Any:
+        """The job's payload bundle (bytes-like), checked against its signed digest; None once it
+        is ready to be handed over as a file (``as_file``)."""
+        if "payload_shm" in self.request:
+            self._payload_file = self._kernel_payload_file()
+            if as_file and not self.signer.enabled:
+                return None
+            payload: Any = mmap.mmap(self._payload_file, self.request["payload_shm"]["size"], prot=mmap.PROT_READ)
+        elif "payload_ref" in self.request:
+            payload = self.blobs.get(self.request["payload_ref"])
+        else:
+            return base64.b64decode(self.request["payload"])
+        if self.signer.enabled and digest(payload) != self.request.get("payload_digest"):
+            raise SignatureError(f"the payload of job {self.job_id} in the blob store does not match its "
+                                 f"signed request: it was altered; nothing ran")
+        if not as_file:
+            return payload
+        if self._payload_file is None:
+            self._payload_file = handover.memory_file_of(payload)
+        return None
+
+    def _kernel_payload_file(self) -> int:
+        """The payload file the kernel left in its shared memory folder."""
+        if self._kernel_files is None:
+            raise InputError(
+                f"the payload of job {self.job_id} is in shared memory on its kernel's host, which worker "
+                f"{self.worker} does not share (every live worker of queue {self.request['options'].get('queue')!r} "
+                f"was on that host when the job was sent); send the job again, and it goes through the blob store")
+        return self._kernel_files.open(self.request["payload_shm"])
+
+    def _hand_over(self, runtime: RuntimeContainer, wanted: dict[str, Any]) -> None:
+        """Give the job's process the file it asks for: its payload's, or a new one of the size of
+        its result, in the kernel's shared memory folder where this worker shares it (the kernel
+        maps it), else in this process's memory (sent on to the blob store); or none if there is
+        no room, and the result comes through the frame stream."""
+        if wanted.get("for") == "payload":
+            handover.hand_over(runtime, wanted, self._payload_file)
+            return
+        size = int(wanted["size"])
+        try:
+            reserved = self._kernel_files.reserve(size) if self._kernel_files is not None else None
+            fd, ref = reserved or (handover.memory_file(size), None)
+        except OSError as exc:
+            log.warning("celery_nb: no file for the %d-byte result of job %s (%s); it comes through the "
+                        "container's stream", size, self.job_id, exc)
+            handover.hand_over(runtime, wanted, None)
+            return
+        self._drop_result_file()
+        self._result_file = handover.SharedFile(fd, size, ref)
+        handover.hand_over(runtime, wanted, fd)
+
+    def _drop_result_file(self) -> None:
+        """The file handed over for a result that did not end up in it (or was not used)."""
+        if self._result_file is not None:
+            self._result_file.close()
+            if self._result_file.ref is not None:
+                self._kernel_files.delete(self._result_file.ref)
+            self._result_file = None
 
     def _relay(self, runtime: RuntimeContainer, kind: int, body: bytes) -> None:
         """One frame of the runtime as an event (or the kept result/error)."""
@@ -368,11 +433,12 @@ class JobRun:
             if event.get("type") in _RELAYED_EVENT_TYPES:
                 self.emit(event)
         elif kind == protocol.FRAME_RESULT:
+            self._drop_result_file()  # asked for, but not used
             self._result = body
         elif kind == protocol.FRAME_RESULT_FILE:
-            # a worker that sends it on to Redis needs no copy; a kernel's own (embedded) worker
-            # copies it, as the kernel keeps the values
-            self._result = runtime.read_spooled(json.loads(body)["path"], copy=self.store.local)
+            self._result = self._result_file  # written into it
+        elif kind == protocol.FRAME_FILE_WANTED:
+            self._hand_over(runtime, json.loads(body))
         elif kind == protocol.FRAME_ERROR:
             self._error = json.loads(body)
         elif kind == protocol.FRAME_USAGE:
@@ -388,10 +454,12 @@ class JobRun:
                 "usage": self._usage, **self._environment_state()}
         result = self._result if status == "succeeded" else None
         if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
-            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(result)})
-        if result is not None and memoryview(result).nbytes > BLOB_THRESHOLD:
-            done["result_ref"] = self.blobs.put([result])  # collected (and deleted) by the kernel
-            result = None
+            signed = result.contents() if isinstance(result, handover.SharedFile) else result
+            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(signed)})
+        if result is not None:
+            result, ref = self._stored_result(result)
+            done.update({"result_ref": ref} if ref else {})
+        self._release_files()
         message = unacked_records(self.delivery_tag) if self.acks_with_finish and self.delivery_tag else None
         finished = self.store.finish(self.job_id, {**done, "t": time.time()}, blob=result, message=message)
         if message is not None:
@@ -400,10 +468,31 @@ class JobRun:
             log.warning("celery_nb: job %s was finished by another run first; this run's end (%s) is dropped",
                         self.job_id, status)
             if "result_ref" in done:
-                self.blobs.delete(done["result_ref"])
+                delete_blob(self.blobs, self._kernel_files, done["result_ref"])
             return "superseded"
-        drop_payload(self.blobs, self.request)  # only the run that ends the job: another may still read it
+        drop_payload(self.blobs, self.request, self._kernel_files)  # only the run that ends the job
         return status
+
+    def _stored_result(self, result: Any) -> tuple[Any, dict[str, Any] | None]:
+        """(the result bundle inside the done event, or the reference of where it is kept): a big one
+        in the kernel's shared memory folder where this worker shares it, else in the blob store;
+        collected (and deleted) by the kernel."""
+        if isinstance(result, handover.SharedFile):
+            self._result_file = None  # kept, not dropped
+            ref = result.ref or self.blobs.put([result.contents()])
+            result.close()
+            return None, ref
+        if memoryview(result).nbytes <= BLOB_THRESHOLD:
+            return result, None
+        in_kernel_files = self._kernel_files.put([result]) if self._kernel_files is not None else None
+        return None, in_kernel_files or self.blobs.put([result])
+
+    def _release_files(self) -> None:
+        """Close the job's files: its payload's, and one handed over for a result it did not end with."""
+        if self._payload_file is not None:
+            os.close(self._payload_file)
+            self._payload_file = None
+        self._drop_result_file()
 
 
 def _usage_in(runtime: RuntimeContainer, measured: dict[str, Any]) -> dict[str, Any]:
@@ -436,10 +525,25 @@ def _out_of_memory(runtime: RuntimeContainer, what: str, usage: dict[str, Any] |
         f"{format_memory(runtime.spec.memory)}{peak}; raise --memory or process the data in smaller pieces")}
 
 
-def drop_payload(blobs: BlobStore, request: dict[str, Any]) -> None:
-    """Delete a big payload that travelled as a blob: its job has ended."""
-    if "payload_ref" in request:
-        blobs.delete(request["payload_ref"])
+def kernel_files(settings: WorkerSettings, request: dict[str, Any]) -> shm.Exchange | None:
+    """The shared memory folder of the kernel that sent ``request``, where this worker shares its
+    host (and ``settings`` let it) and may use the folder."""
+    return shm.Exchange.of(request.get("kernel_shm")) if settings.kernel_shared_memory else None
+
+
+def delete_blob(blobs: BlobStore, kernel_files: shm.Exchange | None, ref: dict[str, Any]) -> None:
+    """Delete a payload or result kept by reference: in the blob store, or a kernel's shared memory file."""
+    if "shm" not in ref:
+        blobs.delete(ref)
+    elif kernel_files is not None:
+        kernel_files.delete(ref)
+
+
+def drop_payload(blobs: BlobStore, request: dict[str, Any], kernel_files: shm.Exchange | None) -> None:
+    """Delete a big payload kept by reference: its job has ended."""
+    for key in ("payload_ref", "payload_shm"):
+        if key in request:
+            delete_blob(blobs, kernel_files, request[key])
 
 
 def report_revoked(services: WorkerServices, job_id: str, worker: str, request: dict[str, Any] | None) -> None:
@@ -448,7 +552,7 @@ def report_revoked(services: WorkerServices, job_id: str, worker: str, request: 
     services.store.route(job_id, (request or {}).get("inbox"))
     if services.store.finish(job_id, {"type": "done", "status": "cancelled", "error": None, "worker": worker,
                                       "timings": {"received": now, "finished": now}, "t": now}) and request:
-        drop_payload(services.blobs, request)
+        drop_payload(services.blobs, request, kernel_files(services.pool.settings, request))
 
 
 def run_job(request: dict[str, Any], services: WorkerServices, worker: str,
