@@ -6,6 +6,7 @@ readable ``text/plain`` form that is updated when the job ends.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import html
 import re
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
+from ipywidgets.widgets.widget_string import HTMLStyle
 from IPython import get_ipython
 from IPython.display import display
 
@@ -81,6 +83,25 @@ def downloads_text(job: Job) -> str:
     return "; ".join(parts)
 
 
+@functools.cache
+def _shared_layout(**properties: str) -> w.Layout:
+    """One Layout of ``properties`` for all the views' parts that never change theirs (a kernel's
+    widgets may share a layout, and each layout costs a comm)."""
+    return w.Layout(**properties)
+
+
+@functools.cache
+def _shared_html_style() -> HTMLStyle:
+    return HTMLStyle()
+
+
+def _widget_bundle(widget: w.DOMWidget, text: str) -> dict[str, Any]:
+    """How ``widget`` displays, with ``text`` as its text/plain: ipywidgets' own
+    _repr_mimebundle_ first writes the repr of the whole widget tree (milliseconds a display)."""
+    return {"text/plain": text, "application/vnd.jupyter.widget-view+json":
+            {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}}
+
+
 class _RedrawnOnEvents:
     """A view that redraws when its jobs' events arrive (throttled) and when they end."""
 
@@ -110,29 +131,38 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
     def __init__(self, job: Job, show_displays: bool = True) -> None:
         self.job = job
         self.displays = w.Output() if show_displays else None
-        self.status = w.HTML()
-        self.title = w.HTML(layout=w.Layout(flex="1 1 auto"))
-        self.elapsed = w.HTML()
+        # each widget opens a comm with its state (about half a millisecond here): the parts that
+        # never change their layout share one, and the progress row is made when progress comes
+        self.status = w.HTML(layout=_shared_layout(), style=_shared_html_style())
+        self.title = w.HTML(layout=_shared_layout(flex="1 1 auto"), style=_shared_html_style())
+        self.elapsed = w.HTML(layout=_shared_layout(), style=_shared_html_style())
         self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning",
                                       tooltip="Stop the container and mark the job cancelled",
                                       layout=w.Layout(width="auto"))
         self.cancel_button.on_click(lambda _b: job.cancel())
-        self.bar = w.FloatProgress(value=0, min=0, max=1, layout=w.Layout(flex="1 1 auto"))
-        self.bar_label = w.HTML()
-        self.bar_row = w.HBox([self.bar, self.bar_label], layout=w.Layout(align_items="center", display="none"))
-        self.logs = w.HTML()
-        self.downloads = w.HTML()
-        self.timings = w.HTML()
+        self.bar: w.FloatProgress | None = None
+        self.bar_label: w.HTML | None = None
+        self.logs = w.HTML(layout=_shared_layout(), style=_shared_html_style())
+        self.downloads = w.HTML(layout=_shared_layout(), style=_shared_html_style())
+        self.timings = w.HTML(layout=_shared_layout(), style=_shared_html_style())
         super().__init__([
             w.HBox([self.status, self.title, self.elapsed, self.cancel_button],
                    layout=w.Layout(align_items="center", justify_content="space-between")),
-            self.bar_row,
             self.logs,
             *([self.displays] if self.displays is not None else []),
             self.downloads,
             self.timings,
         ], layout=w.Layout(border=f"1px solid {_BORDER}", padding="4px 8px", margin="2px 0"))
         self._follow([job])
+
+    def _progress_row(self) -> tuple[w.FloatProgress, w.HTML]:
+        """The progress bar and its label, below the first line (made at the job's first progress)."""
+        if self.bar is None or self.bar_label is None:
+            self.bar = w.FloatProgress(value=0, min=0, max=1, layout=_shared_layout(flex="1 1 auto"))
+            self.bar_label = w.HTML(layout=_shared_layout(), style=_shared_html_style())
+            row = w.HBox([self.bar, self.bar_label], layout=w.Layout(align_items="center"))
+            self.children = (self.children[0], row, *self.children[1:])
+        return self.bar, self.bar_label
 
     def redraw(self) -> None:
         super().redraw()
@@ -155,12 +185,11 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             self.cancel_button.layout.display = "none"
         if job.progress:
             total = job.progress["total"] or 0
-            self.bar_row.layout.display = "flex"
-            self.bar.max = total if total else 1
-            self.bar.value = min(job.progress["n"], self.bar.max) if total else 0
-            self.bar.bar_style = "success" if job.status == "succeeded" else (
-                "danger" if job.status == "failed" else "")
-            self.bar_label.value = f'&nbsp;<span class="celery-nb-progress">{html.escape(job.progress_text())}</span>'
+            bar, label = self._progress_row()
+            bar.max = total if total else 1
+            bar.value = min(job.progress["n"], bar.max) if total else 0
+            bar.bar_style = "success" if job.status == "succeeded" else ("danger" if job.status == "failed" else "")
+            label.value = f'&nbsp;<span class="celery-nb-progress">{html.escape(job.progress_text())}</span>'
         lines = log_tail(job)
         # column-reverse keeps the box scrolled to its newest line
         self.logs.value = (
@@ -187,9 +216,7 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
             self.timings.value = f'{error}<span class="celery-nb-timings" style="color:{_MUTED}">{parts}</span>{usage}'
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = text_summary(self.job)
-        return bundle
+        return _widget_bundle(self, text_summary(self.job))
 
 
 _TABLE_COLUMNS = ("job", "what", "image", "status", "worker", "queued", "start", "run", "progress", "peak memory",
@@ -252,9 +279,7 @@ class JobsTable(_RedrawnOnEvents, w.GridBox):
             button.layout.visibility = "hidden" if job.finished else "visible"
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = jobs_text_table(self.jobs)
-        return bundle
+        return _widget_bundle(self, jobs_text_table(self.jobs))
 
 
 def jobs_view(jobs: list[Job]) -> Any:
@@ -466,9 +491,7 @@ class ParallelView:
                                   f'{html.escape(self.usage_text())}</span>')
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = self.summary()
-        return bundle
+        return _widget_bundle(self.widget, self.summary())
 
 
 def _show_live(job: Job) -> None:
