@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,7 +112,9 @@ class Notebook:
         self.page = page
         self.ids = [cell.id for cell in nbformat.read(ROOT / f"notebooks/{name}.ipynb", as_version=4).cells]
         self.next = 0  # the index of the active cell
-        page.goto(f"{url}/lab/tree/{name}.ipynb?token={token}")
+        # a workspace of its own: JupyterLab would restore the tabs earlier tests left open, and
+        # the notebook may then open in a hidden or half-laid-out dock panel
+        page.goto(f"{url}/lab/workspaces/{name}-{uuid.uuid4().hex[:8]}/tree/{name}.ipynb?token={token}")
         panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
         try:
             panel.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
