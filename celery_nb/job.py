@@ -398,6 +398,8 @@ class JobFuture(concurrent.futures.Future):
         with self._transition:
             self.job = job
             cancelled = self.cancelled()
+        with job._lock:  # job.future is this future, not a second one
+            job._future = job._future or self
         if cancelled:
             job.cancel()
             return

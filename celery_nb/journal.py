@@ -118,6 +118,8 @@ def _write_pending() -> None:
         except FileNotFoundError:
             key = None
         if _writing is None or _writing[0] != key:  # the first write, or another file (moved aside, a fork)
+            if _writing is not None and _writing[0][0] == os.getpid():
+                _writing[1].close()  # (a connection a fork inherited is its parent's to close)
             db = _connect()
             _writing = ((os.getpid(), path, path.stat().st_ino), db)
         db = _writing[1]

@@ -342,15 +342,16 @@ class JobOptions:
         return cls.build(**{name: parsed[name] for name in _FIELD_NAMES if parsed.get(name) is not None})
 
     def with_defaults(self, defaults: JobOptions) -> JobOptions:
-        """Unset fields taken from ``defaults``; environment variables and requirements add up
-        (these win)."""
+        """Unset fields taken from ``defaults``; environment variables, requirements and the
+        lists of files and mounts add up (these win: a requirement about the same distribution)."""
         merged = {}
         for field in dataclasses.fields(self):
             mine, theirs = getattr(self, field.name), getattr(defaults, field.name)
             if isinstance(mine, dict):
                 merged[field.name] = {**theirs, **mine}
-            elif isinstance(mine, tuple) and isinstance(theirs, tuple):
-                merged[field.name] = add_requirements(theirs, mine)
+            elif isinstance(mine, tuple) and isinstance(theirs, tuple):  # the job's own over the defaults
+                merged[field.name] = (add_requirements(theirs, mine) if field.name in ("pip", "requirements")
+                                      else tuple(dict.fromkeys([*theirs, *mine])))
             else:
                 merged[field.name] = theirs if mine is None else mine
         return JobOptions(**merged)
@@ -366,6 +367,8 @@ class JobOptions:
         """Parse (and validate again: it came over the network) a request's options."""
         if not isinstance(data, Mapping):
             raise OptionError(f"the request's options are not an object: {data!r}")
+        if isinstance(data.get("requirements"), str):  # a path: read on the kernel's side only, never here
+            raise OptionError("the request's requirements are a path, not the lines of a requirements file")
         return cls.build(**data)
 
     # -- the magic's flags --------------------------------------------------------------

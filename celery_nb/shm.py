@@ -144,7 +144,10 @@ class Exchange:
     def put(self, pieces: list[Any]) -> dict[str, Any] | None:
         """A new payload file of the concatenation of ``pieces``; None if it cannot be written."""
         path = self._new_path("in")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError:  # the folder is gone, or this process has too many files open
+            return None
         try:
             write_pieces(fd, pieces)
             size = os.fstat(fd).st_size
@@ -160,7 +163,10 @@ class Exchange:
         charged to the container that writes it) and owned by the kernel's user; its descriptor
         (read-write) and reference. None if it cannot be allocated."""
         path = self._new_path("out")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError:  # the folder is gone, or this process has too many files open
+            return None
         try:
             if os.geteuid() != self.owner:
                 os.fchown(fd, self.owner, -1)

@@ -37,7 +37,7 @@ _READ_CHUNK = 65536
 _MEMORY_SAMPLE_INTERVAL = 0.01  # s between two looks at the container's memory while a job runs
 _JOINED = 1 << 16  # bytes of frames written at once (the rest piece by piece, never copied)
 _EXIT_POLL_INTERVAL = 0.01  # s between two looks for a job's end, where no pidfd tells it
-_SHARED = struct.Struct("QQ")  # between the server and a job's process: (the job has its request, peak added)
+_SHARED = struct.Struct("Q")  # between the server and a job's process: the peak the job added
 
 
 class JobFailed(Exception):
@@ -72,6 +72,9 @@ class FrameWriter:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fd
 
     def write(self, kind: int, *pieces: Any) -> None:
         self.write_frames([(kind, pieces)])
@@ -428,7 +431,7 @@ class _JobMemory:
         """Before a job's process is forked: what the container holds without it."""
         self._baseline = _memory_in_use()
         self._next_sample = None
-        _SHARED.pack_into(self._shared, 0, 0, 0)
+        _SHARED.pack_into(self._shared, 0, 0)
 
     def running(self) -> None:
         """In the server, once the job's process has its request (a process waiting in an idle
@@ -442,11 +445,11 @@ class _JobMemory:
     def sample(self) -> None:
         if self._next_sample is not None and time.monotonic() >= self._next_sample:
             self._next_sample = time.monotonic() + _MEMORY_SAMPLE_INTERVAL
-            running, peak = _SHARED.unpack_from(self._shared)
-            _SHARED.pack_into(self._shared, 0, running, max(peak, _memory_in_use() - self._baseline))
+            peak, = _SHARED.unpack_from(self._shared)
+            _SHARED.pack_into(self._shared, 0, max(peak, _memory_in_use() - self._baseline))
 
     def peak(self) -> int:
-        return _SHARED.unpack_from(self._shared)[1]
+        return _SHARED.unpack_from(self._shared)[0]
 
 
 class _ChildRelay:
@@ -707,6 +710,8 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
             try:
                 for fd in (stdout_r, stderr_r, frames_r, started_r):
                     os.close(fd)
+                if frames.fileno() != requests_fd:  # the server's frames to the worker are not the job's to write
+                    os.close(frames.fileno())
                 os.dup2(stdout_w, 1)
                 os.dup2(stderr_w, 2)
                 os.close(stdout_w)

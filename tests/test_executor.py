@@ -80,6 +80,7 @@ def test_submit_as_completed_wait_and_done_callbacks(client: Client) -> None:
         assert failing.exception().exc_type == "TypeError"
     assert all_called.wait(10) and sorted(called) == [(0, 49), (1, 0), (2, 1), (3, 4)]
     assert all(f.job.status == "succeeded" and f.job.image == IMAGE for f in futures)
+    assert all(f.job.future is f for f in futures)  # one future per job, the executor's
 
 
 def test_map_in_order_in_chunks_and_over_several_iterables(client: Client) -> None:

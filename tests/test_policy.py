@@ -11,6 +11,7 @@ import docker
 import pytest
 
 from celery_nb import Client, JobOptions, PolicyError
+from celery_nb.errors import OptionError
 from celery_nb.worker.policy import ContainerSpec, WorkerPolicy
 from celery_nb.worker.settings import WorkerSettings
 from tests.conftest import IMAGE, NUMPY_IMAGE, start_worker, stop_process
@@ -114,3 +115,21 @@ def test_nvidia_visible_devices_within_the_policy(max_gpus: str, visible: str) -
     plan = WorkerPolicy.from_settings(WorkerSettings(gpus=max_gpus)).plan(
         JobOptions(image=IMAGE, env={"NVIDIA_VISIBLE_DEVICES": visible}))
     assert dict(plan.container.env) == {"NVIDIA_VISIBLE_DEVICES": visible}
+
+
+def test_a_request_names_no_file_for_the_worker_to_read(tmp_path) -> None:  # noqa: ANN001
+    """--requirements is read on the kernel's side; a request that names a path (the worker's
+    /etc/shadow, say) is refused, and the file is not read."""
+    kept = tmp_path / "requirements.txt"
+    kept.write_text("six==1.16.0\n")
+    assert JobOptions.from_request({"requirements": ["six==1.16.0"]}).requirements == ("six==1.16.0",)
+    with pytest.raises(OptionError, match="requirements are a path"):
+        JobOptions.from_request({"requirements": str(kept)})
+
+
+def test_defaults_and_a_jobs_own_options_add_up() -> None:
+    defaults = JobOptions(pip=("numpy==2.1.3", "six"), download=("data/a.csv",))
+    job = JobOptions(pip=("numpy==2.2.0",), download=("data/b.csv",)).with_defaults(defaults)
+    assert job.pip == ("six", "numpy==2.2.0")  # the job's own pin wins
+    assert job.download == ("data/a.csv", "data/b.csv")  # files in one folder: not one distribution "data"
+    assert JobOptions().with_defaults(defaults).download == ("data/a.csv",)

@@ -92,6 +92,19 @@ SEES_CHANNEL = ("import os\nsockets = []\n"
                 "    if link.startswith('socket:'):\n        sockets.append(link)\n"
                 "listening = os.path.exists('/dev/shm/celery_nb-server.sock')\n")
 SEEN = ["sockets", "listening"]
+# the pipes a job's process holds besides its stdout and stderr: its own frames to its server, only
+PIPES = ("import os\npipes = []\n"
+         "for fd in os.listdir('/proc/self/fd'):\n"
+         "    try:\n        link = os.readlink(f'/proc/self/fd/{fd}')\n"
+         "    except FileNotFoundError:\n        continue\n"
+         "    if int(fd) > 2 and link.startswith('pipe:'):\n        pipes.append(link)\n")
+
+
+def test_a_job_holds_no_pipe_of_its_server(client: Client) -> None:
+    """Its server's frames to the worker (stdout, one-shot or over Docker's stream) are not the job's to write."""
+    for fresh in (True, False):
+        job = client.submit_cell(PIPES, {}, outputs=["pipes"], image=IMAGE, fresh=fresh)
+        assert len(job.result(timeout=60)["pipes"]) == 1, (fresh, job.result())
 
 
 def test_a_worker_on_the_containers_host_talks_to_a_warm_container_over_its_own_socket(

@@ -221,6 +221,7 @@ class JobRun:
                 f"the worker {self.worker} failed while running the job: {type(exc).__name__}: {exc}")}
             return self._finish("failed")
         finally:
+            self._release_files()  # (also of a run another one superseded)
             if runtime is not None:
                 if reusable and not runtime.one_shot:
                     self.pool.checkin(runtime, was_returning=self._returning)
@@ -446,8 +447,8 @@ class JobRun:
 
     def _finish(self, status: str) -> str:
         self._report_starting()
+        self._held_back = None  # the done event tells the same (also not before the job's last output)
         self.log.finish()
-        self._held_back = None  # the done event tells the same
         self.timings["finished"] = time.time()
         done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings,
                 "container": self._container, "container_id": self._container_id, "attempt": self._attempt,
