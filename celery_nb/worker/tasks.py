@@ -447,8 +447,8 @@ class JobRun:
 
     def _finish(self, status: str) -> str:
         self._report_starting()
-        self._held_back = None  # the done event tells the same (also not before the job's last output)
-        self.log.finish()
+        self.log.finish()  # (output still pending goes after the held-back start events: a job that printed ran)
+        self._held_back = None  # the done event tells the same
         self.timings["finished"] = time.time()
         done = {"type": "done", "status": status, "error": self._error, "worker": self.worker, "timings": self.timings,
                 "container": self._container, "container_id": self._container_id, "attempt": self._attempt,
