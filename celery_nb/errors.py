@@ -1,10 +1,11 @@
 """Errors the user sees. Each says what went wrong and what to do about it."""
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
-from celery_nb.distributions import version_table
+from celery_nb.distributions import installable, version_table
 
 
 class CeleryNBError(Exception):
@@ -119,12 +120,29 @@ class RemoteError(CeleryNBError):
 
     def __str__(self) -> str:
         return (f"{self.args[0]}\n\nin job {self.job_id} (image {self.image}); remote traceback:\n"
-                f"{self.remote_traceback}")
+                f"{self.remote_traceback}" + (f"\n{self.hint}" if self.hint else ""))
 
     def _render_traceback_(self) -> list[str]:
         """IPython shows this instead of the kernel-side stack, which says nothing useful."""
         return [f"RemoteError: {self.what} failed in its container (job {self.job_id}, image {self.image})",
-                *self.remote_traceback.rstrip("\n").split("\n")]
+                *self.remote_traceback.rstrip("\n").split("\n"), *([self.hint] if self.hint else [])]
+
+    @property
+    def hint(self) -> str:
+        """What to do about a module the job's image lacks (empty for other errors): the kernel's
+        version of it, as --pip takes it."""
+        match = _MISSING_MODULE.search(self.args[0]) if self.exc_type == "ModuleNotFoundError" else None
+        module = match.group(1).partition(".")[0] if match else ""
+        if not installable(module):
+            return ""
+        table = version_table({module: None})
+        if "fix:" in table:
+            return f"the image {self.image} has no module {module!r}; {table}"
+        return (f"the image {self.image} has no module {module!r}, nor has the kernel: install it for the job with "
+                f"--pip <its package> (pip=[...] for submit and remote), or use an image that has it")
+
+
+_MISSING_MODULE = re.compile(r"No module named '([^']+)'")
 
 
 # error "kind" as sent by the worker/runtime -> the class raised in the kernel

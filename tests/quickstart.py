@@ -60,7 +60,7 @@ def assert_values_come_back(quickstart: dict) -> None:
 def assert_failures_are_clear(quickstart: dict) -> None:
     cells = quickstart["cells"]
     ename, tb = _error(cells["no-numpy"])
-    assert ename == "RemoteError" and "No module named 'numpy'" in tb
+    assert ename == "RemoteError" and "No module named 'numpy'" in tb and "--pip auto" in tb  # and what to do
     ename, tb = _error(cells["remote-error"])
     assert ename == "RemoteError" and 'File "<cell>", line 4' in tb and "ZeroDivisionError" in tb
     assert text_of(cells["y-unchanged"]) == "42\n"

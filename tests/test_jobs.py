@@ -2,6 +2,7 @@
 and the embedded worker; every job in a real container of a real image."""
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 import time
 
@@ -70,6 +71,9 @@ def test_the_image_choice_is_real(redis_client: Client) -> None:
         redis_client.submit_cell(cell, {}, image=IMAGE).result(timeout=60)
     assert info.value.exc_type == "ModuleNotFoundError"
     assert "No module named 'numpy'" in str(info.value)
+    numpy = importlib.metadata.version("numpy")  # what to do: the kernel's numpy, as --pip takes it
+    assert f"the image {IMAGE} has no module 'numpy'" in str(info.value)
+    assert '--pip auto' in str(info.value) and f'--pip "numpy=={numpy}"' in str(info.value)
 
 
 def test_numpy_results_come_back_to_the_kernel(redis_client: Client) -> None:
