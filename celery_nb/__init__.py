@@ -16,6 +16,7 @@ import importlib.util
 from typing import Any
 
 from celery_nb import widgets  # noqa: F401  (shows Jobs as live widgets in notebooks)
+from celery_nb import journal
 from celery_nb.client import Client, RemoteFunction, default_client, remote, submit
 from celery_nb.config import CeleryNB, use_settings
 from celery_nb.errors import (BrokerUnavailableError, CeleryNBError, ContainerError, DockerUnavailableError,
@@ -50,5 +51,8 @@ def load_ipython_extension(shell: Any) -> None:
     shell.configurables.append(config)
     use_settings(config)
     shell.register_magics(CeleryDockerMagics)
+    # a cell's jobs are in the journal before the cell ends: a kernel restarted right after a
+    # `--no-wait` cell finds them (the background writer may not have run yet)
+    shell.events.register("post_run_cell", lambda _result: journal.write_pending())
     if config.broker_url is None:
         default_client()  # start the embedded worker now rather than in the first cell

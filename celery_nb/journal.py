@@ -71,14 +71,14 @@ def record(entry: JournalEntry) -> None:
         if _writer is None:
             _writer = threading.Thread(target=_write_forever, name="celery_nb-journal", daemon=True)
             _writer.start()
-            atexit.register(_write_pending)
+            atexit.register(write_pending)
 
 
 def _write_forever() -> None:
     while True:  # at once: the journal is for kernels that die, maybe right after sending a job
         _more.wait()  # (an entry stays queued until written: a kernel's exit writes what is left)
         _more.clear()
-        _write_pending()
+        write_pending()
 
 
 def _connect() -> sqlite3.Connection:
@@ -104,7 +104,8 @@ def _connect() -> sqlite3.Connection:
     return db
 
 
-def _write_pending() -> None:
+def write_pending() -> None:
+    """Write the entries noted so far, in this thread (waiting for a write under way)."""
     global _writing
     with _write_lock:
         rows = []
@@ -131,7 +132,7 @@ def _write_pending() -> None:
 
 def entries(broker_url: str) -> list[JournalEntry]:
     """Jobs sent to ``broker_url`` whose events may still be readable, oldest first."""
-    _write_pending()
+    write_pending()
     if not journal_path().exists():
         return []
     db = _connect()
