@@ -1,4 +1,5 @@
-"""How a job looks in the notebook: a live ipywidget, drawn from the job's events only.
+"""How a job looks in the notebook: a live ipywidget, drawn from the job's events only (or,
+for a blocking cell's job that ends at once, the same view in HTML).
 
 Outside a widget frontend (terminal IPython, nbconvert, GitHub) the same display has a
 readable ``text/plain`` form that is updated when the job ends.
@@ -45,6 +46,7 @@ _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _MIN_REDRAW_INTERVAL = 0.1  # s; log floods must not flood the frontend with comm messages
 _REDRAW_SHARE = 0.1  # of a core at most, however long a redraw takes (a big log)
 _LINE_CHARS = 1000  # of a log line, shown in the widget (a job may print a line of 100 MB)
+_LIVE_AFTER = 0.2  # s: a blocking cell's job not ended by then is shown by the live widget
 
 
 def in_kernel() -> bool:
@@ -100,6 +102,79 @@ def _widget_bundle(widget: w.DOMWidget, text: str) -> dict[str, Any]:
     _repr_mimebundle_ first writes the repr of the whole widget tree (milliseconds a display)."""
     return {"text/plain": text, "application/vnd.jupyter.widget-view+json":
             {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}}
+
+
+def _status_html(job: Job) -> str:
+    colour = _STATUS_BADGE.get(job.status, _STATUS_BADGE["queued"])
+    shown = "building environment" if job.status == "building" else job.status
+    return (f'<span class="celery-nb-status" style="background:{colour};color:white;'
+            f'border-radius:4px;padding:1px 8px;font-weight:bold">{shown}</span>')
+
+
+def _title_html(job: Job) -> str:
+    worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
+    if job.container:
+        worker += f" ({job.container} container)"
+    if job.environment:  # --pip: the worker host had the job's environment, or built it
+        worker += f' · <span class="celery-nb-environment">environment {job.environment}</span>'
+    if job.attempts > 1:  # its first worker died; the job ran again from the start
+        worker += f' · <span class="celery-nb-attempt">attempt {job.attempts}</span>'
+    return (f'<span class="celery-nb-title">&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
+            f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}</span>')
+
+
+def _elapsed_html(job: Job) -> str:
+    return f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
+
+
+def _progress_label_html(job: Job) -> str:
+    return f'&nbsp;<span class="celery-nb-progress">{html.escape(job.progress_text())}</span>'
+
+
+def _logs_html(job: Job) -> str:
+    lines = log_tail(job)
+    if not lines:
+        return ""
+    # column-reverse keeps the box scrolled to its newest line
+    return ('<div style="max-height:16em;overflow:auto;display:flex;flex-direction:column-reverse;'
+            f'{_LOG_BOX};margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;color:inherit;'
+            'font-size:12px;line-height:1.3">'
+            + "".join(f'<span style="color:{_STDERR}">{html.escape(_clipped(t))}</span>' if s == "stderr"
+                      else html.escape(_clipped(t)) for s, t in lines)
+            + "</pre></div>")
+
+
+def _downloads_html(job: Job) -> str:
+    downloads = downloads_text(job)
+    return f'<div class="celery-nb-downloads" style="margin:2px 0">{html.escape(downloads)}</div>' if downloads else ""
+
+
+def _end_html(job: Job) -> str:
+    """A finished job's error, timing breakdown and usage."""
+    parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
+    error = (f'<div style="color:{_ERROR}">{html.escape(str(job.error).splitlines()[0])}</div>'
+             if job.error is not None else "")
+    usage = (f'<span class="celery-nb-usage" style="color:{_MUTED}"> · {html.escape(job.usage_text())}</span>'
+             if job.usage else "")
+    return f'{error}<span class="celery-nb-timings" style="color:{_MUTED}">{parts}</span>{usage}'
+
+
+def finished_html(job: Job) -> str:
+    """A finished job as its widget last draws it, in plain HTML (no widget to open, and shown
+    wherever HTML is, nbconvert and GitHub included): for a job that ends as its cell starts."""
+    progress = ""
+    if job.progress:
+        total = job.progress["total"] or 0
+        done = min(job.progress["n"], total) / total if total else 0
+        colour = {"succeeded": _STATUS_BADGE["succeeded"], "failed": _STATUS_BADGE["failed"]}.get(
+            job.status, _STATUS_BADGE["running"])
+        progress = ('<div style="display:flex;align-items:center;margin:4px 0"><div style="flex:1 1 auto;height:8px;'
+                    f'background:{_BORDER}"><div class="celery-nb-bar" style="width:{done * 100:.1f}%;height:100%;'
+                    f'background:{colour}"></div></div>{_progress_label_html(job)}</div>')
+    return (f'<div class="celery-nb-job" style="border:1px solid {_BORDER};padding:4px 8px;margin:2px 0">'
+            f'<div style="display:flex;align-items:center">{_status_html(job)}'
+            f'<span style="flex:1 1 auto">{_title_html(job)}</span>{_elapsed_html(job)}</div>'
+            f'{progress}{_logs_html(job)}{_downloads_html(job)}<div>{_end_html(job)}</div></div>')
 
 
 class _RedrawnOnEvents:
@@ -167,53 +242,28 @@ class JobWidget(_RedrawnOnEvents, w.VBox):
     def redraw(self) -> None:
         super().redraw()
         job = self.job
-        colour = _STATUS_BADGE.get(job.status, _STATUS_BADGE["queued"])
-        shown = "building environment" if job.status == "building" else job.status
-        self.status.value = (f'<span class="celery-nb-status" style="background:{colour};color:white;'
-                             f'border-radius:4px;padding:1px 8px;font-weight:bold">{shown}</span>')
-        worker = f" on <b>{html.escape(job.worker)}</b>" if job.worker else ""
-        if job.container:
-            worker += f" ({job.container} container)"
-        if job.environment:  # --pip: the worker host had the job's environment, or built it
-            worker += f' · <span class="celery-nb-environment">environment {job.environment}</span>'
-        if job.attempts > 1:  # its first worker died; the job ran again from the start
-            worker += f' · <span class="celery-nb-attempt">attempt {job.attempts}</span>'
-        self.title.value = (f'<span class="celery-nb-title">&nbsp;<code>{html.escape(job.image)}</code>{worker} · job '
-                            f'<code title="{job.id}">{job.id[:12]}</code> · {html.escape(job.label[:60])}</span>')
-        self.elapsed.value = f'<span class="celery-nb-elapsed">{job.elapsed:.1f} s</span>&nbsp;'
+        self.status.value = _status_html(job)
+        self.title.value = _title_html(job)
+        self.elapsed.value = _elapsed_html(job)
         if job.finished:
             self.cancel_button.layout.display = "none"
         if job.progress:
-            total = job.progress["total"] or 0
             bar, label = self._progress_row()
+            total = job.progress["total"] or 0
             bar.max = total if total else 1
             bar.value = min(job.progress["n"], bar.max) if total else 0
             bar.bar_style = "success" if job.status == "succeeded" else ("danger" if job.status == "failed" else "")
-            label.value = f'&nbsp;<span class="celery-nb-progress">{html.escape(job.progress_text())}</span>'
-        lines = log_tail(job)
-        # column-reverse keeps the box scrolled to its newest line
-        self.logs.value = (
-            '<div style="max-height:16em;overflow:auto;display:flex;flex-direction:column-reverse;'
-            f'{_LOG_BOX};margin:4px 0"><pre class="celery-nb-logs" style="margin:0;padding:4px;color:inherit;'
-            'font-size:12px;line-height:1.3">'
-            + "".join(f'<span style="color:{_STDERR}">{html.escape(_clipped(t))}</span>' if s == "stderr"
-                      else html.escape(_clipped(t)) for s, t in lines)
-            + "</pre></div>") if lines else ""
+            label.value = _progress_label_html(job)
+        self.logs.value = _logs_html(job)
         if self.displays is not None:
             shown = len(self.displays.outputs)
             self.displays.outputs += tuple({"output_type": "display_data", **bundle}
                                            for bundle in job.displays[shown:])
-        downloads = downloads_text(job)
+        downloads = _downloads_html(job)
         if downloads:
-            self.downloads.value = (f'<div class="celery-nb-downloads" style="margin:2px 0">'
-                                    f'{html.escape(downloads)}</div>')
+            self.downloads.value = downloads
         if job.finished:
-            parts = " · ".join(f"{k} {v:.2f} s" for k, v in job.timing_breakdown().items())
-            error = (f'<div style="color:{_ERROR}">{html.escape(str(job.error).splitlines()[0])}</div>'
-                     if job.error is not None else "")
-            usage = (f'<span class="celery-nb-usage" style="color:{_MUTED}"> · {html.escape(job.usage_text())}</span>'
-                     if job.usage else "")
-            self.timings.value = f'{error}<span class="celery-nb-timings" style="color:{_MUTED}">{parts}</span>{usage}'
+            self.timings.value = _end_html(job)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         return _widget_bundle(self, text_summary(self.job))
@@ -334,22 +384,29 @@ class JobView:
     ``blocking``: the cell waits for the job (``wait()``); what the job displays (figures, HTML)
     then becomes the cell's own outputs below the widget - so a saved notebook shows them where
     widgets are not rendered (nbconvert, GitHub) - and the terminal prints the job as it runs.
+    A job that ends within _LIVE_AFTER s is shown ended, in HTML that looks as the widget would.
     Otherwise the widget shows them, and the terminal prints the job's state once.
     """
 
     def __init__(self, job: Job, blocking: bool = True) -> None:
         self.job = job
         self._displayed = 0
+        self._in_kernel = in_kernel()
         self.widget: JobWidget | None = None
-        if in_kernel():
-            self.widget = JobWidget(job, show_displays=not blocking)
-            self._handle = display(self.widget, display_id=True)
-            # once final, refresh the text/plain that nbconvert and GitHub show
-            job.add_done_callback(lambda _job: self._handle.update(self.widget))
-        elif blocking:
-            TextProgress(job)
-        else:
-            print(text_summary(job))
+        if not self._in_kernel:
+            if blocking:
+                TextProgress(job)
+            else:
+                print(text_summary(job))
+        elif not blocking:  # (a blocking cell's view is made by wait())
+            self._show_widget(show_displays=True)
+
+    def _show_widget(self, show_displays: bool) -> JobWidget:
+        widget = self.widget = JobWidget(self.job, show_displays)
+        handle = display(widget, display_id=True)
+        # once final, refresh the text/plain that nbconvert and GitHub show
+        self.job.add_done_callback(lambda _job: handle.update(widget))
+        return widget
 
     def _show_new_displays(self) -> None:
         for bundle in self.job.displays[self._displayed:]:
@@ -365,13 +422,18 @@ class JobView:
         it only stops the waiting).
         """
         try:
-            if self.widget is not None:
-                serve_while_busy(self.widget.cancel_button)
+            if not self._in_kernel:
+                self.job.wait()
+                return
+            # a job that ends within _LIVE_AFTER is shown ended, in HTML: a widget's comms would
+            # take longer than the job (the warm trivial cell); a longer one gets the live widget
+            if not self.job.wait(_LIVE_AFTER):
+                serve_while_busy(self._show_widget(show_displays=False).cancel_button)
                 while not self.job.wait(0.05):
                     self._show_new_displays()
-                self._show_new_displays()
             else:
-                self.job.wait()
+                display({"text/html": finished_html(self.job), "text/plain": text_summary(self.job)}, raw=True)
+            self._show_new_displays()
         except KeyboardInterrupt:
             if cancel_on_interrupt:
                 self.job.cancel()

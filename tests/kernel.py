@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from jupyter_client import KernelManager
 
+JOB_HTML = 'class="celery-nb-job"'  # in the HTML of a job shown ended (widgets.finished_html)
+
 
 @dataclass
 class Execution:
@@ -45,11 +47,18 @@ class Execution:
         raise AssertionError("no job id shown in the widget")
 
     def html_values(self) -> list[str]:
-        """Every value any HTML widget was given, in order."""
+        """Every value any HTML widget was given, and the HTML of a job shown ended (without a
+        widget: widgets.finished_html), in order."""
         ids = {c["comm_id"] for c in self.comm_opens("HTMLModel")}
-        return [m["content"]["data"]["state"]["value"] for m in self.messages
-                if m["msg_type"] in ("comm_open", "comm_msg") and m["content"].get("comm_id") in ids
-                and "value" in m["content"]["data"].get("state", {})]
+        values = []
+        for m in self.messages:
+            content = m["content"]
+            if m["msg_type"] in ("comm_open", "comm_msg") and content.get("comm_id") in ids:
+                if "value" in content["data"].get("state", {}):
+                    values.append(content["data"]["state"]["value"])
+            elif m["msg_type"] == "display_data" and JOB_HTML in content["data"].get("text/html", ""):
+                values.append(content["data"]["text/html"])
+        return values
 
 
 class Kernel:

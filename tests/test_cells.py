@@ -14,7 +14,7 @@ import pytest
 
 from tests import quickstart
 from tests.conftest import IMAGE, SCIENCE_IMAGE
-from tests.kernel import Execution, Kernel
+from tests.kernel import JOB_HTML, Execution, Kernel
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
@@ -32,9 +32,9 @@ def kernel(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -
 
 
 def displayed(ex: Execution) -> list[dict]:
-    """The cell's display outputs other than the job's widget."""
-    return [m["content"]["data"] for m in ex.messages
-            if m["msg_type"] == "display_data" and WIDGET not in m["content"]["data"]]
+    """The cell's display outputs other than the job's view (its widget, or its HTML)."""
+    return [m["content"]["data"] for m in ex.messages if m["msg_type"] == "display_data"
+            and WIDGET not in m["content"]["data"] and JOB_HTML not in m["content"]["data"].get("text/html", "")]
 
 
 def stderr(ex: Execution) -> str:
@@ -43,7 +43,7 @@ def stderr(ex: Execution) -> str:
 
 
 def shown_logs(ex: Execution) -> str:
-    """The text of the widget's log box, as it was last drawn."""
+    """The text of the job view's log box, as it was last drawn."""
     boxes = [v for v in ex.html_values() if "celery-nb-logs" in v]
     assert boxes, "the widget showed no logs"
     return boxes[-1].split('font-size:12px;line-height:1.3">')[1].split("</pre>")[0]

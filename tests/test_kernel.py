@@ -12,7 +12,7 @@ import docker
 import pytest
 
 from tests.conftest import IMAGE, ROOT, SCIENCE_IMAGE, assert_container_removed
-from tests.kernel import Kernel
+from tests.kernel import JOB_HTML, Kernel
 
 LONG_CELL = "%%celery_docker\nimport time\nfor k in range(600):\n    print('tick', k, flush=True)\n    time.sleep(0.1)\n"
 
@@ -28,6 +28,28 @@ def kernel(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -
     k.mode = request.param
     yield k
     k.shutdown()
+
+
+def test_a_job_that_ends_at_once_is_shown_ended_without_a_widget(kernel: Kernel) -> None:
+    kernel.run("%%celery_docker\nwarm = 1\n")  # a warm container for the cells below
+    views = []
+    for _ in range(3):  # (a busy machine may hold one of them up beyond the 0.2 s)
+        ex = kernel.run("%%celery_docker\nprint('quick', 6 * 7)\nquick = True\n")
+        assert ex.error() is None
+        html = [m["content"]["data"] for m in ex.messages if m["msg_type"] == "display_data"
+                and JOB_HTML in m["content"]["data"].get("text/html", "")]
+        assert bool(html) != bool(ex.comm_opens("HTMLModel"))  # one view: ended, or the live widget
+        views += html
+    assert views, "no warm trivial job ended within 0.2 s"
+    shown = views[-1]  # as the widget would draw it, and its text for nbconvert
+    assert ">succeeded<" in shown["text/html"] and "quick 42\n" in shown["text/html"]
+    assert "celery-nb-timings" in shown["text/html"]
+    assert "succeeded" in shown["text/plain"] and "quick 42" in shown["text/plain"]
+    # a job that runs longer gets the live widget, with its Cancel button
+    ex = kernel.run("%%celery_docker\nimport time\ntime.sleep(0.5)\n")
+    assert ex.comm_opens("ButtonModel") and not [m for m in ex.messages if m["msg_type"] == "display_data"
+                                                  and JOB_HTML in m["content"]["data"].get("text/html", "")]
+    assert kernel.run("print(quick)").stream_text() == "True\n"
 
 
 def _container_of(kernel: Kernel, job_id: str) -> str:

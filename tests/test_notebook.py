@@ -16,6 +16,7 @@ import pytest
 
 from tests import quickstart as checks
 from tests.conftest import ROOT
+from tests.kernel import JOB_HTML
 
 
 def execute_notebook(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -54,6 +55,14 @@ def grid_search(docker_client: docker.DockerClient, tmp_path_factory: pytest.Tem
 
 def _displayed(cell, mime: str) -> list:
     return [o.data[mime] for o in cell.outputs if o.output_type == "display_data" and mime in o.data]
+
+
+def _job_views(notebook: dict, cell) -> list[str]:  # noqa: ANN001
+    """The HTML of the jobs' views: the saved widget states' values, and ``cell``'s job shown
+    ended in HTML (a job that ended at once has no widget)."""
+    states = notebook["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    return [str(m["state"].get("value")) for m in states.values()] + [
+        html for html in _displayed(cell, "text/html") if JOB_HTML in html]
 
 
 def test_values_come_back_to_the_kernel(quickstart: dict) -> None:
@@ -126,9 +135,8 @@ def test_local_code_and_files_reach_the_job_and_come_back(local_code_and_files: 
     size = (ROOT / "notebooks/output/summary.json").stat().st_size
     listed = f"files back: output/summary.json ({size} B); no file matched --download plots/*.png"
     assert listed in summarize
-    states = local_code_and_files["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-    assert any(listed in str(m["state"].get("value")) and "celery-nb-downloads" in str(m["state"].get("value"))
-               for m in states.values())  # the live widget lists them too
+    views = _job_views(local_code_and_files, cells["summarize"])
+    assert any(listed in view and "celery-nb-downloads" in view for view in views)  # the job's view lists them too
     assert checks.text_of(cells["read-back"]) == f"output/summary.json: True - south: {summary['south']}\n"
     means = [summary[station]["mean"] for station in ("east", "north", "south")]
     assert checks.text_of(cells["functions"]) == f"submit: True\nmap: {means}\n"
