@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from celery_nb import Client
+from celery_nb.jobstore import START
 from celery_nb.worker import docker_api
 from celery_nb.worker.docker_api import LABEL_WORKER
 from celery_nb.worker.environments import list_environments, remove_environment
@@ -157,6 +158,20 @@ def kernel_with_celery_nb(request: pytest.FixtureRequest, env: dict[str, str]) -
     assert kernel.run("%load_ext celery_nb").error() is None
     yield kernel
     kernel.shutdown()
+
+
+def wait_for(condition: Callable[[], object], seconds: float, what: str) -> None:
+    """Wait until ``condition()`` holds; fail saying ``what`` did not happen within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds} s"
+        time.sleep(0.05)
+
+
+def job_statuses(client: Client, job_id: str) -> list[str]:
+    """The statuses a job went through, from its event stream."""
+    events, _cursor = client.store.read(job_id, START, timeout=0)
+    return [e["status"] for e in events if e["type"] in ("status", "done")]
 
 
 def assert_container_removed(docker_client: docker.DockerClient, container_id: str | None) -> None:

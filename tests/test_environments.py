@@ -17,24 +17,17 @@ import numpy as np
 import pytest
 
 from celery_nb import Client, EnvironmentBuildError, InputError, JobCancelled, OutputError, PythonVersionError
-from celery_nb.jobstore import START
 from celery_nb.options import JobOptions
 from celery_nb.requirements import cell_modules, function_modules, pin_auto
 from celery_nb.worker.environments import (LABEL_BUILD, LABEL_ENVIRONMENT, LABEL_REQUIREMENTS, REPOSITORY, VOLUME,
                                            list_environments)
-from tests.conftest import (IMAGE, NUMPY_IMAGE, NUMPY_PIP, OTHER_PYTHON_IMAGE, ROOT, remove_environments, start_worker,
-                            stop_process)
+from tests.conftest import (IMAGE, NUMPY_IMAGE, NUMPY_PIP, OTHER_PYTHON_IMAGE, ROOT, job_statuses, remove_environments,
+                            start_worker, stop_process)
 from tests.kernel import Kernel
 
 INICONFIG_VERSION = "import importlib.metadata, iniconfig\nv = importlib.metadata.version('iniconfig')\n"
 PROBE = "import sys, numpy, tqdm\nversions = (numpy.__version__, tqdm.__version__)\nprefix = sys.prefix\n" \
         "try:\n    import pip\n    has_pip = True\nexcept ImportError:\n    has_pip = False\n"
-
-
-def statuses(client: Client, job_id: str) -> list[str]:
-    """The statuses a job went through, from its event stream."""
-    events, _cursor = client.store.read(job_id, START, timeout=0)
-    return [e["status"] for e in events if e["type"] in ("status", "done")]
 
 
 def environment_images(docker_client: docker.DockerClient, requirements: str) -> list:
@@ -67,7 +60,7 @@ def test_a_cache_hit_runs_warm_in_its_own_containers_and_says_so(redis_client: C
     job = redis_client.submit_cell("import tqdm\nv = tqdm.__version__\n", {}, image=IMAGE, pip=NUMPY_PIP)
     assert job.result(timeout=60)["v"]
     assert job.environment == "cached" and job.container == "warm"
-    assert "building" not in statuses(redis_client, job.id) and "build" not in job.timing_breakdown()
+    assert "building" not in job_statuses(redis_client, job.id) and "build" not in job.timing_breakdown()
     assert "environment cached" in job.summary()
     # (a host may keep environments of the same requirements that an earlier recipe built)
     environments = {image.id for image in environment_images(docker_client, NUMPY_PIP)}
@@ -127,14 +120,14 @@ def test_two_first_builds_at_once_build_once(two_workers: list, redis_client: Cl
     logs = sorted(job.logs for job in jobs)
     assert sum("building it for image" in log for log in logs) == 1
     assert sum("another worker on this host is building this environment" in log for log in logs) == 1
-    assert all("building" in statuses(redis_client, job.id) and job.environment == "built" for job in jobs)
+    assert all("building" in job_statuses(redis_client, job.id) and job.environment == "built" for job in jobs)
     assert all("build" in job.timing_breakdown() for job in jobs)
 
     stop_process(two_workers[0])  # environments outlive the workers that built them
     two_workers[0] = start_worker(redis_url, "envs1", "envs1", concurrency=1)
     again = redis_client.submit_cell("import iniconfig\nv = 1\n", {}, image=IMAGE, pip=requirements, queue="envs1")
     assert again.result(timeout=60) == {"v": 1}
-    assert again.environment == "cached" and "building" not in statuses(redis_client, again.id)
+    assert again.environment == "cached" and "building" not in job_statuses(redis_client, again.id)
 
 
 @pytest.mark.parametrize("requirements, named, installer", [

@@ -12,7 +12,7 @@ import docker
 import pytest
 
 from celery_nb import Client, Executor, JobCancelled, OptionError, RemoteError
-from tests.conftest import IMAGE
+from tests.conftest import IMAGE, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its functions run in containers without it
 
@@ -37,13 +37,6 @@ def announce_and_sleep(seconds: float) -> None:
     import time
     print("started in", socket.gethostname(), flush=True)
     time.sleep(seconds)
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {seconds} s"
-        time.sleep(0.05)
 
 
 def container_of(future: cf.Future) -> str:

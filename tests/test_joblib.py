@@ -27,11 +27,10 @@ from sklearn.svm import SVC
 from celery_nb import Client, NoWorkerError, OptionError, RemoteError
 from celery_nb.distributions import installed_version
 from celery_nb.joblib_backend import batch_label, keep_warning_filters_the_job_can_use
-from celery_nb.jobstore import START
 from celery_nb.local_code import ReferenceRecorder
 from celery_nb.requirements import function_modules, pins_for
 from celery_nb.worker.environments import LABEL_REQUIREMENTS
-from tests.conftest import IMAGE, assert_container_removed, kernel_with_celery_nb
+from tests.conftest import IMAGE, assert_container_removed, job_statuses, kernel_with_celery_nb, wait_for
 from tests.kernel import Execution, Kernel
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its functions run in containers without it
@@ -68,18 +67,6 @@ def fail_late_or_sleep(v: int) -> None:
         raise Unlucky("item 0 failed after 5 s")
     print("started in", socket.gethostname(), flush=True)
     time.sleep(120)
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {seconds} s"
-        time.sleep(0.05)
-
-
-def statuses(client: Client, job_id: str) -> list[str]:
-    events, _cursor = client.store.read(job_id, START, timeout=0)
-    return [e["status"] for e in events if e["type"] in ("status", "done")]
 
 
 def test_parallel_runs_a_plain_function_in_containers_n_jobs_at_once(client: Client) -> None:
@@ -130,7 +117,7 @@ def test_an_error_cancels_the_queued_batches_and_kills_the_running_ones(
         if job.container_id:  # its container was killed and removed
             assert_container_removed(docker_client, job.container_id)
     # the ones still queued on the broker were cancelled there
-    assert any("running" not in statuses(redis_client, job.id) for job in jobs[4:])
+    assert any("running" not in job_statuses(redis_client, job.id) for job in jobs[4:])
 
 
 def test_grid_search_scores_equal_the_local_run(redis_client: Client, docker_client: docker.DockerClient) -> None:

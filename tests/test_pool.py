@@ -19,17 +19,10 @@ from celery_nb.worker.docker_api import LABEL_OWNER, LABEL_WORKER
 from celery_nb.worker.policy import ContainerSpec
 from celery_nb.worker.pool import PoolBook
 from celery_nb.worker.settings import WorkerSettings
-from tests.conftest import (IMAGE, ROOT, assert_container_removed, server_sockets, start_worker, stop_process,
+from tests.conftest import (IMAGE, ROOT, assert_container_removed, server_sockets, start_worker, stop_process, wait_for,
                             worker_containers)
 
 WHOAMI = "import socket\nhost = socket.gethostname()\n"
-
-
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def _namespace_pids(container: docker.models.containers.Container) -> set[int]:
@@ -132,7 +125,7 @@ def test_a_worker_that_cannot_see_the_containers_processes_talks_through_docker(
         stdout=open(ROOT / f".pytest_cache/worker-{name}.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         client = Client(redis_url)
-        _wait_until(lambda: client.app.control.ping(timeout=0.5, destination=[f"{name}@{name}"]), 60,
+        wait_for(lambda: client.app.control.ping(timeout=0.5, destination=[f"{name}@{name}"]), 60,
                     "the worker in a namespace of its own did not answer")
         jobs = [client.submit_cell(SEES_CHANNEL, {}, outputs=SEEN, image=IMAGE, queue=queue) for _ in range(3)]
         assert [job.result(timeout=60) for job in jobs] == [{"sockets": [], "listening": False}] * 3
@@ -190,7 +183,7 @@ def pool_worker(redis_url: str, docker_client: docker.DockerClient) -> Iterator[
 def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, docker_client: docker.DockerClient) -> None:
     proc, worker, leftover_id = pool_worker
     # a container left by an earlier run of a worker with this name is removed at start
-    _wait_until(lambda: leftover_id not in {c.id for c in worker_containers(docker_client, worker)}, 10,
+    wait_for(lambda: leftover_id not in {c.id for c in worker_containers(docker_client, worker)}, 10,
                 "leftover container not removed at worker start")
     jobs = [redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq")]
     jobs[0].result(timeout=60)
@@ -199,14 +192,14 @@ def test_pool_limits_reaping_and_cleanup(pool_worker, redis_client: Client, dock
     jobs[-1].result(timeout=60)
     # it has run its max jobs (2): a replacement starts in the background and takes its place
     containers = lambda: {c.id for c in worker_containers(docker_client, worker)}  # noqa: E731
-    _wait_until(lambda: containers() and not containers() & worn, 30, "worn-out container not replaced")
+    wait_for(lambda: containers() and not containers() & worn, 30, "worn-out container not replaced")
     jobs.append(redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq"))
     hosts = [job.result(timeout=60)["host"] for job in jobs]
     assert hosts[0] == hosts[1] != hosts[2]
     assert [job.container for job in jobs] == ["cold", "warm", "warm"]  # no job waited for the replacement
     assert len(worker_containers(docker_client, worker)) == 1
     # idle for longer than CELERY_NB_POOL_IDLE_TIMEOUT=2: reaped
-    _wait_until(lambda: not worker_containers(docker_client, worker), 10, "idle container not reaped")
+    wait_for(lambda: not worker_containers(docker_client, worker), 10, "idle container not reaped")
     redis_client.submit_cell(WHOAMI, {}, image=IMAGE, queue="poolq").result(timeout=60)
     assert len(worker_containers(docker_client, worker)) == 1
     stop_process(proc)  # a worker that stops removes its idle containers
@@ -221,7 +214,7 @@ def test_a_warm_container_that_died_while_idle_is_replaced(redis_client: Client,
     host = out["host"]
     idle = docker_client.containers.get(first.container_id)
     # idle: the job's process is gone; the server (pid 1) and the next job's process wait
-    _wait_until(lambda: len(_namespace_pids(idle) - {out["pid"]}) == 2 == len(_namespace_pids(idle)), 10,
+    wait_for(lambda: len(_namespace_pids(idle) - {out["pid"]}) == 2 == len(_namespace_pids(idle)), 10,
                 "the container did not go idle")
     idle.kill()
     job = redis_client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
