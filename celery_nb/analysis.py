@@ -7,8 +7,10 @@ parameters are not mistaken for kernel variables); statement order from the AST 
 from __future__ import annotations
 
 import ast
+import dis
 import functools
 import symtable
+import types
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterator
 
@@ -72,6 +74,21 @@ def modules_imported_by(tree: ast.AST) -> frozenset[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
     return frozenset(names)
+
+
+def code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and the code of the functions, lambdas and comprehensions defined in it."""
+    yield code
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from code_objects(constant)
+
+
+def modules_imported_by_code(code: types.CodeType) -> frozenset[str]:
+    """The top-level modules a function's code imports in its body (and in the functions
+    defined in it): for one defined in the notebook, cloudpickle sends only its code."""
+    return frozenset(str(instruction.argval).partition(".")[0] for nested in code_objects(code)
+                     for instruction in dis.get_instructions(nested) if instruction.opname == "IMPORT_NAME")
 
 
 def select_inputs(names: CellNames, namespace_names: Collection[str], hidden: Collection[str] = ()) -> list[str]:

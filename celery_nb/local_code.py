@@ -14,7 +14,6 @@ imports as in the kernel.
 from __future__ import annotations
 
 import ast
-import dis
 import functools
 import hashlib
 import importlib.machinery
@@ -71,7 +70,7 @@ class _RecordingPickler(cloudpickle.Pickler):
             if isinstance(module, str):
                 self._modules.add(module.partition(".")[0])
         elif isinstance(obj, types.FunctionType):  # sent by value (the notebook's): what it imports when it runs
-            self._modules |= _imported_by_function(obj)
+            self._modules |= analysis.modules_imported_by_code(obj.__code__)
         return reduced
 
 
@@ -106,7 +105,8 @@ class LocalCode:
 
     def for_call(self, fn: Callable[..., Any], referenced: Iterable[str]) -> list[LocalModule]:
         """The local modules a call of ``fn`` needs, whose pickle ``referenced`` modules."""
-        return self._with_imports(_imported_by_function(fn) | set(referenced))
+        imported = analysis.modules_imported_by_code(fn.__code__) if isinstance(fn, types.FunctionType) else frozenset()
+        return self._with_imports(imported | set(referenced))
 
     def send(self, modules: Iterable[LocalModule], blobs: BlobStore) -> list[dict[str, Any]]:
         """What a request names the modules by: their code bundles in ``blobs``, stored first
@@ -224,21 +224,6 @@ def _pack(name: str, files: list[tuple[str, str]]) -> LocalModule:
     bundle = b"".join(protocol.code_bundle(sources))
     return LocalModule(name=name, sizes=tuple((path, len(sources[b])) for b, path in files), bundle=bundle,
                        digest=hashlib.sha256(bundle).hexdigest(), imports=frozenset(imports - {name}))
-
-
-def _imported_by_function(fn: Callable[..., Any]) -> frozenset[str]:
-    """What a function imports in its body (and in the functions defined in it): for one
-    defined in the notebook, cloudpickle sends only its code."""
-    if not isinstance(fn, types.FunctionType):
-        return frozenset()
-    names = set()
-    codes = [fn.__code__]
-    while codes:
-        code = codes.pop()
-        codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
-        names.update(ins.argval.partition(".")[0] for ins in dis.get_instructions(code)
-                     if ins.opname == "IMPORT_NAME")
-    return frozenset(names)
 
 
 def _over_cap(modules: list[LocalModule]) -> str:

@@ -10,16 +10,14 @@ left out, and a specifier the job gives for a distribution wins over its pin.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import dis
 import functools
 import importlib.metadata
 import json
 import re
 import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from packaging.markers import Marker
@@ -91,11 +89,7 @@ def _installed_from_a_local_path(name: str) -> bool:
 
 def cell_modules(source: str, first_line: int, values: Iterable[Any]) -> set[str]:
     """The top-level modules a cell imports, and those its input ``values`` are made of."""
-    tree = analysis.parse_cell(source, first_line)
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
-    return {module.partition(".")[0] for module in imported} | _modules_of_values(values)
+    return set(analysis.imported_modules(source, first_line)) | _modules_of_values(values)
 
 
 def function_modules(fn: Callable[..., Any], values: Iterable[Any], referenced: Iterable[str] = ()) -> set[str]:
@@ -113,24 +107,15 @@ def function_modules(fn: Callable[..., Any], values: Iterable[Any], referenced: 
     code = getattr(fn, "__code__", None)
     if isinstance(code, types.CodeType):
         namespace = getattr(fn, "__globals__", {})
-        for nested in _code_objects(code):
+        for nested in analysis.code_objects(code):
             found |= {_module_of(namespace[name]) for name in nested.co_names if name in namespace}
-            found |= {str(instruction.argval) for instruction in dis.get_instructions(nested)
-                      if instruction.opname == "IMPORT_NAME"}
+        found |= analysis.modules_imported_by_code(code)
         for cell in getattr(fn, "__closure__", None) or ():
             try:
                 found.add(_module_of(cell.cell_contents))
             except ValueError:  # a cell not yet filled
                 continue
     return {module.partition(".")[0] for module in (*found, *referenced) if module} | _modules_of_values(values)
-
-
-def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
-    """``code`` and the code of the functions, lambdas and comprehensions defined in it."""
-    yield code
-    for constant in code.co_consts:
-        if isinstance(constant, types.CodeType):
-            yield from _code_objects(constant)
 
 
 def _module_of(value: Any) -> str:
