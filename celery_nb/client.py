@@ -299,8 +299,8 @@ class Client:
         elif ref is not None:
             data = self.blobs.get(ref)
             self.blobs.delete(ref)
-        else:
-            data = inline
+        else:  # (below the blob threshold) copied into a writable buffer: the arrays loaded from it are writable
+            data = bytearray(inline) if isinstance(inline, bytes) else inline
         if self.signer.enabled:  # what was signed: this job's id and this result's digest
             signed = {**(signature if isinstance(signature, dict) else {}), "job_id": job_id, "digest": digest(data)}
             try:

@@ -38,7 +38,8 @@ class JobBackend(Protocol):
 
     def collect(self, job_id: str, inline: bytes | None, ref: dict[str, Any] | None,
                 signature: dict[str, Any] | None) -> Any:
-        """The job's result bundle (bytes-like): ``inline``, or fetched by ``ref`` from the blob
+        """The job's result bundle (a writable bytes-like, so that the arrays loaded from it in
+        place are writable, as the kernel's own): ``inline``, or fetched by ``ref`` from the blob
         store and deleted there; checked against ``signature`` (SignatureError) before anything
         unpickles it."""
 

@@ -613,18 +613,20 @@ def _oom_kills() -> int:
     return 0
 
 
-def _read_exactly(fd: int, size: int) -> Optional[bytes]:
-    parts, left = [], size
-    while left:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
+def _read_exactly(fd: int, size: int) -> Optional[bytearray]:
+    """``size`` bytes from ``fd``, read into one buffer (None at end of file)."""
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        read = os.readv(fd, [view[got:]])
+        if not read:
             return None
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
+        got += read
+    return data
 
 
-def _next_request(fd: int) -> Optional[bytes]:
+def _next_request(fd: int) -> Optional[bytearray]:
     """Read exactly one REQUEST frame (never more: the next belongs to the next child)."""
     header = _read_exactly(fd, protocol.FRAME_HEADER_SIZE)
     if header is None:

@@ -84,6 +84,15 @@ def test_numpy_results_come_back_to_the_kernel(redis_client: Client) -> None:
     assert np.allclose(out["s"], np.linalg.svd(rows, compute_uv=False))
 
 
+def test_arrays_are_writable_in_the_job_and_back_in_the_kernel(redis_client: Client) -> None:
+    grid = np.zeros(100_000)  # 800 kB: its data travels out of band, in the request and in the result event
+    out = redis_client.submit_cell("writable = grid.flags.writeable\ngrid += 1\ntotal = float(grid.sum())\n",
+                                   {"grid": grid}, image=IMAGE, pip=f"numpy=={np.__version__}").result(timeout=300)
+    assert out["writable"] is True and out["total"] == 100_000.0 and out["grid"][0] == 1.0
+    out["grid"] += 1  # as an array the kernel made itself
+    assert out["grid"][0] == 2.0
+
+
 def test_input_the_image_cannot_load_names_the_variable(redis_client: Client) -> None:
     # the kernel's numpy 2 pickles arrays as numpy._core, which Debian's numpy 1.24 lacks
     job = redis_client.submit_cell("total = m.sum()\n", {"m": np.ones(3)}, image=NUMPY_IMAGE)
