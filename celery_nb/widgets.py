@@ -392,7 +392,6 @@ class JobView:
         self.job = job
         self._displayed = 0
         self._in_kernel = in_kernel()
-        self.widget: JobWidget | None = None
         if not self._in_kernel:
             if blocking:
                 TextProgress(job)
@@ -402,7 +401,7 @@ class JobView:
             self._show_widget(show_displays=True)
 
     def _show_widget(self, show_displays: bool) -> JobWidget:
-        widget = self.widget = JobWidget(self.job, show_displays)
+        widget = JobWidget(self.job, show_displays)
         handle = display(widget, display_id=True)
         # once final, refresh the text/plain that nbconvert and GitHub show
         self.job.add_done_callback(lambda _job: handle.update(widget))
