@@ -106,14 +106,17 @@ class FrameWriter:
         self.write(protocol.FRAME_EVENT, json.dumps(obj, separators=(",", ":")).encode())
 
 
-class _ImportPatches:
-    """When the job imports one of these modules, patch it once loaded: tqdm's bars also send
-    progress events, pyplot's show() and IPython's display() send display events.
+class _JobImports:
+    """The job's imports, as the import system finds them: the top-level modules it imports
+    (whose versions go with its result), and these modules patched once loaded: tqdm's bars
+    also send progress events, pyplot's show() and IPython's display() send display events.
 
-    Done lazily at import time so jobs that never use them pay nothing.
+    Done at import time so jobs that never use them pay nothing (looking through sys.modules
+    after the job would touch, and so copy, a page of the server's memory for each module).
     """
 
     def __init__(self) -> None:
+        self.top_level: List[str] = []
         self._patches = {"tqdm.std": lambda module: _patch_tqdm(module.tqdm),
                          "matplotlib.pyplot": rich_output.patch_pyplot,
                          "IPython.core.display_functions": rich_output.patch_ipython_display,
@@ -121,6 +124,8 @@ class _ImportPatches:
                          "IPython.display": rich_output.patch_ipython_display}
 
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001 - importlib API
+        if path is None:
+            self.top_level.append(fullname)
         patch = self._patches.pop(fullname, None)
         if patch is None:
             return None
@@ -140,6 +145,9 @@ class _ImportPatches:
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+_job_imports = _JobImports()  # installed in the job's process (_prepare_child)
 
 
 def _patch_tqdm(tqdm_cls: Any) -> None:
@@ -284,7 +292,7 @@ def _encode_result(outputs: Dict[str, Any], required: List[str], files: List[Tup
                             % (what, type(value).__name__, type(exc).__name__, exc, advice), exc) from None
     header: Dict[str, Any] = {"outputs": index, "required": required, "skipped": skipped,
                               "types": {name: type(outputs[name]).__name__ for name in index},
-                              "versions": versions.loaded_versions()}
+                              "versions": versions.loaded_versions(_job_imports.top_level)}
     if files:
         header["files"] = [[path, len(writer.sections) + i] for i, (path, _data) in enumerate(files)]
     return protocol.pack_bundle(header, writer.sections + [data for _path, data in files])
@@ -295,27 +303,24 @@ def _prepare_child(frames: FrameWriter) -> None:
     os.setsid()  # its own process group, so the server can kill whatever the job left running
     os.environ["MPLBACKEND"] = "Agg"  # figures are drawn to PNG and shown in the notebook (the job's env may differ)
     events.sink = frames.event
-    sys.meta_path.insert(0, _ImportPatches())
+    sys.meta_path.insert(0, _job_imports)
 
 
-def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory,
-               job_dir: Optional[workdir.JobDirectory]) -> None:
-    """The job, in the forked child, whose fd 1/2 are already the log pipes, in ``job_dir``
-    (None: the rehearsal of _warm_up)."""
+def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory, job_dir: workdir.JobDirectory) -> None:
+    """The job, in the forked child, whose fd 1/2 are already the log pipes, in ``job_dir``."""
     outer, (payload, *code) = protocol.unpack_bundle(request)
     os.environ.update(outer["env"])
     try:
         if outer.get("payload_file"):
             payload = _payload_from_worker(frames)
         header, sections = protocol.unpack_bundle(payload)
-        if job_dir is not None:
-            job_dir.enter(header, sections, code)
+        job_dir.enter(header, sections, code)
         run = _run_cell if header["kind"] == "cell" else _run_call
         try:
             outputs = run(header, sections)
         finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
             rich_output.send_figures()
-        downloads = job_dir.downloads(header) if job_dir is not None else workdir.NO_DOWNLOADS
+        downloads = job_dir.downloads(header)
         result = _encode_result(outputs, _required_outputs(header), downloads.files)
         downloads.announce()
         kind: int = protocol.FRAME_RESULT
@@ -634,15 +639,6 @@ def _next_request(fd: int) -> Optional[bytearray]:
     return _read_exactly(fd, protocol.frame_size(header))
 
 
-def _warm_up(memory: _JobMemory) -> None:
-    """Rehearse a job (its output thrown away), so that the copy-on-write faults after fork
-    are paid before the request arrives rather than while the kernel waits."""
-    payload = b"".join(protocol.pack_bundle(protocol.cell_header("warm = 1", 1, {}, ["warm"], False), []))
-    request = protocol.pack_request(payload, {}, False)
-    with open(os.devnull, "wb") as devnull:
-        _run_child(memoryview(request), FrameWriter(devnull.fileno()), memory, None)
-
-
 _EXIT_NO_MORE_REQUESTS = 99
 
 
@@ -679,7 +675,7 @@ def _worker_channel(stdin: int) -> Optional[int]:
 
 
 def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
-    """Keep one forked child on standby: it warms up, takes the next request from the worker's
+    """Keep one forked child on standby: it takes the next request from the worker's
     channel (stdin, or the connection of _worker_channel), runs it and exits; this process relays
     its output, reports how it ended, and forks the next.
 
@@ -720,8 +716,6 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os.close(stderr_w)
                 frames_writer = FrameWriter(frames_w)
                 _prepare_child(frames_writer)
-                if not one_shot:
-                    _warm_up(memory)
                 request = _next_request(requests_fd)
                 # the job reads no further from the worker's channel (the next job's request)
                 devnull = os.open(os.devnull, os.O_RDONLY)
@@ -741,7 +735,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os._exit(code)
         for fd in (stdout_w, stderr_w, frames_w, started_w):
             os.close(fd)
-        job_dir.make(previous)  # while the job's process warms up and waits for its request
+        job_dir.make(previous)  # while the job's process waits for its request
         previous = job_dir
         relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, started_r, memory)
         status, rusage = relay.run(pid)

@@ -30,17 +30,14 @@ def installed_versions(modules: Iterable[str]) -> Dict[str, Optional[str]]:
     return versions
 
 
-_RUNTIME_MODULES = frozenset(sys.modules)  # imported before any job (the runtime's): not what a job imported
-
-
-def loaded_versions() -> Dict[str, str]:
-    """The ``__version__`` of every installed package the job has imported (not the standard
-    library's): what its results can refer to. Cheap: no metadata is read, and only the
-    top-level modules imported since the runtime started are looked at."""
+def loaded_versions(modules: Iterable[str]) -> Dict[str, str]:
+    """The ``__version__`` of every installed package (not the standard library) among the
+    top-level ``modules`` the job imported: what its results can refer to. Cheap: no metadata
+    is read."""
     versions = {}
-    for name in sys.modules.keys() - _RUNTIME_MODULES:
+    for name in modules:
         module = sys.modules.get(name)
-        if "." in name or module is None:  # a submodule's attributes can be slow to ask (a module __getattr__)
+        if module is None:  # it did not import after all
             continue
         path = getattr(module, "__file__", None) or ""
         if "site-packages" in path or "dist-packages" in path:

@@ -7,7 +7,8 @@ warm container or not, sees another's files. It is the job's current directory: 
 local modules shipped with the job go to a folder of their own on /dev/shm, first on the job's
 ``sys.path``, so they import as in the kernel (packages, ``__file__``, relative imports). The
 working directory is on the image's /tmp (disk: a job may write big files there), where making
-and removing a folder can take a millisecond: both happen while the next job's process warms up.
+and removing a folder can take a millisecond: both happen while the next job's process waits for
+its request.
 
 Stdlib only, Python 3.9 compatible (copied into arbitrary images).
 """
@@ -57,9 +58,6 @@ class Downloads:
         if self.asked and events.sink is not None:
             events.sink({"type": "downloads", "files": [[path, len(data)] for path, data in self.files],
                          "unmatched": self.unmatched})
-
-
-NO_DOWNLOADS = Downloads([], [], False)
 
 
 class JobDirectory:

@@ -61,7 +61,7 @@ import json, sys
 from celery_nb_runtime import events as channel, runner
 events = []
 channel.sink = events.append
-sys.meta_path.insert(0, runner._ImportPatches())
+sys.meta_path.insert(0, runner._job_imports)
 from IPython.display import display, HTML
 display(HTML("<p>via IPython</p>"))
 print(json.dumps(events))
