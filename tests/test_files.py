@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -167,7 +166,6 @@ def test_working_directories_are_not_shared_in_a_warm_container(client: Client, 
         "os.makedirs('locked/inner')\nopen('locked/inner/file', 'w').write('x')\n"
         "for path in ('locked/inner', 'locked', '.'):\n    os.chmod(path, 0)  # what it can, it may lock away\n",
         {}, image=IMAGE, memory=memory).result(timeout=60)
-    time.sleep(0.5)  # back in the pool
     job = client.submit_cell(
         "import os, socket\nhost = socket.gethostname()\ncwd = os.getcwd()\nfound = os.listdir('.')\n"
         f"seen = os.path.exists({first['cwd']!r})\n"

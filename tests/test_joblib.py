@@ -244,7 +244,6 @@ def _stopped_with_all_running(kernel: Kernel, docker_client: docker.DockerClient
     jobs were stopped and their containers removed; returns the execution."""
     ex = kernel.start(SLEEPING_CELL)
     kernel.collect(ex, until=lambda _m: any("4 running" in value for value in ex.html_values()), timeout=300)
-    time.sleep(2)  # their containers start the function
     stopped = time.monotonic()
     stop(ex)
     kernel.collect(ex, timeout=30)

@@ -9,7 +9,6 @@ import importlib
 import re
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -110,7 +109,6 @@ def test_an_edited_module_is_picked_up_by_the_next_job(client: Client, notebook_
     path.write_text("VERSION = 1\n")
     first = client.submit_cell(cell, {}, image=IMAGE, memory="136m").result(timeout=60)
     assert first["version"] == 1 and first["copies"] == [first["mine"]]
-    time.sleep(0.5)  # back in the pool
     path.write_text("VERSION = 2  # edited\n")
     job = client.submit_cell(cell, {}, image=IMAGE, memory="136m")
     second = job.result(timeout=60)

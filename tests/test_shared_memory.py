@@ -158,6 +158,7 @@ def test_a_detached_process_of_an_earlier_job_gets_none_of_the_next_jobs_files(
     thief = ("import os, socket, time\n"
              "fd = os.open('/tmp/offered', os.O_RDWR | os.O_CREAT, 0o600)\n"
              "os.ftruncate(fd, 64 << 20)\n"
+             "open('/tmp/looking', 'w').close()\n"
              "tried, end = set(), time.time() + 30\n"
              "while time.time() < end:\n"
              "    for name in set(os.listdir('/dev/shm')) - tried:\n"
@@ -173,7 +174,8 @@ def test_a_detached_process_of_an_earlier_job_gets_none_of_the_next_jobs_files(
     first = client.submit_cell(f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {thief!r}], "
                                f"start_new_session=True)\n", {}, image=IMAGE, memory=memory)
     first.result(timeout=60)
-    time.sleep(0.5)  # it is looking
+    client.submit_cell("import os, time\nwhile not os.path.exists('/tmp/looking'):\n    time.sleep(0.01)\n", {},
+                       image=IMAGE, memory=memory).result(timeout=60)  # it is looking
     job = client.submit_cell("out = data[::-1]\n", {"data": BLOB}, image=IMAGE, memory=memory)
     assert job.result(timeout=60)["out"] == BLOB[::-1]
     assert job.container == "warm" and job.container_id == first.container_id
