@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from celery_nb.jobstore import Event
+from celery_nb.options import format_size
 
 Output = list[tuple[str, Any]]  # ("stdout"|"stderr", text) or ("display", bundle), in order
 
@@ -66,23 +67,16 @@ class LogWindow:
     def _line(self) -> str:
         cut = self._cut
         if self.end is None:
-            return (f"[celery_nb] output goes on past the first {_size(cut['kept'])}: only the newest "
-                    f"{_size(cut['window'])} of the rest is kept (CELERY_NB_MAX_LOG_BYTES={cut['limit']})\n")
+            return (f"[celery_nb] output goes on past the first {format_size(cut['kept'])}: only the newest "
+                    f"{format_size(cut['window'])} of the rest is kept (CELERY_NB_MAX_LOG_BYTES={cut['limit']})\n")
         end = self.end
-        line = (f"[celery_nb] {_size(end['dropped'])} of output dropped here: the log keeps the first "
-                f"{_size(cut['kept'])} and the last {_size(cut['window'])} (CELERY_NB_MAX_LOG_BYTES={cut['limit']}); ")
+        line = (f"[celery_nb] {format_size(end['dropped'])} of output dropped here: the log keeps the first "
+                f"{format_size(cut['kept'])} and the last {format_size(cut['window'])} (CELERY_NB_MAX_LOG_BYTES={cut['limit']}); ")
         whole = end.get("full_log")
         if whole is None:
             return line + "the whole log was not kept (CELERY_NB_MAX_FULL_LOG_BYTES=0)\n"
         until = time.strftime("%H:%M", time.localtime(whole["until"]))
         if whole["size"] < end["printed"]:
-            return (line + f"job.full_log() has its first {_size(whole['size'])} of {_size(end['printed'])} until "
-                           f"{until} (CELERY_NB_MAX_FULL_LOG_BYTES={end['cap']})\n")
-        return line + f"job.full_log() has all {_size(end['printed'])} of it until {until}\n"
-
-
-def _size(size: int) -> str:
-    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if size >= unit:
-            return f"{size / unit:.1f} {name}"
-    return f"{size} bytes"
+            return (line + f"job.full_log() has its first {format_size(whole['size'])} of "
+                           f"{format_size(end['printed'])} until {until} (CELERY_NB_MAX_FULL_LOG_BYTES={end['cap']})\n")
+        return line + f"job.full_log() has all {format_size(end['printed'])} of it until {until}\n"

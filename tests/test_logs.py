@@ -17,6 +17,7 @@ from celery_nb import Client, LogUnavailableError
 from celery_nb.blobs import MemoryBlobStore
 from celery_nb.job import Job
 from celery_nb.jobstore import START, MemoryJobStore, RedisJobStore, events_key
+from celery_nb.options import format_size
 from celery_nb.widgets import JobWidget
 from celery_nb.worker.logs import JobLog
 from celery_nb.worker.settings import WorkerSettings
@@ -105,11 +106,12 @@ def test_a_print_flood_leaves_redis_the_kernel_and_the_widget_in_bounds(own_redi
         assert len(head) == MAX_LOG_BYTES // 2 + 1 and MAX_LOG_BYTES // 2 * 7 / 8 <= len(tail) <= MAX_LOG_BYTES // 2
         dropped, _, said = line.partition(" MiB of output dropped here: ")
         assert said.startswith(f"the log keeps the first 2.0 MiB and the last 2.0 MiB (CELERY_NB_MAX_LOG_BYTES="
-                               f"{MAX_LOG_BYTES}); job.full_log() has all {FLOOD_BYTES / MiB:.1f} MiB of it until ")
+                               f"{MAX_LOG_BYTES}); job.full_log() has all {format_size(FLOOD_BYTES)} of it until ")
         # what the worker dropped between its head and its window, which keeps at least 7/8 of its size (the
         # kernel's tail may hold more: lines it read before the worker deleted them)
-        assert (FLOOD_BYTES - len(head) + 1 - MAX_LOG_BYTES // 2) / MiB - 0.05 <= float(dropped) <= \
-            (FLOOD_BYTES - len(head) + 1 - MAX_LOG_BYTES // 2 * 7 / 8) / MiB + 0.05
+        # (to the MiB: format_size gives three figures)
+        assert (FLOOD_BYTES - len(head) + 1 - MAX_LOG_BYTES // 2) / MiB - 0.5 <= float(dropped) <= \
+            (FLOOD_BYTES - len(head) + 1 - MAX_LOG_BYTES // 2 * 7 / 8) / MiB + 0.5
         full = job.full_log()
         assert len(full) == FLOOD_BYTES and full.endswith(f"step  1999999 {PAD}\nthe end\n")
         assert f"\nstep  1000000 {PAD}\nstep  1000001 {PAD}\n" in full
@@ -157,9 +159,9 @@ def test_the_log_keeps_its_first_and_newest_part_and_the_whole_log() -> None:
     line, _, tail = rest.partition("\n")
     assert head == printed[:500] + "\n"  # the line saying what was dropped stands on a line of its own
     assert printed.endswith(tail) and 7 / 8 * 500 <= len(tail) <= 500 and tail.startswith("line ")
-    assert re.fullmatch(f"{(len(printed) - 500 - len(tail)) / 1024:.1f} KiB of output dropped here: the log keeps the "
-                        f"first 500 bytes and the last 500 bytes \\(CELERY_NB_MAX_LOG_BYTES=1000\\); job.full_log\\(\\) has "
-                        f"all {len(printed) / 1024:.1f} KiB of it until \\d\\d:\\d\\d", line), line
+    assert re.fullmatch(f"{format_size(len(printed) - 500 - len(tail))} of output dropped here: the log keeps the "
+                        f"first 500 B and the last 500 B \\(CELERY_NB_MAX_LOG_BYTES=1000\\); job.full_log\\(\\) has "
+                        f"all {format_size(len(printed))} of it until \\d\\d:\\d\\d", line), line
     assert job.full_log() == printed
     # the terminal view (Job.new_output) gets each kept item once
     items, seen = job.new_output(0)
