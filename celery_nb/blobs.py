@@ -11,10 +11,12 @@ content hash, expire instead (and are touched by each job that uses them).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import io
 import mmap
 import os
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -352,21 +354,35 @@ class _BufferWriter(io.RawIOBase):
 
 
 class MemoryBlobStore:
-    """For the embedded worker: the bytes are handed over in the same process, not copied."""
+    """For the embedded worker: the bytes are handed over in the same process, not copied.
+    Expired blobs go when the store is next used (no thread waits for each)."""
 
     def __init__(self) -> None:
         self._blobs: dict[str, Any] = {}
+        self._deadlines: dict[str, float] = {}  # (monotonic) of the blobs that expire
+        self._expiries: list[tuple[float, str]] = []  # the deadlines as set, a heap (a later one may replace one)
         self._lock = threading.Lock()
+
+    def _drop_expired(self) -> None:
+        """With the lock held."""
+        now = time.monotonic()
+        while self._expiries and self._expiries[0][0] <= now:
+            deadline, key = heapq.heappop(self._expiries)
+            if self._deadlines.get(key) == deadline:
+                del self._deadlines[key], self._blobs[key]
 
     def put(self, pieces: list[Any], name: str | None = None) -> dict[str, Any]:
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         key = name or uuid.uuid4().hex
         with self._lock:
+            self._drop_expired()
             self._blobs[key] = data
+            self._deadlines.pop(key, None)  # as a Redis SET: a new blob does not expire
         return {"key": key, "size": memoryview(data).nbytes, "chunks": 1}
 
     def get(self, ref: dict[str, Any]) -> memoryview:
         with self._lock:
+            self._drop_expired()
             if ref["key"] not in self._blobs:
                 raise MissingBlobError(f"blob {ref['key']} was deleted")
             return memoryview(self._blobs[ref["key"]])
@@ -374,12 +390,16 @@ class MemoryBlobStore:
     def delete(self, ref: dict[str, Any]) -> None:
         with self._lock:
             self._blobs.pop(ref["key"], None)
+            self._deadlines.pop(ref["key"], None)
 
     def expire(self, ref: dict[str, Any], seconds: float) -> None:
-        timer = threading.Timer(seconds, self.delete, [ref])
-        timer.daemon = True  # the kernel's exit does not wait for it
-        timer.start()
+        with self._lock:
+            if ref["key"] in self._blobs:
+                self._deadlines[ref["key"]] = deadline = time.monotonic() + seconds
+                heapq.heappush(self._expiries, (deadline, ref["key"]))
+            self._drop_expired()
 
     def touch(self, ref: dict[str, Any]) -> bool:
         with self._lock:
+            self._drop_expired()
             return ref["key"] in self._blobs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from celery_nb import Client, LogUnavailableError
-from celery_nb.blobs import MemoryBlobStore
+from celery_nb.blobs import MemoryBlobStore, MissingBlobError
 from celery_nb.job import Job
 from celery_nb.jobstore import START, MemoryJobStore, RedisJobStore, events_key
 from celery_nb.options import format_size
@@ -181,6 +182,23 @@ def test_a_whole_log_beyond_its_cap_says_where_it_ends() -> None:
     assert note.startswith(f"{len(kept)} of the {len(printed)} bytes the job printed (the worker's "
                            f"CELERY_NB_MAX_FULL_LOG_BYTES is 20000)")
     assert "job.full_log() has its first" in job.logs
+
+
+def test_the_embedded_workers_whole_logs_expire_without_a_thread_each() -> None:
+    blobs = MemoryBlobStore()
+    threads = threading.active_count()
+    refs = [blobs.put([f"log {i}".encode()]) for i in range(200)]
+    for ref in refs[:-1]:
+        blobs.expire(ref, 0.2)
+    blobs.expire(refs[-1], 60)
+    assert threading.active_count() == threads
+    renewed = blobs.put([b"renewed"], name=refs[0]["key"])  # a new blob of that name does not expire
+    assert all(blobs.touch(ref) for ref in refs)
+    time.sleep(0.3)
+    assert not blobs.touch(refs[1]) and blobs.touch(refs[-1]) and bytes(blobs.get(renewed)) == b"renewed"
+    with pytest.raises(MissingBlobError):
+        blobs.get(refs[2])
+    assert len(blobs._blobs) == 2  # the expired ones are gone, not only hidden
 
 
 def test_the_window_holds_with_multibyte_and_broken_text() -> None:
