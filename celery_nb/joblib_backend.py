@@ -173,12 +173,17 @@ def keep_warning_filters_the_job_can_use(batch: BatchedCalls) -> None:
     loading it there would need that package, which ``pip="auto"`` would then install and every
     job import: such filters are left out of the tasks, those about the builtin warnings and the
     packages the task needs (with their dependencies) are kept."""
-    for func, args, kwargs in batch.items:
-        filters = getattr(func, "warning_filters", None)  # scikit-learn's wrapper of the task's function
-        if isinstance(filters, list):
-            needed = function_modules(getattr(func, "function", func), (*args, *kwargs.values()))
-            available = {requirement_name(pin) for pin in pins_for(frozenset(needed))}
-            func.warning_filters = [rule for rule in filters if _usable(rule, needed, available)]
+    wrapped = [item for item in batch.items  # scikit-learn's wrappers of the task's function
+               if isinstance(getattr(item[0], "warning_filters", None), list)]
+    arguments: dict[int, tuple[Any, list[Any]]] = {}  # id of each function: it, and its calls' arguments
+    for func, args, kwargs in wrapped:
+        function = getattr(func, "function", func)
+        arguments.setdefault(id(function), (function, []))[1].extend((*args, *kwargs.values()))
+    # what the batch needs, found once for each function of it: the job gets it all
+    needed = set().union(*(function_modules(function, values) for function, values in arguments.values()))
+    available = {requirement_name(pin) for pin in pins_for(frozenset(needed))}
+    for func, _args, _kwargs in wrapped:
+        func.warning_filters = [rule for rule in func.warning_filters if _usable(rule, needed, available)]
 
 
 def _usable(rule: tuple[Any, ...], modules: set[str], distributions: set[str]) -> bool:
