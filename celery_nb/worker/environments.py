@@ -240,21 +240,29 @@ class Environments:
         """Build the environment here, or follow the build another process runs (then None:
         look again whether it succeeded); ``waiting``: the job said so already."""
         build = _Build(self.settings, self.policy, client, base, key, requirements, progress)
-        try:
-            build.create(ship_uv=False)  # the volume has uv, but for the host's first build (then _UvMissing)
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # 409: the build container's name is taken: a build is running
-                raise EnvironmentBuildError(f"could not start the build of the environment for image "
-                                            f"{build.base_image!r}: {exc.explanation or exc}") from None
-            if not waiting:
-                progress.output("[environment] another worker on this host is building this environment; "
-                                "waiting for it\n")
-            _follow(client, build.name, progress)
+
+        def created(ship_uv: bool) -> bool:
+            """The build container made, or (False) another process's build of it followed to its end."""
+            try:
+                build.create(ship_uv)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: the build container's name is taken: a build is running
+                    raise EnvironmentBuildError(f"could not start the build of the environment for image "
+                                                f"{build.base_image!r}: {exc.explanation or exc}") from None
+                if not waiting:
+                    progress.output("[environment] another worker on this host is building this environment; "
+                                    "waiting for it\n")
+                _follow(client, build.name, progress)
+                return False
+            return True
+
+        if not created(ship_uv=False):  # the volume has uv, but for the host's first build (then _UvMissing)
             return None
         try:
             environment = build.run()
         except _UvMissing:  # the host's first build, or the volume was removed: bring uv along
-            build.create(ship_uv=True)
+            if not created(ship_uv=True):  # another process began the build meanwhile
+                return None
             environment = build.run()
         threading.Thread(target=self.prune, name="celery_nb-env-prune", daemon=True).start()
         return environment
