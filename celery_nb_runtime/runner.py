@@ -17,6 +17,7 @@ import gc
 import mmap
 import os
 import pickle
+import re
 import resource
 import select
 import signal
@@ -408,17 +409,37 @@ def _usage(rusages: List[Any], added: int) -> Dict[str, Any]:
             "peak_memory": max(max(r.ru_maxrss for r in rusages) * 1024, added)}
 
 
-def _memory_in_use() -> int:
+class _CgroupMemory:
     """Bytes of anonymous and shared (tmpfs) memory in this container's memory cgroup (v2 or
-    v1; 0 if unknown): what its processes hold, without the page cache the kernel may reclaim."""
-    for path, fields in (("/sys/fs/cgroup/memory.stat", ("anon", "shmem")),
-                         ("/sys/fs/cgroup/memory/memory.stat", ("rss", "shmem"))):
+    v1; 0 if unknown): what its processes hold, without the page cache the kernel may reclaim.
+
+    memory.stat stays open and is read into one buffer: the kernel allocates the buffer of a
+    read of it (charged to the container) when the file is first read, not at every sample. A
+    sample while the job held all of its --memory limit had the OOM killer, which had just
+    killed the job, kill the server too, and so the container before it could report the job."""
+
+    _FILES = (("/sys/fs/cgroup/memory.stat", rb"^(?:anon|shmem) (\d+)$"),
+              ("/sys/fs/cgroup/memory/memory.stat", rb"^(?:rss|shmem) (\d+)$"))
+
+    def __init__(self) -> None:
+        self._fd = -1
+        for path, fields in self._FILES:
+            try:
+                self._fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            self._fields = re.compile(fields, re.MULTILINE)
+            break
+        self._buffer = bytearray(1 << 16)
+
+    def in_use(self) -> int:
+        if self._fd < 0:
+            return 0
         try:
-            with open(path) as f:
-                return sum(int(value) for name, value in (line.split() for line in f) if name in fields)
-        except (OSError, ValueError):
-            continue
-    return 0
+            size = os.preadv(self._fd, [self._buffer], 0)
+        except OSError:
+            return 0
+        return sum(int(value) for value in self._fields.findall(self._buffer, 0, size))
 
 
 class _JobMemory:
@@ -429,12 +450,13 @@ class _JobMemory:
 
     def __init__(self) -> None:
         self._shared = mmap.mmap(-1, _SHARED.size)  # anonymous and shared with the forked job's process
+        self._cgroup = _CgroupMemory()
         self._baseline = 0
         self._next_sample: Optional[float] = None  # (monotonic) once the job runs
 
     def start(self) -> None:
         """Before a job's process is forked: what the container holds without it."""
-        self._baseline = _memory_in_use()
+        self._baseline = self._cgroup.in_use()
         self._next_sample = None
         _SHARED.pack_into(self._shared, 0, 0)
 
@@ -450,8 +472,20 @@ class _JobMemory:
     def sample(self) -> None:
         if self._next_sample is not None and time.monotonic() >= self._next_sample:
             self._next_sample = time.monotonic() + _MEMORY_SAMPLE_INTERVAL
-            peak, = _SHARED.unpack_from(self._shared)
-            _SHARED.pack_into(self._shared, 0, max(peak, _memory_in_use() - self._baseline))
+            self._note()
+
+    def prefault(self) -> None:
+        """In the server, once the job's process is forked and before its request: a sample. The
+        pages a sample writes are shared with the job's process until written, and the first
+        write to each copies it: copied now, the server's later samples seldom need a page,
+        which they could not get while the job holds all of its --memory limit (the OOM killer,
+        having killed the job, then killed the server too, and so the container before it could
+        report the job)."""
+        self._note()
+
+    def _note(self) -> None:
+        peak, = _SHARED.unpack_from(self._shared)
+        _SHARED.pack_into(self._shared, 0, max(peak, self._cgroup.in_use() - self._baseline))
 
     def peak(self) -> int:
         return _SHARED.unpack_from(self._shared)[0]
@@ -736,6 +770,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         for fd in (stdout_w, stderr_w, frames_w, started_w):
             os.close(fd)
         job_dir.make(previous)  # while the job's process waits for its request
+        memory.prefault()
         previous = job_dir
         relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, started_r, memory)
         status, rusage = relay.run(pid)
