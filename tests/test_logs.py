@@ -136,7 +136,7 @@ def _job_log(settings: WorkerSettings) -> tuple[MemoryJobStore, JobLog, Job]:
         def read_blob(self, ref: dict) -> memoryview:
             return blobs.get(ref)
 
-    return store, JobLog(store, blobs, "job", settings, before_write=lambda: None), Job(
+    return store, JobLog(store, blobs, "job", settings, before_write=list), Job(
         Backend(), "job", "cell", IMAGE, "celery_nb", "a flood")
 
 
@@ -167,6 +167,33 @@ def test_the_log_keeps_its_first_and_newest_part_and_the_whole_log() -> None:
     # the terminal view (Job.new_output) gets each kept item once
     items, seen = job.new_output(0)
     assert "".join(text for _kind, text in items) == job.logs and job.new_output(seen) == ([], seen)
+
+
+def test_output_held_back_events_and_a_display_go_in_one_write_in_order() -> None:
+    class CountingStore(MemoryJobStore):
+        writes = 0
+
+        def append_many(self, job_id: str, events: list) -> None:
+            self.writes += 1
+            super().append_many(job_id, events)
+
+        def append_dropping(self, job_id: str, events: list, drop: list) -> list:
+            self.writes += 1
+            return super().append_dropping(job_id, events, drop)
+
+    store = CountingStore()
+    held_back = [[{"type": "status", "status": "running"}]]  # given once, as the run does
+    log = JobLog(store, MemoryBlobStore(), "job", WorkerSettings(max_log_bytes=100),
+                 before_write=lambda: held_back.pop() if held_back else [])
+    log.add("stdout", b"before the figure\n")
+    log.flush(then=[{"type": "display", "data": {"text/plain": "figure"}}])
+    log.add("stdout", b"x" * 200)  # past the first half: written by append_dropping
+    log.flush(then=[{"type": "display", "data": {"text/plain": "another"}}])
+    kinds = [(e["type"], e.get("status") or e.get("text", "")[:6] or e.get("data", {}).get("text/plain"))
+             for e in store._events["job"] if e is not None]
+    assert kinds[:3] == [("status", "running"), ("log", "before"), ("display", "figure")]
+    assert kinds[-1] == ("display", "another") and kinds[-2][0] == "log"
+    assert store.writes == 4  # the two flushes; between them, the first half's rest and the log_cut event
 
 
 def test_a_whole_log_beyond_its_cap_says_where_it_ends() -> None:

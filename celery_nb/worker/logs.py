@@ -14,7 +14,7 @@ import codecs
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery_nb.blobs import BlobStore
@@ -27,10 +27,10 @@ WINDOW_FLUSH_INTERVAL = 0.5  # s between two writes of output past the log's fir
 class JobLog:
     """One job's output, written to its event stream as the settings bound it.
 
-    ``before_write`` is called before each write (events the run holds back go first)."""
+    ``before_write`` gives the events to write first in each write (those the run held back)."""
 
     def __init__(self, store: JobStore, blobs: BlobStore, job_id: str, settings: WorkerSettings,
-                 before_write: Callable[[], None]) -> None:
+                 before_write: Callable[[], list[Event]]) -> None:
         self._store = store
         self._blobs = blobs
         self._job_id = job_id
@@ -82,11 +82,13 @@ class JobLog:
             self._whole.add(b"".join(self._printed_so_far))
         self._printed_so_far.clear()
 
-    def flush(self, now: bool = True) -> None:
-        """Write what is pending; past the log's first half, only every WINDOW_FLUSH_INTERVAL s
-        unless ``now``."""
+    def flush(self, now: bool = True, then: Sequence[Event] = ()) -> None:
+        """Write what is pending, followed by the events ``then``, in one round trip; past the
+        log's first half, the output only every WINDOW_FLUSH_INTERVAL s unless ``now``."""
         if not self._pending or (self._cut and not now
                                  and time.monotonic() - self._flushed_at < WINDOW_FLUSH_INTERVAL):
+            if then:
+                self._write(then)
             return
         runs: list[tuple[str, list[str]]] = []  # the pieces of each run of one stream
         for stream, text, _size in self._pending:
@@ -104,7 +106,7 @@ class JobLog:
         self._pending_bytes = 0
         self._flushed_at = time.monotonic()
         if not self._cut:
-            self._write(events)
+            self._write([*events, *then])
             return
         drop = []  # the window's oldest events, to make room for these
         self._written_bytes += sum(sizes)
@@ -113,9 +115,9 @@ class JobLog:
             drop.append(event_id)
             self._written_bytes -= size
             self._dropped += size
-        self._before_write()
-        ids = self._store.append_dropping(self._job_id, events, drop)
-        self._written.extend(zip(ids, sizes))
+        first = self._before_write()
+        ids = self._store.append_dropping(self._job_id, [*first, *events, *then], drop)
+        self._written.extend(zip(ids[len(first):], sizes))
 
     def finish(self) -> None:
         """Write what is pending and, if the log was cut, how much was dropped and where the
@@ -154,9 +156,9 @@ class JobLog:
             self._pending_bytes -= cut
             self._dropped += cut
 
-    def _write(self, events: list[Event]) -> None:
-        self._before_write()
-        self._store.append_many(self._job_id, [{"t": time.time(), **event} for event in events])
+    def _write(self, events: Sequence[Event]) -> None:
+        stamped = [{"t": time.time(), **event} for event in events]
+        self._store.append_many(self._job_id, [*self._before_write(), *stamped])
 
 
 def _split(text: str, most: int | None) -> list[str]:

@@ -96,12 +96,12 @@ class JobRun:
         self._returning = False  # announced to the pool as coming back
         self._error: dict[str, Any] | None = None
         self._usage: dict[str, Any] | None = None  # what the job used (its container's memory limit with it)
-        self.log = JobLog(self.store, self.blobs, self.job_id, self.pool.settings, before_write=self._report_held_back)
+        self.log = JobLog(self.store, self.blobs, self.job_id, self.pool.settings, before_write=self._take_held_back)
 
-    def emit(self, event: dict[str, Any], blob: bytes | None = None) -> None:
-        self.log.flush(now=event["type"] != "progress")  # what the job printed before a display goes first
-        self._report_held_back()
-        self.store.append(self.job_id, {**event, "t": time.time()}, blob)
+    def emit(self, event: dict[str, Any]) -> None:
+        """Write ``event`` after what the job printed before it (a display's output goes first), in
+        one round trip with it."""
+        self.log.flush(now=event["type"] != "progress", then=[{**event, "t": time.time()}])
 
     def _report_starting(self) -> None:
         """The "starting" event, once."""
@@ -111,9 +111,14 @@ class JobRun:
 
     def _report_held_back(self) -> None:
         """A warm job's start events, once it turns out not to be over at once."""
-        if self._held_back:
-            self.store.append_many(self.job_id, self._held_back)
-            self._held_back = None
+        held_back = self._take_held_back()
+        if held_back:
+            self.store.append_many(self.job_id, held_back)
+
+    def _take_held_back(self) -> list[dict[str, Any]]:
+        """The start events held back, to be written now (first in the next write)."""
+        held_back, self._held_back = self._held_back or [], None
+        return held_back
 
     def run(self) -> str:
         self.store.route(self.job_id, self.request.get("inbox"))  # its kernel's (checked: an inbox's key)
