@@ -475,7 +475,7 @@ class _JobMemory:
             self._note()
 
     def prefault(self) -> None:
-        """In the server, once the job's process is forked and before its request: a sample. The
+        """In the server, once the job's process is forked and before it may start: a sample. The
         pages a sample writes are shared with the job's process until written, and the first
         write to each copies it: copied now, the server's later samples seldom need a page,
         which they could not get while the job holds all of its --memory limit (the OOM killer,
@@ -769,8 +769,8 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os._exit(code)
         for fd in (stdout_w, stderr_w, frames_w, started_w):
             os.close(fd)
-        job_dir.make(previous)  # while the job's process waits for its request
         memory.prefault()
+        job_dir.make(previous)  # while the job's process waits for its request (then it may start)
         previous = job_dir
         relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, started_r, memory)
         status, rusage = relay.run(pid)
