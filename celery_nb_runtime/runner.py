@@ -455,10 +455,16 @@ class _JobMemory:
         self._next_sample: Optional[float] = None  # (monotonic) once the job runs
 
     def start(self) -> None:
-        """Before a job's process is forked: what the container holds without it."""
-        self._baseline = self._cgroup.in_use()
+        """In the server, once the job's process is forked and before it may start: what the
+        container holds without the job, read as a sample reads it. The pages a sample writes
+        are shared with the job's process until written, and the first write to each copies it:
+        copied now, the server's later samples seldom need a page, which they could not get while
+        the job holds all of its --memory limit (the OOM killer, having killed the job, then
+        killed the server too, and so the container before it could report the job)."""
         self._next_sample = None
         _SHARED.pack_into(self._shared, 0, 0)
+        self._baseline = self._cgroup.in_use()
+        self._note(self._baseline)
 
     def running(self) -> None:
         """In the server, once the job's process has its request (a process waiting in an idle
@@ -472,20 +478,11 @@ class _JobMemory:
     def sample(self) -> None:
         if self._next_sample is not None and time.monotonic() >= self._next_sample:
             self._next_sample = time.monotonic() + _MEMORY_SAMPLE_INTERVAL
-            self._note()
+            self._note(self._cgroup.in_use())
 
-    def prefault(self) -> None:
-        """In the server, once the job's process is forked and before it may start: a sample. The
-        pages a sample writes are shared with the job's process until written, and the first
-        write to each copies it: copied now, the server's later samples seldom need a page,
-        which they could not get while the job holds all of its --memory limit (the OOM killer,
-        having killed the job, then killed the server too, and so the container before it could
-        report the job)."""
-        self._note()
-
-    def _note(self) -> None:
+    def _note(self, in_use: int) -> None:
         peak, = _SHARED.unpack_from(self._shared)
-        _SHARED.pack_into(self._shared, 0, max(peak, self._cgroup.in_use() - self._baseline))
+        _SHARED.pack_into(self._shared, 0, max(peak, in_use - self._baseline))
 
     def peak(self) -> int:
         return _SHARED.unpack_from(self._shared)[0]
@@ -730,7 +727,6 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
     previous: Optional[workdir.JobDirectory] = None
     oom_kills = _oom_kills()  # so far: a job's END says how many struck while it ran
     while True:
-        memory.start()
         job_dir = workdir.JobDirectory()  # the next job's
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
@@ -769,7 +765,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os._exit(code)
         for fd in (stdout_w, stderr_w, frames_w, started_w):
             os.close(fd)
-        memory.prefault()
+        memory.start()
         job_dir.make(previous)  # while the job's process waits for its request (then it may start)
         previous = job_dir
         relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, started_r, memory)
