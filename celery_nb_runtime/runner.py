@@ -409,37 +409,49 @@ def _usage(rusages: List[Any], added: int) -> Dict[str, Any]:
             "peak_memory": max(max(r.ru_maxrss for r in rusages) * 1024, added)}
 
 
-class _CgroupMemory:
-    """Bytes of anonymous and shared (tmpfs) memory in this container's memory cgroup (v2 or
-    v1; 0 if unknown): what its processes hold, without the page cache the kernel may reclaim.
+class _CgroupCounter:
+    """A figure of this container's cgroup (v2 or v1; 0 if unknown): the sum of the numbers that
+    ``pattern`` matches in the first of ``files`` that opens.
 
-    memory.stat stays open and is read into one buffer: the kernel allocates the buffer of a
-    read of it (charged to the container) when the file is first read, not at every sample. A
-    sample while the job held all of its --memory limit had the OOM killer, which had just
-    killed the job, kill the server too, and so the container before it could report the job."""
+    The file stays open and is read into one buffer: the kernel allocates the buffer of a read
+    of it (charged to the container) when the file is first read, not at every look, and no
+    Python file object is made per look (its pages, shared with the job's process, would be
+    copied at each job). A look while the job held all of its --memory limit had the OOM
+    killer, which had just killed the job, kill the server too, and so the container before it
+    could report the job."""
 
-    _FILES = (("/sys/fs/cgroup/memory.stat", rb"^(?:anon|shmem) (\d+)$"),
-              ("/sys/fs/cgroup/memory/memory.stat", rb"^(?:rss|shmem) (\d+)$"))
-
-    def __init__(self) -> None:
+    def __init__(self, files: Sequence[str], pattern: bytes) -> None:
         self._fd = -1
-        for path, fields in self._FILES:
+        for path in files:
             try:
                 self._fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
-            self._fields = re.compile(fields, re.MULTILINE)
             break
+        self._pattern = re.compile(pattern, re.MULTILINE)
         self._buffer = bytearray(1 << 16)
 
-    def in_use(self) -> int:
+    def value(self) -> int:
         if self._fd < 0:
             return 0
         try:
             size = os.preadv(self._fd, [self._buffer], 0)
         except OSError:
             return 0
-        return sum(int(value) for value in self._fields.findall(self._buffer, 0, size))
+        return sum(int(value) for value in self._pattern.findall(self._buffer, 0, size))
+
+
+def _memory_in_use() -> _CgroupCounter:
+    """Bytes of anonymous and shared (tmpfs) memory in this container's memory cgroup: what its
+    processes hold, without the page cache the kernel may reclaim."""
+    return _CgroupCounter(("/sys/fs/cgroup/memory.stat", "/sys/fs/cgroup/memory/memory.stat"),
+                          rb"^(?:anon|rss|shmem) (\d+)$")  # (cgroup v2 says anon, v1 rss)
+
+
+def _oom_kills() -> _CgroupCounter:
+    """How often the kernel's OOM killer struck in this container's memory cgroup."""
+    return _CgroupCounter(("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"),
+                          rb"^oom_kill (\d+)$")
 
 
 class _JobMemory:
@@ -450,7 +462,7 @@ class _JobMemory:
 
     def __init__(self) -> None:
         self._shared = mmap.mmap(-1, _SHARED.size)  # anonymous and shared with the forked job's process
-        self._cgroup = _CgroupMemory()
+        self._in_use = _memory_in_use()
         self._baseline = 0
         self._next_sample: Optional[float] = None  # (monotonic) once the job runs
 
@@ -463,7 +475,7 @@ class _JobMemory:
         killed the server too, and so the container before it could report the job)."""
         self._next_sample = None
         _SHARED.pack_into(self._shared, 0, 0)
-        self._baseline = self._cgroup.in_use()
+        self._baseline = self._in_use.value()
         self._note(self._baseline)
 
     def running(self) -> None:
@@ -478,7 +490,7 @@ class _JobMemory:
     def sample(self) -> None:
         if self._next_sample is not None and time.monotonic() >= self._next_sample:
             self._next_sample = time.monotonic() + _MEMORY_SAMPLE_INTERVAL
-            self._note(self._cgroup.in_use())
+            self._note(self._in_use.value())
 
     def _note(self, in_use: int) -> None:
         peak, = _SHARED.unpack_from(self._shared)
@@ -636,19 +648,6 @@ def _kill_group(pid: int) -> None:
         pass  # gone already
 
 
-def _oom_kills() -> int:
-    """How often the kernel's OOM killer struck in this container's memory cgroup (v1 or v2)."""
-    for path in ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"):
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-        except OSError:
-            continue
-    return 0
-
-
 def _read_exactly(fd: int, size: int) -> Optional[bytearray]:
     """``size`` bytes from ``fd``, read into one buffer (None at end of file)."""
     data = bytearray(size)
@@ -725,7 +724,8 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         gc.freeze()  # objects that exist now are never touched by the children's GC: fewer copy-on-write faults
     memory = _JobMemory()
     previous: Optional[workdir.JobDirectory] = None
-    oom_kills = _oom_kills()  # so far: a job's END says how many struck while it ran
+    oom_counter = _oom_kills()
+    oom_kills = oom_counter.value()  # so far: a job's END says how many struck while it ran
     while True:
         job_dir = workdir.JobDirectory()  # the next job's
         stdout_r, stdout_w = os.pipe()
@@ -778,7 +778,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 break
         if relay.orphaned or os.WIFEXITED(status) and os.WEXITSTATUS(status) == _EXIT_NO_MORE_REQUESTS:
             return 0
-        oom_kills, before = _oom_kills(), oom_kills
+        oom_kills, before = oom_counter.value(), oom_kills
         frames.write(protocol.FRAME_END, json.dumps({
             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
