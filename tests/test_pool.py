@@ -69,7 +69,9 @@ def test_a_job_cannot_read_the_next_jobs_request(client: Client) -> None:
     """A warm container's requests arrive on its stdin: a job (or a process it leaves behind)
     reading stdin gets end of file, not the next job's request."""
     memory = "112m"
-    first = client.submit_cell("import subprocess, sys\nsubprocess.Popen(['sh', '-c', 'cat > /tmp/stolen'])\n"
+    first = client.submit_cell("import os, subprocess, sys, time\nsubprocess.Popen(['sh', '-c', 'cat > /tmp/stolen'])\n"
+                               "while not os.path.exists('/tmp/stolen'):  # cat runs (the job's end kills it)\n"
+                               "    time.sleep(0.01)\n"
                                "data = sys.stdin.read()\n", {}, image=IMAGE, memory=memory)
     assert first.result(timeout=30) == {"data": ""}
     second = client.submit_cell("stolen = open('/tmp/stolen', 'rb').read()\n", {}, image=IMAGE, memory=memory)
