@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import os
+import pickle
+import socket
+import threading
 
 import numpy as np
 from celery import Celery
 
+from benchmarks.fork_server import HEADER, read_exactly
+
 BROKER_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+FORK_SERVER_SOCKET = os.environ.get("BENCH_FORK_SERVER_SOCKET", "")  # of benchmarks/fork_server.py in a container
 app = Celery("raw_celery", broker=BROKER_URL, backend=BROKER_URL)
 app.conf.update(task_serializer="pickle", result_serializer="pickle", accept_content=["pickle", "json"],
                 worker_prefetch_multiplier=1)
@@ -25,3 +31,19 @@ def ones(nbytes: int) -> np.ndarray:
 @app.task
 def size_of(data: bytes) -> int:
     return len(data)
+
+
+_connection = threading.local()  # each worker thread's own, to the fork server
+
+
+@app.task
+def echo_in_container(value: object) -> object:
+    """echo, run in a fresh process of a warm container (benchmarks/fork_server.py)."""
+    conn = getattr(_connection, "socket", None)
+    if conn is None:
+        conn = _connection.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(FORK_SERVER_SOCKET)
+    request = pickle.dumps(value)
+    conn.sendall(HEADER.pack(len(request)) + request)
+    (size,) = HEADER.unpack(read_exactly(conn, HEADER.size))
+    return pickle.loads(read_exactly(conn, size))

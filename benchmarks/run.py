@@ -10,7 +10,9 @@ local/py311-numpy), both with the kernel's Python minor version for the function
 and the package index (the environment rows build numpy environments, and remove them and
 uv's download cache first). Starts its own `celery-nb worker`, another one as on another host
 (CELERY_NB_KERNEL_SHARED_MEMORY=0: big data through Redis, on queue ELSEWHERE) and a plain
-Celery worker (threads, 4 each); ipyparallel (two engines) and Dask (two single-threaded worker
+Celery worker (threads, 4 each); a container of BENCH_IMAGE running benchmarks/fork_server.py,
+the least a warm container does to run each call in a fresh process, which a raw Celery task
+calls ("raw Celery + container"); ipyparallel (two engines) and Dask (two single-threaded worker
 processes) when they are installed.
 
 Each figure is printed with each baseline measured in the same run and the ratio. Round trips
@@ -20,17 +22,20 @@ over a run does not decide a ratio; medians and p90s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import docker
 import redis
@@ -41,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.in_kernel import BenchKernel  # noqa: E402
 from benchmarks.peers import Peer, running_peers  # noqa: E402
-from benchmarks.raw_celery import BROKER_URL, echo, ones, size_of  # noqa: E402
+from benchmarks.raw_celery import BROKER_URL, echo, echo_in_container, ones, size_of  # noqa: E402
 from celery_nb import Client  # noqa: E402
 from celery_nb.worker import environments  # noqa: E402
 from celery_nb.worker.settings import WorkerSettings  # noqa: E402
@@ -58,6 +63,8 @@ MANY = 2000
 CACHED_PIP = "numpy tqdm"  # the environment of the cache-hit row (the quickstart's)
 BUILT_PIP = "numpy"  # the environment the first-build rows build, again and again
 BUILDS = 5  # first builds (and installs by hand) per row
+FORK_SERVER_DIR = ROOT / "build" / "fork_server"  # its socket, shared with its container
+IN_CONTAINER = "raw Celery + container"  # raw Celery's task calling benchmarks/fork_server.py
 
 
 def identity(value: object) -> object:  # defined in __main__: travels by value to the container
@@ -160,13 +167,15 @@ def peak_memory(kind: str) -> None:
 
 def round_trips(client: Client, peers: list[Peer]) -> list[Row]:
     raw = lambda: echo.delay(1).get(timeout=60)  # noqa: E731
+    in_container = lambda: echo_in_container.delay(1).get(timeout=60)  # noqa: E731
     cell = lambda: client.submit_cell("a = 1", {}, image=IMAGE).result(60)  # noqa: E731
     function = lambda: client.submit(identity, 1, image=IMAGE).result(60)  # noqa: E731
-    sides = {"cell": cell, "function": function, "raw Celery": raw, **{p.name: p.round_trip for p in peers}}
+    sides = {"cell": cell, "function": function, "raw Celery": raw, IN_CONTAINER: in_container,
+             **{p.name: p.round_trip for p in peers}}
     for side in sides.values():
         side()
     times = alternating(sides, runs=200, block=50, settle=5)
-    baselines = {name: times[name].median * 1e3 for name in ("raw Celery", *(p.name for p in peers))}
+    baselines = {name: times[name].median * 1e3 for name in ("raw Celery", IN_CONTAINER, *(p.name for p in peers))}
     targets = {"raw Celery": ("<=", 1.5), "ipyparallel": ("<=", 1.0)}
     return [Row(f"warm trivial {kind} round trip", times[kind].median * 1e3, "ms", baselines, targets,
                 times[kind].p90 * 1e3) for kind in ("cell", "function")]
@@ -188,20 +197,57 @@ def kernel_round_trip() -> Row:
                times["magic"].p90 * 1e3)
 
 
-def throughput(client: Client, peers: list[Peer]) -> Row:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time so far: the machine's (busy: user, nice, system, irq, softirq; idle: idle, iowait;
+    a hypervisor's steal is neither) and each named process's, with its reaped children's."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    use = {"machine": (user + nice + system + irq + softirq) / tick, "idle": (idle + iowait) / tick}
+    for name, pid in pids.items():
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        use[name] = sum(map(int, fields[11:15])) / tick  # utime stime cutime cstime
+    return use
+
+
+def throughput(client: Client, peers: list[Peer], pids: dict[str, dict[str, int]]) -> list[Row]:
+    """Individual jobs per second, and the CPU each took: the machine's, and for celery_nb and
+    raw Celery that of the kernel (this process), the worker and Redis (``pids``: of each side)."""
     def individual_jobs() -> None:
         for job in [client.submit(identity, i, image=IMAGE) for i in range(MANY)]:
             job.result(120)
 
-    def raw_tasks() -> None:
-        for result in [echo.delay(i) for i in range(MANY)]:
+    def raw_tasks(task: Callable[..., Any]) -> None:
+        for result in [task.delay(i) for i in range(MANY)]:
             result.get(timeout=120)
 
-    sides = {"celery_nb": individual_jobs, "raw Celery": raw_tasks, **{p.name: lambda p=p: p.many(MANY) for p in peers}}
-    times = alternating(sides, runs=3, block=1)
+    sides = {"celery_nb": individual_jobs, "raw Celery": functools.partial(raw_tasks, echo),
+             IN_CONTAINER: functools.partial(raw_tasks, echo_in_container), **{p.name: lambda p=p: p.many(MANY) for p in peers}}
+    used: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+
+    def accounted(name: str, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            watched = {"kernel": os.getpid(), **pids.get(name, {})}
+            before = cpu_seconds(watched)
+            target()
+            after = cpu_seconds(watched)
+            used[name].append({what: (after[what] - before[what]) / MANY * 1e3 for what in after})
+        return run
+
+    times = alternating({name: accounted(name, target) for name, target in sides.items()}, runs=3, block=1)
     rates = {name: per_second(MANY, samples) for name, samples in times.items()}
-    return Row(f"{MANY} individual jobs (submit each, no chunks)", rates.pop("celery_nb"), "/s", rates,
-               {"raw Celery": (">=", 0.75), "ipyparallel": (">=", 1.0)})
+    cpu = {name: {what: statistics.median(run[what] for run in runs) for what in runs[0]} for name, runs in used.items()}
+    for name, parts in cpu.items():
+        named = [what for what in parts if what not in ("machine", "idle")]
+        rest = parts["machine"] - sum(parts[what] for what in named)
+        print(f"CPU per individual job, {name}: machine {parts['machine']:.2f} ms, idle {parts['idle']:.2f} ms; "
+              + "".join(f"{what} {parts[what]:.2f}, " for what in named) + f"the rest {rest:.2f} ms"
+              + (" (containers, Docker, the system)" if name in ("celery_nb", IN_CONTAINER) else ""))
+    machine = {name: parts["machine"] for name, parts in cpu.items()}
+    return [Row(f"{MANY} individual jobs (submit each, no chunks)", rates.pop("celery_nb"), "/s", rates,
+                {"raw Celery": (">=", 0.75), "ipyparallel": (">=", 1.0)}),
+            Row("machine CPU per individual job", machine.pop("celery_nb"), "ms", machine, {})]
 
 
 def cold_start(client: Client) -> Row:
@@ -361,13 +407,14 @@ def environment_rows(client: Client) -> list[Row]:
     return rows
 
 
-def run_all(client: Client) -> list[Row]:
+def run_all(client: Client, pids: dict[str, dict[str, int]]) -> list[Row]:
     with running_peers() as peers:
         for peer in peers:
             peer.round_trip()
         rows = round_trips(client, peers)
-        rows.append(throughput(client, peers))
-    raw_rate = rows[-1].baselines["raw Celery"]
+        many = throughput(client, peers, pids)
+        rows.extend(many)
+    raw_rate = many[0].baselines["raw Celery"]
     rows.append(kernel_round_trip())
     rows.append(cold_start(client))
     rows.append(chunked_map(client, raw_rate))
@@ -398,28 +445,68 @@ def print_table(rows: list[Row]) -> None:
             print(f"{left}  {name:<22}{baseline:>10.4g}{ratio:>8.2f}  {verdict}")
 
 
+@contextlib.contextmanager
+def fork_server() -> Iterator[str]:
+    """benchmarks/fork_server.py in a container of IMAGE, confined as a celery_nb worker's by
+    default (2 GiB, 512 processes, no capabilities, no network); yields its socket's path."""
+    shutil.rmtree(FORK_SERVER_DIR, ignore_errors=True)
+    FORK_SERVER_DIR.mkdir(parents=True)
+    socket_path = FORK_SERVER_DIR / "server.sock"
+    container = docker.from_env().containers.run(
+        IMAGE, ["python3", "/benchmarks/fork_server.py", "/run/fork_server/server.sock"], detach=True, remove=True,
+        mem_limit="2g", memswap_limit="2g", pids_limit=512, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+        network_mode="none", volumes={str(ROOT / "benchmarks"): {"bind": "/benchmarks", "mode": "ro"},
+                                      str(FORK_SERVER_DIR): {"bind": "/run/fork_server", "mode": "rw"}})
+    try:
+        deadline = time.monotonic() + 60
+        while not socket_path.exists():
+            container.reload()
+            if container.status == "exited" or time.monotonic() > deadline:
+                raise SystemExit(f"benchmarks/fork_server.py did not start in {IMAGE}: {container.logs().decode()}")
+            time.sleep(0.1)
+        yield str(socket_path)
+    finally:
+        container.kill()
+
+
+def local_redis_pid() -> int | None:
+    """The pid of the benchmark's Redis if it runs on this machine (its CPU is then counted)."""
+    pid = redis.Redis.from_url(BROKER_URL).info("server")["process_id"]
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return pid if f.read().startswith("redis") else None
+    except FileNotFoundError:
+        return None
+
+
 def main(big_data_only: bool) -> None:
     redis.Redis.from_url(BROKER_URL).flushdb()
     client = Client(BROKER_URL)
     os.makedirs(ROOT / "build", exist_ok=True)
-    workers = [
-        start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
-               "-n", f"bench{os.getpid()}@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
-              str(ROOT / "build/bench-celery_nb-worker.log")),
-        start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4", "-Q",
-               ELSEWHERE, "-n", f"{ELSEWHERE}{os.getpid()}@%h", "-l", "WARNING"], {"CELERY_NB_KERNEL_SHARED_MEMORY": "0"},
-              lambda: any(ELSEWHERE in node for reply in client.app.control.ping(timeout=0.5) for node in reply),
-              str(ROOT / "build/bench-elsewhere-worker.log")),
-        start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
-               "-n", f"raw{os.getpid()}@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"], {"C_FORCE_ROOT": "1"},  # pickle baseline as root
-              lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
-    ]
-    try:
-        rows = big_data_rows(client) if big_data_only else run_all(client)
-    finally:
-        for proc in workers:
-            proc.terminate()
-            proc.wait(30)
+    with fork_server() as server_socket:
+        workers = [
+            start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
+                   "-n", f"bench{os.getpid()}@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
+                  str(ROOT / "build/bench-celery_nb-worker.log")),
+            start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4", "-Q",
+                   ELSEWHERE, "-n", f"{ELSEWHERE}{os.getpid()}@%h", "-l", "WARNING"],
+                  {"CELERY_NB_KERNEL_SHARED_MEMORY": "0"},
+                  lambda: any(ELSEWHERE in node for reply in client.app.control.ping(timeout=0.5) for node in reply),
+                  str(ROOT / "build/bench-elsewhere-worker.log")),
+            start([sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", "-P", "threads", "-c", "4",
+                   "-n", f"raw{os.getpid()}@%h", "-l", "WARNING", "--without-gossip", "--without-mingle"],
+                  {"C_FORCE_ROOT": "1", "BENCH_FORK_SERVER_SOCKET": server_socket},  # pickle baseline as root
+                  lambda: bool(echo.app.control.ping(timeout=0.5)), str(ROOT / "build/bench-raw-worker.log")),
+        ]
+        try:
+            redis_pid = {"Redis": pid} if (pid := local_redis_pid()) else {}
+            raw_worker = {"worker": workers[2].pid, **redis_pid}
+            pids = {"celery_nb": {"worker": workers[0].pid, **redis_pid}, "raw Celery": raw_worker, IN_CONTAINER: raw_worker}
+            rows = big_data_rows(client) if big_data_only else run_all(client, pids)
+        finally:
+            for proc in workers:
+                proc.terminate()
+                proc.wait(30)
     print_table(rows)
 
 
