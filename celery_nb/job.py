@@ -453,6 +453,7 @@ class JobFollower:
         self._waker = store.waker()
         self._jobs: dict[str, tuple[Job, str]] = {}  # job id -> (job, cursor)
         self._routed: set[str] = set()  # the jobs whose workers name them in the inbox
+        self._unrouted: set[str] = set()  # the others, read at every round (a set, not a pass over all jobs)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -471,6 +472,9 @@ class JobFollower:
             self._jobs[job.id] = (job, cursor)
             if routed:
                 self._routed.add(job.id)
+                self._unrouted.discard(job.id)
+            elif job.id not in self._routed:
+                self._unrouted.add(job.id)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery_nb-job-follower", daemon=True)
                 self._thread.start()
@@ -480,6 +484,7 @@ class JobFollower:
         with self._lock:
             self._jobs.pop(job.id, None)
             self._routed.discard(job.id)
+            self._unrouted.discard(job.id)
 
     def _routed_cursors(self, named: set[str]) -> dict[str, str]:
         """The cursors of the jobs among ``named`` that are followed and routed to the inbox."""
@@ -494,8 +499,8 @@ class JobFollower:
             tick = time.monotonic() - ticked >= _READ_TIMEOUT  # every job's listeners are called
             ticked = time.monotonic() if tick else ticked
             with self._lock:  # the jobs routed to the inbox are read when named there (and at a sweep)
-                cursors = {job_id: cursor for job_id, (_job, cursor) in self._jobs.items()
-                           if sweep or job_id not in self._routed}
+                cursors = ({job_id: cursor for job_id, (_job, cursor) in self._jobs.items()} if sweep
+                           else {job_id: self._jobs[job_id][1] for job_id in self._unrouted})
             try:
                 found = self._store.read_many(cursors, _READ_TIMEOUT, self._waker, self._routed_cursors)
             except Exception as exc:  # the broker went away: keep trying, say so in the logs
@@ -523,6 +528,7 @@ class JobFollower:
                 for job in finished:
                     del self._jobs[job.id]
                     self._routed.discard(job.id)
+                    self._unrouted.discard(job.id)
             if finished:
                 time.sleep(0)  # let a thread waiting for a result (woken by _apply) run before the bookkeeping
             for job in listened:
