@@ -84,6 +84,7 @@ def code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from code_objects(constant)
 
 
+@functools.lru_cache(maxsize=256)  # a function submitted again and again is disassembled once
 def modules_imported_by_code(code: types.CodeType) -> frozenset[str]:
     """The top-level modules a function's code imports in its body (and in the functions
     defined in it): for one defined in the notebook, cloudpickle sends only its code."""
