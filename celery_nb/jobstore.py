@@ -112,7 +112,8 @@ class JobStore(Protocol):
         ``wake``'s inbox (``route``) need not be among ``cursors``: they are read once named there,
         so that the wait costs the same however many jobs are followed; ``routed(named)`` gives
         the cursors of those of the named jobs to read (asked after the wait: jobs followed
-        meanwhile are among them)."""
+        meanwhile are among them). A job's last event, if small, comes with its name: a job
+        that ends with nothing unread before that event costs no read of its stream."""
 
     def waker(self) -> Waker:
         """A bell that interrupts read_many (to make it read a newly followed job), and the inbox
@@ -287,11 +288,12 @@ _INBOX_PREFIX = "celery_nb:inbox:"
 
 class _RedisWaker:
     """A stream of its own that the follower's XREAD watches: its bell, and the inbox where the
-    jobs routed to it are named when they have new events (ids read, then trimmed)."""
+    jobs routed to it are named when they have new events (what a read takes, the next trims)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.key = self.inbox = f"{_INBOX_PREFIX}{uuid.uuid4().hex}"
         self.cursor = "0"
+        self.trimmed = "0"  # the inbox's entries before this id are gone
         self._redis = client
 
     def ring(self) -> None:
@@ -303,6 +305,8 @@ class _RedisWaker:
         pipe.xadd(self.key, {"w": 1})  # (never MAXLEN: it would drop jobs' names not read yet)
         pipe.expire(self.key, DEFAULT_TTL)
 
+
+_CARRIED_MAX = 1 << 16  # bytes of a job's last event (and its result) that its inbox entry carries too
 
 # Scripts that say when a lease ends do so in Redis's clock, the one clock every host shares.
 _NOW_MS = """
@@ -378,18 +382,28 @@ end
 return taken
 """
 # KEYS: done, events, lease, leases, deliveries, inbox, unacked messages, their index (unused ones: any key);
-# ARGV: ttl s, job id, event json, notify the inbox ('1' or ''), delivery tag to ack ('' if none)[, blob]
-# -> 1 if appended
+# ARGV: ttl s, job id, event json, the inbox: 'name' the job there, 'carry' the event too, or '';
+# delivery tag to ack ('' if none)[, blob] -> 1 if appended. A carried event says which entry of
+# the job's stream precedes it (p) and its own id there (i): a kernel that has read up to p
+# needs no read of the stream for it.
 _FINISH = """
 if ARGV[5] ~= '' then
   redis.call('HDEL', KEYS[7], ARGV[5])
   redis.call('ZREM', KEYS[8], ARGV[5])
 end
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
-if ARGV[6] then redis.call('XADD', KEYS[2], '*', 'e', ARGV[3], 'b', ARGV[6])
-else redis.call('XADD', KEYS[2], '*', 'e', ARGV[3]) end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local fields = {'e', ARGV[3]}
+if ARGV[6] then
+  table.insert(fields, 'b')
+  table.insert(fields, ARGV[6])
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-if ARGV[4] ~= '' then
+if ARGV[4] == 'carry' and last[1] then
+  redis.call('XADD', KEYS[6], '*', 'j', ARGV[2], 'p', last[1][1], 'i', id, unpack(fields))
+  redis.call('EXPIRE', KEYS[6], ARGV[1])
+elseif ARGV[4] ~= '' then
   redis.call('XADD', KEYS[6], '*', 'j', ARGV[2])
   redis.call('EXPIRE', KEYS[6], ARGV[1])
 end
@@ -497,25 +511,29 @@ class RedisJobStore:
         assert isinstance(wake, _RedisWaker)
         streams = {events_key(job_id): cursor for job_id, cursor in cursors.items()}
         streams[wake.key] = wake.cursor
-        # one blocking read: one connection however many jobs run (BLOCK 0 would never return)
-        reply = self._redis.xread(streams, block=max(1, int(timeout * 1000)))
-        found = {}
-        named: set[str] | None = None  # the jobs the inbox names, if it was read
+        # one blocking read: one connection however many jobs run (BLOCK 0 would never return);
+        # what the last read took from the inbox goes in the same round trip
+        pipe = self._redis.pipeline(transaction=False)
+        if wake.trimmed != wake.cursor:
+            pipe.xtrim(wake.key, minid=wake.cursor, approximate=False)
+            wake.trimmed = wake.cursor
+        pipe.xread(streams, block=max(1, int(timeout * 1000)))
+        reply = pipe.execute()[-1]
+        found: dict[str, tuple[list[Event], str]] = {}
+        inbox: list[dict[bytes, bytes]] = []
         for key, entries in reply:
             if key.decode() == wake.key:
                 wake.cursor = entries[-1][0].decode()
-                named = {fields[b"j"].decode() for _entry_id, fields in entries if b"j" in fields}
+                inbox = [fields for _entry_id, fields in entries if b"j" in fields]
             else:
                 found[key.decode()[len(events_key("")):]] = _events(entries)
-        if named is not None:  # read them now (not those just read: their events named were there); the inbox trimmed
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xtrim(wake.key, minid=wake.cursor, approximate=False)
-            more = routed(named - cursors.keys()) if routed is not None else {}
-            if more:
-                pipe.xread({events_key(job_id): cursor for job_id, cursor in more.items()})
-            replies = pipe.execute()
-            for key, entries in (replies[1] or []) if more else []:
-                found[key.decode()[len(events_key("")):]] = _events(entries)
+        if inbox and routed is not None:  # (not the jobs just read: their events named were there)
+            unread = _take_carried(inbox, routed({fields[b"j"].decode() for fields in inbox} - cursors.keys()), found)
+            if unread:
+                for key, entries in self._redis.xread({events_key(job_id): cursor for job_id, cursor in unread.items()}):
+                    job_id = key.decode()[len(events_key("")):]
+                    events, cursor = _events(entries)
+                    found[job_id] = (found.get(job_id, ([], ""))[0] + events, cursor)
         return found
 
     def waker(self) -> Waker:
@@ -560,7 +578,9 @@ class RedisJobStore:
         events = events_key(job_id)
         keys = [done_key(job_id), events, lease_key(job_id), LEASES_KEY, DELIVERIES_KEY, inbox or events,
                 unacked or events, index or events]
-        args: list[Any] = [self._ttl, job_id, json.dumps(event), "1" if inbox else "", tag]
+        event_json = json.dumps(event)
+        carried = len(event_json) + (len(blob) if blob is not None else 0) <= _CARRIED_MAX
+        args: list[Any] = [self._ttl, job_id, event_json, ("carry" if carried else "name") if inbox else "", tag]
         if blob is not None:
             args.append(blob)
         return bool(self._finish(keys=keys, args=args))
@@ -583,6 +603,25 @@ class RedisJobStore:
         """The facts of the workers whose announcement has not expired, by worker name."""
         found = self._live_workers(keys=[WORKERS_KEY], args=[worker_key("")])
         return {found[i].decode(): json.loads(found[i + 1]) for i in range(0, len(found), 2)}
+
+
+def _take_carried(inbox: list[dict[bytes, bytes]], positions: dict[str, str],
+                  found: dict[str, tuple[list[Event], str]]) -> dict[str, str]:
+    """Take into ``found`` the events the inbox's entries carry (in order) for the jobs whose
+    ``positions`` (cursors) they follow on from; returns where to read the stream of the other
+    jobs named, from what was taken."""
+    unread: set[str] = set()
+    for fields in inbox:
+        job_id = fields[b"j"].decode()
+        if job_id not in positions or job_id in unread:
+            continue
+        if b"i" in fields and fields[b"p"].decode() == positions[job_id]:
+            positions[job_id] = fields[b"i"].decode()
+            events = found.get(job_id, ([], ""))[0]
+            found[job_id] = (events + _events([(fields[b"i"], fields)])[0], positions[job_id])
+        else:  # the job has events in between, or its worker only named it: its stream has them
+            unread.add(job_id)
+    return {job_id: positions[job_id] for job_id in unread}
 
 
 def _events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Event], str]:

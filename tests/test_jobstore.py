@@ -108,8 +108,37 @@ def test_a_kernel_waits_on_its_inbox_and_reads_the_jobs_their_workers_name_there
     found = kernel.read_many({}, timeout=10, wake=bell, routed=lambda named: {job: START for job in named})
     assert [e.get("text") or e["status"] for e in found[early][0]] == ["a", "b", "succeeded"]
     client = redis.Redis.from_url(redis_url)
+    assert client.xlen(bell.inbox) > 1
+    assert kernel.read_many({}, timeout=0.05, wake=bell, routed=lambda named: {}) == {}
     assert client.xlen(bell.inbox) <= 1 and client.ttl(bell.inbox) > 3600  # read, trimmed; expires if the kernel dies
     assert client.type("celery_nb:events:not-an-inbox") == b"none"
+
+
+def test_a_job_s_small_last_event_reaches_its_kernel_with_its_name(redis_url: str) -> None:
+    """The inbox entry of a job's end carries its done event and result when they are small: a
+    kernel that has read all before it takes them from there, without reading the job's stream.
+    A kernel that has not (events in between), or a big end, reads the stream, in order."""
+    redis.Redis.from_url(redis_url).flushdb()
+    client = redis.Redis.from_url(redis_url)
+    kernel, worker = RedisJobStore(redis_url), RedisJobStore(redis_url)
+    bell = kernel.waker()
+    quick, chatty, big = _job(), _job(), _job()
+    for job in (quick, chatty, big):
+        kernel.append(job, {"type": "status", "status": "queued"})
+        worker.route(job, bell.inbox)
+    position = {job: kernel.read(job, START, timeout=1)[1] for job in (quick, chatty, big)}  # the kernel's own event read
+    worker.append(chatty, {"type": "log", "text": "in between"})
+    for job in (quick, chatty):
+        assert worker.finish(job, {"type": "done", "status": "succeeded"}, blob=b"\x00small")
+    assert worker.finish(big, {"type": "done", "status": "succeeded"}, blob=b"x" * (1 << 17))
+    client.delete(f"celery_nb:events:{quick}")  # only the inbox has its end now
+    found = kernel.read_many({}, timeout=10, wake=bell, routed=lambda named: {job: position[job] for job in named})
+    assert found[quick][0] == [{"type": "done", "status": "succeeded", "blob": b"\x00small"}]
+    assert [e.get("text") or e["status"] for e in found[chatty][0]] == ["in between", "succeeded"]
+    assert found[chatty][0][-1]["blob"] == b"\x00small"
+    assert found[big][0][0]["blob"] == b"x" * (1 << 17)
+    for job in (chatty, big):  # where each kernel's cursor goes: the stream's last entry
+        assert found[job][1] == client.xrevrange(f"celery_nb:events:{job}", count=1)[0][0].decode()
 
 
 def test_a_job_s_end_acks_its_broker_message_whoever_ends_it(redis_url: str) -> None:
