@@ -6,8 +6,13 @@ thread) a process keeps one forked child on standby, which reads the next reques
 pickles it back, replies and exits, as celery_nb's runtime does per job, without the job's
 output, events, limits, working directory, usage or code. Standard library only.
 
-    python3 fork_server.py SOCKET_PATH
+    python3 fork_server.py SOCKET_PATH [MODULE ...]
+
+MODULEs are imported first (and the heap frozen for the garbage collector), as celery_nb's
+server imports cloudpickle and its runtime: what these alone cost every forked process.
 """
+import gc
+import importlib
 import os
 import pickle
 import socket
@@ -48,7 +53,11 @@ def _serve_connection(conn: socket.socket) -> None:
             os._exit(0)
 
 
-def main(path: str) -> None:
+def main(path: str, preload: list[str]) -> None:
+    for module in preload:
+        importlib.import_module(module)
+    if preload:
+        gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")
     os.rename(path + ".tmp", path)  # appears once it listens
@@ -68,4 +77,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

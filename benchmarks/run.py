@@ -4,6 +4,8 @@
 
     python benchmarks/run.py --big-data # only the big data rows
 
+    python benchmarks/run.py --runtime  # only the runtime alone in a container (no Redis needed)
+
 Needs Docker, a Redis at BENCH_REDIS_URL (default redis://127.0.0.1:6379/14, flushed), the
 images BENCH_IMAGE (python3; default local/py311) and BENCH_NUMPY_IMAGE (with numpy; default
 local/py311-numpy), both with the kernel's Python minor version for the function benchmarks,
@@ -26,7 +28,9 @@ import contextlib
 import functools
 import io
 import os
+import pickle
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import docker
 import redis
 import uv
@@ -44,12 +49,17 @@ import uv
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import celery_nb_runtime  # noqa: E402
+from benchmarks.fork_server import HEADER, read_exactly  # noqa: E402
 from benchmarks.in_kernel import BenchKernel  # noqa: E402
 from benchmarks.peers import Peer, running_peers  # noqa: E402
 from benchmarks.raw_celery import BROKER_URL, echo, echo_in_container, ones, size_of  # noqa: E402
-from celery_nb import Client  # noqa: E402
-from celery_nb.worker import environments  # noqa: E402
+from celery_nb import Client, JobOptions, payload  # noqa: E402
+from celery_nb.worker import docker_api, environments  # noqa: E402
+from celery_nb.worker.channel import RuntimeContainer  # noqa: E402
+from celery_nb.worker.policy import WorkerPolicy  # noqa: E402
 from celery_nb.worker.settings import WorkerSettings  # noqa: E402
+from celery_nb_runtime import protocol  # noqa: E402
 
 IMAGE = os.environ.get("BENCH_IMAGE", "local/py311")
 NUMPY_IMAGE = os.environ.get("BENCH_NUMPY_IMAGE", "local/py311-numpy")
@@ -63,7 +73,10 @@ MANY = 2000
 CACHED_PIP = "numpy tqdm"  # the environment of the cache-hit row (the quickstart's)
 BUILT_PIP = "numpy"  # the environment the first-build rows build, again and again
 BUILDS = 5  # first builds (and installs by hand) per row
-FORK_SERVER_DIR = ROOT / "build" / "fork_server"  # its socket, shared with its container
+FORK_SERVER_DIR = ROOT / "build" / "fork_server"  # its sockets, shared with its containers
+PRELOADED = ("cloudpickle", "celery_nb_runtime.runner")  # what celery_nb's server imports for its jobs
+RUNTIME_CALLS = 1000  # trivial calls a round of the runtime-alone rows
+RUNTIME_ROUNDS = 3
 IN_CONTAINER = "raw Celery + container"  # raw Celery's task calling benchmarks/fork_server.py
 
 
@@ -446,17 +459,24 @@ def print_table(rows: list[Row]) -> None:
 
 
 @contextlib.contextmanager
-def fork_server() -> Iterator[str]:
+def fork_server(preload: tuple[str, ...] = ()) -> Iterator[tuple[str, docker.models.containers.Container]]:
     """benchmarks/fork_server.py in a container of IMAGE, confined as a celery_nb worker's by
-    default (2 GiB, 512 processes, no capabilities, no network); yields its socket's path."""
-    shutil.rmtree(FORK_SERVER_DIR, ignore_errors=True)
-    FORK_SERVER_DIR.mkdir(parents=True)
-    socket_path = FORK_SERVER_DIR / "server.sock"
+    default (2 GiB, 512 processes, no capabilities, no network), with the modules ``preload``
+    (of cloudpickle and the runtime, copied in read-only) imported first; yields its socket's
+    path and its container."""
+    folder = FORK_SERVER_DIR / ("preloaded" if preload else "bare")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    socket_path = folder / "server.sock"
+    packages = {os.path.dirname(package.__file__): {"bind": f"/preload/{package.__name__}", "mode": "ro"}
+                for package in (cloudpickle, celery_nb_runtime)} if preload else {}
     container = docker.from_env().containers.run(
-        IMAGE, ["python3", "/benchmarks/fork_server.py", "/run/fork_server/server.sock"], detach=True, remove=True,
-        mem_limit="2g", memswap_limit="2g", pids_limit=512, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-        network_mode="none", volumes={str(ROOT / "benchmarks"): {"bind": "/benchmarks", "mode": "ro"},
-                                      str(FORK_SERVER_DIR): {"bind": "/run/fork_server", "mode": "rw"}})
+        IMAGE, ["python3", "/benchmarks/fork_server.py", "/run/fork_server/server.sock", *preload], detach=True,
+        remove=True, mem_limit="2g", memswap_limit="2g", pids_limit=512, cap_drop=["ALL"],
+        security_opt=["no-new-privileges"], network_mode="none",
+        environment={"PYTHONPATH": "/preload"} if preload else {},
+        volumes={str(ROOT / "benchmarks"): {"bind": "/benchmarks", "mode": "ro"},
+                 str(folder): {"bind": "/run/fork_server", "mode": "rw"}, **packages})
     try:
         deadline = time.monotonic() + 60
         while not socket_path.exists():
@@ -464,9 +484,83 @@ def fork_server() -> Iterator[str]:
             if container.status == "exited" or time.monotonic() > deadline:
                 raise SystemExit(f"benchmarks/fork_server.py did not start in {IMAGE}: {container.logs().decode()}")
             time.sleep(0.1)
-        yield str(socket_path)
+        yield str(socket_path), container
     finally:
         container.kill()
+
+
+def container_usage(container: docker.models.containers.Container) -> tuple[float, int]:
+    """A container's CPU seconds and page faults so far (Docker's stats: any cgroup version)."""
+    stats = container.stats(stream=False)
+    return stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9, stats["memory_stats"]["stats"]["pgfault"]
+
+
+def fork_server_call(socket_path: str) -> Callable[[], object]:
+    """One trivial call to benchmarks/fork_server.py, over a connection of its own."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(socket_path)
+    request = pickle.dumps(1)
+
+    def call() -> object:
+        conn.sendall(HEADER.pack(len(request)) + request)
+        (size,) = HEADER.unpack(read_exactly(conn, HEADER.size))
+        return pickle.loads(read_exactly(conn, size))
+    return call
+
+
+def runtime_call(runtime: RuntimeContainer) -> Callable[[], None]:
+    """One trivial function call to celery_nb's runtime in ``runtime``, as a worker sends it,
+    until the runtime's END (its job's process has exited and been reaped)."""
+    request = protocol.pack_request(b"".join(payload.call_payload(identity, (1,), {})), {}, runtime.reachable)
+
+    def call() -> None:
+        runtime.send(request)
+        while True:
+            frames = runtime.read_frames(10)
+            if not frames:
+                raise SystemExit(f"celery_nb's runtime in {IMAGE} did not answer a call within 10 s")
+            if any(kind == protocol.FRAME_END for kind, _body in frames):
+                return
+    return call
+
+
+def runtime_alone() -> list[Row]:
+    """celery_nb's runtime alone in a warm container of IMAGE (created as a worker with the
+    default policy creates it, and fed as a worker on this host feeds it), against
+    benchmarks/fork_server.py in a container of the same image, bare and with the modules
+    celery_nb's server keeps loaded: the container's CPU and page faults per trivial call, one
+    call after another (RUNTIME_CALLS a round, rounds alternating, medians)."""
+    runtime = docker_api.create_container(docker.from_env(), WorkerPolicy().plan(JobOptions(image=IMAGE)).container,
+                                          {}, "never", one_shot=False)
+    try:
+        docker_api.start(runtime)
+        with fork_server() as (bare_socket, bare), fork_server(PRELOADED) as (loaded_socket, loaded):
+            sides = {"celery_nb runtime": (runtime.container, runtime_call(runtime)),
+                     "fork server": (bare, fork_server_call(bare_socket)),
+                     "fork server + imports": (loaded, fork_server_call(loaded_socket))}
+            cpu: dict[str, list[float]] = {name: [] for name in sides}
+            faults: dict[str, list[float]] = {name: [] for name in sides}
+            for _ in range(RUNTIME_ROUNDS):
+                for name, (container, call) in sides.items():
+                    for _ in range(50):  # its standby process forked and settled
+                        call()
+                    cpu_before, faults_before = container_usage(container)
+                    for _ in range(RUNTIME_CALLS):
+                        call()
+                    cpu_after, faults_after = container_usage(container)
+                    cpu[name].append((cpu_after - cpu_before) / RUNTIME_CALLS * 1e3)
+                    faults[name].append((faults_after - faults_before) / RUNTIME_CALLS)
+    finally:
+        runtime.remove()
+    for name in sides:
+        print(f"runtime alone, {name}: {', '.join(f'{v:.2f}' for v in cpu[name])} ms of CPU and "
+              f"{', '.join(f'{v:.0f}' for v in faults[name])} page faults a call")
+    median = {name: (statistics.median(cpu[name]), statistics.median(faults[name])) for name in sides}
+    ours, *baselines = median
+    return [Row("runtime alone: container CPU per trivial call", median[ours][0], "ms",
+                {name: median[name][0] for name in baselines}, {}),
+            Row("runtime alone: page faults per trivial call", median[ours][1], "faults",
+                {name: median[name][1] for name in baselines}, {})]
 
 
 def local_redis_pid() -> int | None:
@@ -483,7 +577,7 @@ def main(big_data_only: bool) -> None:
     redis.Redis.from_url(BROKER_URL).flushdb()
     client = Client(BROKER_URL)
     os.makedirs(ROOT / "build", exist_ok=True)
-    with fork_server() as server_socket:
+    with fork_server() as (server_socket, _container):
         workers = [
             start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4",
                    "-n", f"bench{os.getpid()}@%h", "-l", "WARNING"], {}, lambda: bool(client.app.control.ping(timeout=0.5)),
@@ -513,9 +607,13 @@ def main(big_data_only: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--big-data", action="store_true", help="only the big data rows")
+    parser.add_argument("--runtime", action="store_true",
+                        help="only the runtime alone in a container, against the fork server (no Redis needed)")
     parser.add_argument("--peak-memory", metavar="KIND", help=argparse.SUPPRESS)  # (kernel_memory's fresh process)
     arguments = parser.parse_args()
     if arguments.peak_memory:
         peak_memory(arguments.peak_memory)
+    elif arguments.runtime:
+        print_table(runtime_alone())
     else:
         main(arguments.big_data)
