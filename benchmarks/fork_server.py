@@ -33,6 +33,14 @@ def read_exactly(conn: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def ask(conn: socket.socket, value: object) -> object:
+    """The caller's side, on a connection to this server: ``value`` sent, its reply returned."""
+    request = pickle.dumps(value)
+    conn.sendall(HEADER.pack(len(request)) + request)
+    (size,) = HEADER.unpack(read_exactly(conn, HEADER.size))
+    return pickle.loads(read_exactly(conn, size))
+
+
 def _answer_one(conn: socket.socket) -> None:
     try:
         (size,) = HEADER.unpack(read_exactly(conn, HEADER.size))

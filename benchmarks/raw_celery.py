@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import threading
 
 import numpy as np
 from celery import Celery
 
-from benchmarks.fork_server import HEADER, read_exactly
+from benchmarks.fork_server import ask
 
 BROKER_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 FORK_SERVER_SOCKET = os.environ.get("BENCH_FORK_SERVER_SOCKET", "")  # of benchmarks/fork_server.py in a container
@@ -43,7 +42,4 @@ def echo_in_container(value: object) -> object:
     if conn is None:
         conn = _connection.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(FORK_SERVER_SOCKET)
-    request = pickle.dumps(value)
-    conn.sendall(HEADER.pack(len(request)) + request)
-    (size,) = HEADER.unpack(read_exactly(conn, HEADER.size))
-    return pickle.loads(read_exactly(conn, size))
+    return ask(conn, value)

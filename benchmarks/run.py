@@ -28,7 +28,6 @@ import contextlib
 import functools
 import io
 import os
-import pickle
 import shutil
 import socket
 import statistics
@@ -50,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import celery_nb_runtime  # noqa: E402
-from benchmarks.fork_server import HEADER, read_exactly  # noqa: E402
+from benchmarks.fork_server import ask  # noqa: E402
 from benchmarks.in_kernel import BenchKernel  # noqa: E402
 from benchmarks.peers import Peer, running_peers  # noqa: E402
 from benchmarks.raw_celery import BROKER_URL, echo, echo_in_container, ones, size_of  # noqa: E402
@@ -499,13 +498,7 @@ def fork_server_call(socket_path: str) -> Callable[[], object]:
     """One trivial call to benchmarks/fork_server.py, over a connection of its own."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(socket_path)
-    request = pickle.dumps(1)
-
-    def call() -> object:
-        conn.sendall(HEADER.pack(len(request)) + request)
-        (size,) = HEADER.unpack(read_exactly(conn, HEADER.size))
-        return pickle.loads(read_exactly(conn, size))
-    return call
+    return functools.partial(ask, conn, 1)
 
 
 def runtime_call(runtime: RuntimeContainer) -> Callable[[], None]:
