@@ -51,6 +51,7 @@ class Client:
     def __init__(self, broker_url: str | None = None, *, embedded_workers: int = 4, secret: str | None = None) -> None:
         """``secret``: signs requests and checks results (default: $CELERY_NB_SECRET)."""
         self.broker_url = broker_url
+        self.id = uuid.uuid4().hex  # its jobs (only) may share a job process in a warm container
         self.signer = Signer(secret)
         self.store: JobStore = RedisJobStore(broker_url) if broker_url else MemoryJobStore()
         self.blobs: BlobStore = blob_store_for(broker_url) if broker_url else MemoryBlobStore()
@@ -190,7 +191,7 @@ class Client:
             options = dataclasses.replace(options, queue=config.default_queue)
         assert options.image is not None and options.queue is not None  # the defaults set them
         job = Job(self, uuid.uuid4().hex, kind, options.image, options.queue, label)
-        request: dict[str, Any] = {"job_id": job.id, "kind": kind, "options": options.to_request()}
+        request: dict[str, Any] = {"job_id": job.id, "kind": kind, "options": options.to_request(), "client": self.id}
         if self._follower.inbox is not None:  # its worker names it there: the follower reads it then
             request["inbox"] = self._follower.inbox
         try:

@@ -298,6 +298,10 @@ class JobOptions:
     fresh: bool | None = _option(
         "--fresh", "run in a brand-new container instead of a warm one from the worker's pool", _switch,
         kind="switch")
+    new_process: bool | None = _option(
+        "--new-process", "run in a process of its own; by default a job may run in the process that the previous "
+                         "job of this kernel ran in (in the same warm container, with the same --env and local "
+                         "modules), where the modules it imported are still imported", _switch, kind="switch")
     upload: tuple[str, ...] | None = _option(
         "--upload", "file or folder to copy into the job's working directory; a relative path keeps its layout "
                     "(data/train.csv is data/train.csv in the job), another lands there by its name; repeatable",

@@ -40,16 +40,21 @@ FRAME_STDERR = 2
 FRAME_EVENT = 3  # JSON: progress, display, ...
 FRAME_RESULT = 4  # bundle
 FRAME_ERROR = 5  # JSON: {"kind", "message", "exc_type", "traceback"}
-FRAME_END = 6  # JSON: how the job's process ended {"exit", "signal", "oom_kills", "usage"}; the server is ready again
-# worker -> container (stdin, or the server's socket): bundle {"env", "files", "payload_file"} + [job payload, code bundles...]
+# JSON: how the job's process ended {"exit", "signal", "oom_kills", "usage"}, or {"kept": true, "oom_kills"}:
+# it stays for the next job of the same process key; the server is ready again
+FRAME_END = 6
+# worker -> container (stdin, or the server's socket): bundle {"env", "files", "payload_file", "process"}
+# + [job payload, code bundles...]; "process": the job may run in the process kept by an earlier job
+# of this key (its kernel's, with the same env and modules), and its own process may be kept
 FRAME_REQUEST = 7
 FRAME_RESULT_FILE = 8  # JSON {"size"}: the result bundle, written into the file the worker handed over
 FRAME_USAGE = 9  # JSON {"cpu_seconds", "peak_memory"}: what the job used, just before its RESULT or ERROR
 # JSON {"for": "payload" or "result", "size" (a result's), "socket", "pid"}: the job's process asks the
 # worker for a file, to be handed over on the unix socket it listens on (a path in the container)
 FRAME_FILE_WANTED = 10
+FRAME_RETIRE = 11  # worker -> container, empty, before a REQUEST: the kept process ends, a new one takes it
 FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST,
-               FRAME_RESULT_FILE, FRAME_USAGE, FRAME_FILE_WANTED)
+               FRAME_RESULT_FILE, FRAME_USAGE, FRAME_FILE_WANTED, FRAME_RETIRE)
 OUT_OF_BAND_MIN = 1 << 16  # bytes and bytearrays from this size travel as out-of-band buffers
 
 # The container's folder that a worker on its host reaches through /proc/<pid>/root: the server's
@@ -95,11 +100,13 @@ def cell_header(source: str, first_line: int, inputs: Dict[str, List[int]], outp
             "python": list(sys.version_info[:2])}
 
 
-def pack_request(payload: Optional[Buffer], env: Dict[str, str], files: bool, code: Sequence[Buffer] = ()) -> bytes:
+def pack_request(payload: Optional[Buffer], env: Dict[str, str], files: bool, code: Sequence[Buffer] = (),
+                 process: Optional[str] = None) -> bytes:
     """The body of a REQUEST frame: the job's environment, its payload bundle (None: the job's
     process asks the worker for it as a file), the code bundles of the kernel's local modules it
-    needs, and whether the worker hands over ``files`` (a big result goes into one it gives)."""
-    header = {"env": env, "files": files, "payload_file": payload is None}
+    needs, whether the worker hands over ``files`` (a big result goes into one it gives), and the
+    key of the ``process`` it may share with jobs of that key (None: a process of its own)."""
+    header = {"env": env, "files": files, "payload_file": payload is None, "process": process}
     return b"".join(pack_bundle(header, [b"" if payload is None else payload, *code]))
 
 

@@ -1,9 +1,11 @@
-"""The container's main process: a fork server that runs one job per forked child.
+"""The container's main process: a fork server that runs jobs in forked children.
 
-The worker writes REQUEST frames to the container's stdin. For each, the server forks: the
-child runs the job, so modules the server imported are warm while the job's globals, threads
-and subprocesses die with it; the server then writes an END frame saying how the child ended
-and waits for the next request. A one-shot server (a --fresh container) runs a single job.
+The worker writes REQUEST frames to the container's stdin. A forked child waits for each: it
+runs the job, so modules the server imported are warm while the job's globals, threads and
+subprocesses die with it; the server then writes an END frame saying how the child ended and
+forks the next. A child whose job had a process key and left the process as it found it stays
+for the next job of that key (END says it is kept): the worker sends it only those, and a
+RETIRE frame before any other. A one-shot server (a --fresh container) runs a single job.
 
 fd 1 carries frames only; a job's fd 1 and 2 (and so any subprocess it starts) are pipes
 whose bytes are relayed as log frames. A job's last frame is its RESULT or ERROR.
@@ -91,20 +93,21 @@ class FrameWriter:
             parts = [b"".join(parts)]
         with self._lock:
             for part in parts:
-                self._write_all(part)
+                _write_all(self._fd, part)
 
     def write_raw(self, data: Any) -> None:
         """Bytes that are already (part of) a frame."""
         with self._lock:
-            self._write_all(data)
-
-    def _write_all(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        while view.nbytes:
-            view = view[os.write(self._fd, view):]
+            _write_all(self._fd, data)
 
     def event(self, obj: Dict[str, Any]) -> None:
         self.write(protocol.FRAME_EVENT, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[os.write(fd, view):]
 
 
 class _JobImports:
@@ -307,37 +310,109 @@ def _prepare_child(frames: FrameWriter) -> None:
     sys.meta_path.insert(0, _job_imports)
 
 
-def _run_child(request: memoryview, frames: FrameWriter, memory: _JobMemory, job_dir: workdir.JobDirectory) -> None:
-    """The job, in the forked child, whose fd 1/2 are already the log pipes, in ``job_dir``."""
-    outer, (payload, *code) = protocol.unpack_bundle(request)
-    os.environ.update(outer["env"])
-    try:
-        if outer.get("payload_file"):
-            payload = _payload_from_worker(frames)
-        header, sections = protocol.unpack_bundle(payload)
-        job_dir.enter(header, sections, code)
-        run = _run_cell if header["kind"] == "cell" else _run_call
+class _JobProcess:
+    """A forked process that runs jobs: its first request's, and then, as long as each job leaves
+    it as it found it, the next jobs of the same process key (the worker's: one kernel's jobs with
+    the same env and local modules). Modules a job imported stay imported for the next, as in an
+    ipyparallel engine or a Dask worker; a job with no key, a failed one, or one that leaves a
+    thread, a process, a timer, changed environment variables, sys.path or sys.stdout behind ends
+    the process, and the next job gets a new one."""
+
+    def __init__(self, frames: FrameWriter, status_w: int, next_r: int, memory: _JobMemory) -> None:
+        self._frames = frames
+        self._status_w = status_w  # to the server: _STARTED, _KEPT
+        self._next_r = next_r  # from the server: each job's directory once made, then a kept process's requests
+        self._memory = memory
+        self._key: Optional[str] = None  # of its jobs
+        self._jobs_run = 0
+        self._stdio = (sys.stdout, sys.stderr)
+        self._peak: Optional[_PeakMemory] = None  # once it may run a second job
+
+    def serve(self, requests_fd: int) -> int:
+        """Run the request that comes on the worker's channel ``requests_fd``, and those the server
+        hands on while the process stays; returns its exit code."""
+        _prepare_child(self._frames)
+        message = _next_request(requests_fd)
+        # the job reads nothing from the worker's channel (the next job's request)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, requests_fd)
+        os.close(devnull)
+        if message is None:
+            return _EXIT_NO_MORE_REQUESTS
+        job_dir: Optional[workdir.JobDirectory] = None
+        name = _read_exactly(self._next_r, workdir.NAME_SIZE)
+        while True:
+            kind, request = message
+            if kind == protocol.FRAME_RETIRE or name is None:
+                return _EXIT_RETIRED
+            os.write(self._status_w, _STARTED)
+            job_dir = workdir.JobDirectory(name.decode(), code=None if job_dir is None else job_dir.code)
+            if not self._run(memoryview(request), job_dir):
+                return 0
+            self._jobs_run += 1
+            os.write(self._status_w, _KEPT)
+            name = _read_exactly(self._next_r, workdir.NAME_SIZE)  # made while it waits for its request
+            message = None if name is None else _next_request(self._next_r)
+            if message is None:  # the worker retired it
+                return _EXIT_RETIRED
+
+    def _run(self, request: memoryview, job_dir: workdir.JobDirectory) -> bool:
+        """The job, in ``job_dir``, with fd 1/2 the log pipes; whether the process may stay."""
+        usage = None if self._peak is None else _JobUsage(self._peak)  # (a first job's are its process's)
+        outer, (payload, *code) = protocol.unpack_bundle(request)
+        kept_for, self._key = self._key, outer.get("process")
+        os.environ.update(outer["env"])
+        environ, path = None, None
         try:
-            outputs = run(header, sections)
-        finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
-            rich_output.send_figures()
-        downloads = job_dir.downloads(header)
-        result = _encode_result(outputs, _required_outputs(header), downloads.files)
-        downloads.announce()
-        kind: int = protocol.FRAME_RESULT
-    except JobFailed as failure:
-        kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]
-    except workdir.WorkdirError as failure:  # its uploads could not be written, or its downloads read
-        kind, result = protocol.FRAME_ERROR, [json.dumps(JobFailed(failure.kind, str(failure)).as_json()).encode()]
-    sys.stdout.flush()
-    sys.stderr.flush()  # the job's output is in the pipes before its last frame
-    size = sum(memoryview(piece).nbytes for piece in result)
-    if (kind == protocol.FRAME_RESULT and outer.get("files") and size >= FILE_THRESHOLD
-            and _result_to_worker(frames, result, size)):
-        kind, result = protocol.FRAME_RESULT_FILE, [json.dumps({"size": size}).encode()]
-    usage = _usage([resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)],
-                   memory.peak())
-    frames.write_frames([(protocol.FRAME_USAGE, [json.dumps(usage).encode()]), (kind, result)])
+            if self._jobs_run and self._key != kept_for:  # (the worker sends a kept process only its key's jobs)
+                raise JobFailed("container", "celery_nb's worker sent this job to a process kept for other jobs, "
+                                             "so it did not run; run it again, and please report this as a bug")
+            if outer.get("payload_file"):
+                payload = _payload_from_worker(self._frames)
+            header, sections = protocol.unpack_bundle(payload)
+            job_dir.enter(header, sections, code)
+            environ, path = dict(os.environ), list(sys.path)  # as the job found them
+            run = _run_cell if header["kind"] == "cell" else _run_call
+            try:
+                outputs = run(header, sections)
+            finally:  # the figures a job drew are shown, as in Jupyter, also when it failed
+                rich_output.send_figures()
+            downloads = job_dir.downloads(header)
+            result = _encode_result(outputs, _required_outputs(header), downloads.files)
+            downloads.announce()
+            kind: int = protocol.FRAME_RESULT
+        except JobFailed as failure:
+            kind, result = protocol.FRAME_ERROR, [json.dumps(failure.as_json()).encode()]
+        except workdir.WorkdirError as failure:  # its uploads could not be written, or its downloads read
+            kind, result = protocol.FRAME_ERROR, [json.dumps(JobFailed(failure.kind, str(failure)).as_json()).encode()]
+        sys.stdout.flush()
+        sys.stderr.flush()  # the job's output is in the pipes before its last frame
+        size = sum(memoryview(piece).nbytes for piece in result)
+        if (kind == protocol.FRAME_RESULT and outer.get("files") and size >= FILE_THRESHOLD
+                and _result_to_worker(self._frames, result, size)):
+            kind, result = protocol.FRAME_RESULT_FILE, [json.dumps({"size": size}).encode()]
+        stays = (self._key is not None and kind != protocol.FRAME_ERROR
+                 and (sys.stdout, sys.stderr) == self._stdio and dict(os.environ) == environ and sys.path == path
+                 and threading.active_count() == 1 and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+                 and _alone_with_server() and self._measures_each_job())
+        added = self._memory.peak()
+        used = usage.used(added) if usage is not None else _usage(
+            [resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)], added)
+        self._frames.write_frames([(protocol.FRAME_USAGE, [json.dumps(used).encode()]), (kind, result)])
+        return stays
+
+    def _measures_each_job(self) -> bool:
+        """Whether this process can tell a next job's peak memory from its earlier jobs'."""
+        if self._peak is None:
+            self._peak = _PeakMemory()
+        return self._peak.resets
+
+
+def _alone_with_server() -> bool:
+    """Whether no process but this one and the server is left in the container (a job's
+    subprocess, or one it left running, would be)."""
+    ours = (str(os.getpid()), str(os.getppid()))
+    return all(name in ours for name in os.listdir("/proc") if name.isdigit())
 
 
 def _file_from_worker(frames: FrameWriter, wanted: Dict[str, Any]) -> Optional[int]:
@@ -402,11 +477,57 @@ def _result_to_worker(frames: FrameWriter, result: List[Any], size: int) -> bool
 
 
 def _usage(rusages: List[Any], added: int) -> Dict[str, Any]:
-    """What a job used, from the rusage of its process and of the subprocesses it waited for:
-    their CPU time, and as peak memory the largest process's high-water mark (ru_maxrss, KiB)
-    or what its processes side by side ``added`` to the container, whichever is more."""
+    """What a job's process that has ended used, from its rusage (with the subprocesses it waited
+    for): their CPU time, and as peak memory the largest process's high-water mark (ru_maxrss,
+    KiB) or what its processes side by side ``added`` to the container, whichever is more."""
     return {"cpu_seconds": round(sum(r.ru_utime + r.ru_stime for r in rusages), 3),
             "peak_memory": max(max(r.ru_maxrss for r in rusages) * 1024, added)}
+
+
+class _PeakMemory:
+    """This process's resident high-water mark (VmHWM), set back to what it holds now at each job's
+    start (/proc/self/clear_refs), so that a process that runs several jobs reports each one's
+    own peak. Where the kernel refuses (``resets`` False) the process runs one job only."""
+
+    def __init__(self) -> None:
+        try:
+            self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+            self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+            self.resets = True
+        except OSError:
+            self.resets = False
+
+    def reset(self) -> None:
+        if self.resets:
+            try:
+                os.write(self._clear, b"5")  # 5: the peak RSS only (see proc(5))
+            except OSError:
+                self.resets = False
+
+    def high_water(self) -> int:
+        """The high-water mark since the last reset (or the start)."""
+        status = os.pread(self._status, 4096, 0) if self.resets else b""
+        found = re.search(rb"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
+        return int(found.group(1)) * 1024 if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _JobUsage:
+    """What a job uses in a process that ran earlier jobs, from its start: its CPU time and that
+    of the subprocesses it waited for, and as peak memory its process's high-water mark, or a
+    subprocess's (those of earlier jobs are kept apart as far as rusage allows: one that peaked no
+    higher than an earlier job's is seen in what the job ``added``), or what its processes side by
+    side added to the container, whichever is more."""
+
+    def __init__(self, peak: _PeakMemory) -> None:
+        self._peak = peak
+        peak.reset()
+        self._start = [resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)]
+
+    def used(self, added: int) -> Dict[str, Any]:
+        now = [resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)]
+        cpu = sum(end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime for start, end in zip(self._start, now))
+        children = now[1].ru_maxrss if now[1].ru_maxrss > self._start[1].ru_maxrss else 0
+        return {"cpu_seconds": round(cpu, 3), "peak_memory": max(self._peak.high_water(), children * 1024, added)}
 
 
 class _CgroupCounter:
@@ -500,37 +621,91 @@ class _JobMemory:
         return _SHARED.unpack_from(self._shared)[0]
 
 
+_STARTED = b"s"  # a job's process to the server: its job's request has come
+_KEPT = b"k"  # a job's process to the server: its job has ended (its last frame written), and it stays
+
+
 class _ChildRelay:
-    """The server's side of one job: relays the child's output pipes as log frames and its
-    frame pipe verbatim, never splitting a frame, so all output precedes the last frame.
+    """The server's side of one job's process: relays its output pipes as log frames and its
+    frame pipe verbatim, never splitting a frame, so all of a job's output precedes its last frame.
 
     It also watches the request channel (``requests_fd``) for the worker hanging up: the
     worker died (or dropped the container), so nobody will hear of the job again, and another
-    worker may run it; the job is killed at once (``orphaned``). It waits for something to
-    happen, not in turns: output, the job's start (``started_r``: a byte once its request has
-    come), its end (a pidfd), a hang-up, or a memory sample due."""
+    worker may run it; the job is killed at once (``orphaned``). While the process stays for the
+    next job of its key, the server reads that job's request there and hands it on (``next_w``,
+    which also tells the process each job's directory): the process never holds the channel
+    while a job runs, so nothing a job leaves behind reads another's request. It waits for
+    something to happen, not in turns: output, what the process says on its status pipe (its
+    job started, or ended with the process staying for the next), its exit (a pidfd), a request
+    or a hang-up, or a memory sample due."""
 
-    def __init__(self, frames: FrameWriter, stdout_r: int, stderr_r: int, frames_r: int, requests_fd: int,
-                 started_r: int, memory: _JobMemory) -> None:
+    def __init__(self, frames: FrameWriter, pid: int, stdout_r: int, stderr_r: int, frames_r: int,
+                 requests_fd: int, status_r: int, next_w: int, memory: _JobMemory) -> None:
         self._frames = frames
+        self._pid = pid
         self._memory = memory
         self._logs = {stdout_r: protocol.FRAME_STDOUT, stderr_r: protocol.FRAME_STDERR}
         self._frames_r = frames_r
-        self._started_r: Optional[int] = started_r
+        self._status_r = status_r
+        self._next_w = next_w
         self._requests_fd = requests_fd
+        self._kept = False  # the process waits for the next request of its key, which the server hands on
         self._frame_left = 0  # bytes of the child's current frame still to relay
         self._head = b""  # a partial frame header from the child
         self._poll = select.poll()
-        for fd in (stdout_r, stderr_r, frames_r, started_r):
+        for fd in (stdout_r, stderr_r, frames_r, status_r):
             self._poll.register(fd, select.POLLIN)
         self._poll.register(requests_fd, 0)  # hang-ups only: a request waiting there is not read
+        self._exit_fd = _exit_descriptor(pid)
+        if self._exit_fd is not None:
+            self._poll.register(self._exit_fd, select.POLLIN)
         self.orphaned = False
-        for fd in self._logs:
+        for fd in (stdout_r, stderr_r, frames_r):
             os.set_blocking(fd, False)
 
     def _close(self, fd: int) -> None:
         self._poll.unregister(fd)
         os.close(fd)
+
+    def next_job(self, job_dir: workdir.JobDirectory) -> None:
+        """Tell the process its next job's directory, made; then it may start the job."""
+        try:
+            os.write(self._next_w, job_dir.name.encode())
+        except BrokenPipeError:
+            pass  # it has ended already: no request came, or it died
+
+    def keep(self) -> None:
+        """The process stays for the next job of its key: its request is to be handed on."""
+        self._kept = True
+        self._poll.modify(self._requests_fd, select.POLLIN)
+
+    def _hand_on_request(self) -> None:
+        """The worker's next frame, to the kept process: a REQUEST is copied to it; a RETIRE
+        ends it (end of file), and leaves the request that follows for the next process."""
+        self._kept = False
+        self._poll.modify(self._requests_fd, 0)
+        header = _read_exactly(self._requests_fd, protocol.FRAME_HEADER_SIZE)
+        if header is None:  # the worker hung up
+            self.orphaned = True
+            _kill_group(self._pid)
+            return
+        left = protocol.frame_size(header)
+        if header[len(protocol.FRAME_MAGIC)] == protocol.FRAME_RETIRE:
+            os.close(self._next_w)
+            self._next_w = -1
+            return
+        piece: Any = header
+        while True:
+            try:
+                _write_all(self._next_w, piece)
+            except BrokenPipeError:
+                pass  # it died meanwhile (its END says so): the rest of the request is read all the same
+            if not left:
+                return
+            piece = os.read(self._requests_fd, min(left, _READ_CHUNK))
+            if not piece:
+                return  # the worker hung up: seen at the next poll
+            left -= len(piece)
 
     def _drain_logs(self) -> None:
         for fd, kind in list(self._logs.items()):
@@ -544,6 +719,19 @@ class _ChildRelay:
                     del self._logs[fd]
                     break
                 self._frames.write(kind, chunk)
+
+    def _read_frames(self) -> bool:
+        """Relay what the frame pipe holds now; False once it holds nothing more for now."""
+        try:
+            chunk = os.read(self._frames_r, _READ_CHUNK)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            self._close(self._frames_r)
+            self._frames_r = -1
+            return False
+        self._relay_frames(chunk)
+        return True
 
     def _relay_frames(self, chunk: bytes) -> None:
         """Forward the child's frame bytes, whole frames in one write where possible; log
@@ -574,60 +762,63 @@ class _ChildRelay:
         if pos > start:
             self._frames.write_raw(view[start:pos])
 
-    def _wait_ms(self, exit_fd: Optional[int], deadline: Optional[float]) -> int:
+    def _wait_ms(self, deadline: Optional[float]) -> int:
         """How long to wait for the next event: until a memory sample or the deadline is due;
         without a pidfd, _EXIT_POLL_INTERVAL at the most (the job's end is then looked for)."""
         waits = [self._memory.sample_in(), None if deadline is None else deadline - time.monotonic(),
-                 _EXIT_POLL_INTERVAL if exit_fd is None else None]
+                 _EXIT_POLL_INTERVAL if self._exit_fd is None else None]
         due = [wait for wait in waits if wait is not None]
         return -1 if not due else max(0, int(min(due) * 1000 + 0.999))
 
-    def run(self, pid: int) -> Tuple[int, Any]:
-        """Relay until the child has exited and its pipes are closed; return its wait status and
-        its rusage (with the subprocesses it waited for), sampling the job's memory meanwhile."""
+    def run(self) -> Optional[Tuple[int, Any]]:
+        """Relay until the job ends: None if its process stays for the next job (``run`` relays
+        that one too), else, once the process has exited and its pipes are closed, its wait status
+        and rusage (with the subprocesses it waited for). The job's memory is sampled meanwhile."""
         status = rusage = None
-        exit_fd = _exit_descriptor(pid)
-        if exit_fd is not None:
-            self._poll.register(exit_fd, select.POLLIN)
         deadline = None
         while self._logs or self._frames_r >= 0:
-            ready = {fd for fd, _event in self._poll.poll(self._wait_ms(exit_fd, deadline))}
+            events = dict(self._poll.poll(self._wait_ms(deadline)))
+            ready = events.keys()
             between_frames = self._frame_left == 0 and not self._head
             if self._frames_r in ready:
-                chunk = os.read(self._frames_r, _READ_CHUNK)
-                if chunk:
-                    self._relay_frames(chunk)
-                else:
-                    self._close(self._frames_r)
-                    self._frames_r = -1
+                self._read_frames()
             elif ready & self._logs.keys() and between_frames:
                 self._drain_logs()
-            if self._started_r is not None and self._started_r in ready:  # its request came (or it ended)
-                self._close(self._started_r)
-                self._started_r = None
-                self._memory.running()
-            if self._requests_fd in ready and not self.orphaned:
+            if self._status_r >= 0 and self._status_r in ready:
+                said = os.read(self._status_r, 64)
+                if not said:  # the process has ended
+                    self._close(self._status_r)
+                    self._status_r = -1
+                if _STARTED in said:
+                    self._memory.running()
+                if _KEPT in said:
+                    while self._frames_r >= 0 and self._read_frames():
+                        pass  # the last frames it wrote before saying so
+                    return None
+            if self._kept and events.get(self._requests_fd, 0) & select.POLLIN:
+                self._hand_on_request()
+            elif self._requests_fd in ready and not self.orphaned:
                 self.orphaned = True
                 self._poll.unregister(self._requests_fd)
-                _kill_group(pid)
-            if status is None and (exit_fd is None or exit_fd in ready):
-                done, status, rusage = os.wait4(pid, os.WNOHANG)
+                _kill_group(self._pid)
+            if status is None and (self._exit_fd is None or self._exit_fd in ready):
+                done, status, rusage = os.wait4(self._pid, os.WNOHANG)
                 if done:
-                    _kill_group(pid)  # background processes the job started
+                    _kill_group(self._pid)  # background processes the job started
                     deadline = time.monotonic() + 1.0
-                    if exit_fd is not None:
-                        self._close(exit_fd)
-                        exit_fd = None
+                    if self._exit_fd is not None:
+                        self._close(self._exit_fd)
+                        self._exit_fd = None
                 else:
                     status = None
             self._memory.sample()
             if deadline is not None and time.monotonic() > deadline:
                 break  # something outside the job's process group holds a pipe open
-        for fd in [*self._logs, self._frames_r, self._started_r, exit_fd]:
+        for fd in [*self._logs, self._frames_r, self._status_r, self._next_w, self._exit_fd]:
             if fd is not None and fd >= 0:
                 os.close(fd)
         if status is None:
-            _pid, status, rusage = os.wait4(pid, 0)
+            _pid, status, rusage = os.wait4(self._pid, 0)
         return status, rusage
 
 
@@ -661,15 +852,16 @@ def _read_exactly(fd: int, size: int) -> Optional[bytearray]:
     return data
 
 
-def _next_request(fd: int) -> Optional[bytearray]:
-    """Read exactly one REQUEST frame (never more: the next belongs to the next child)."""
+def _next_request(fd: int) -> Optional[Tuple[int, bytearray]]:
+    """Read exactly one frame from the worker, REQUEST or RETIRE, as (kind, body) (never more:
+    the next may belong to the next process); None at end of file."""
     header = _read_exactly(fd, protocol.FRAME_HEADER_SIZE)
-    if header is None:
-        return None
-    return _read_exactly(fd, protocol.frame_size(header))
+    body = None if header is None else _read_exactly(fd, protocol.frame_size(header))
+    return None if header is None or body is None else (header[len(protocol.FRAME_MAGIC)], body)
 
 
 _EXIT_NO_MORE_REQUESTS = 99
+_EXIT_RETIRED = 98  # a kept process the worker retired: the next request is a new process's
 
 
 def _worker_channel(stdin: int) -> Optional[int]:
@@ -706,8 +898,9 @@ def _worker_channel(stdin: int) -> Optional[int]:
 
 def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
     """Keep one forked child on standby: it takes the next request from the worker's
-    channel (stdin, or the connection of _worker_channel), runs it and exits; this process relays
-    its output, reports how it ended, and forks the next.
+    channel (stdin, or the connection of _worker_channel), runs it and exits, or stays for the
+    next job of its key (_JobProcess); this process relays its output, reports how each job
+    ended, and forks the next child once one has ended.
 
     ``one_shot``: a container for a single job, so nothing is prepared for later jobs; after the
     job the server waits for stdin to close, keeping the container there until the worker is
@@ -716,7 +909,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
     channel = None if one_shot else _worker_channel(requests_fd)
     if channel is None:
         frames = FrameWriter(os.dup(1))
-    else:  # a job's process lets go of it once it has its request, as of stdin
+    else:  # (a job's process reads it through a descriptor of its own, as stdin)
         frames, requests_fd = FrameWriter(channel), channel
     if not one_shot:
         import cloudpickle  # noqa: F401  (imported once here, warm in every job)
@@ -731,12 +924,13 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         frames_r, frames_w = os.pipe()
-        started_r, started_w = os.pipe()  # a byte once the job's request has come
+        status_r, status_w = os.pipe()  # _STARTED, _KEPT
+        next_r, next_w = os.pipe()  # each job's directory, once made
         pid = os.fork()
         if pid == 0:
-            code = 0
+            code = 70
             try:
-                for fd in (stdout_r, stderr_r, frames_r, started_r):
+                for fd in (stdout_r, stderr_r, frames_r, status_r, next_w):
                     os.close(fd)
                 if frames.fileno() != requests_fd:  # the server's frames to the worker are not the job's to write
                     os.close(frames.fileno())
@@ -744,43 +938,41 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
                 os.dup2(stderr_w, 2)
                 os.close(stdout_w)
                 os.close(stderr_w)
-                frames_writer = FrameWriter(frames_w)
-                _prepare_child(frames_writer)
-                request = _next_request(requests_fd)
-                # the job reads no further from the worker's channel (the next job's request)
-                devnull = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(devnull, requests_fd)
-                os.close(devnull)
-                if request is None:
-                    code = _EXIT_NO_MORE_REQUESTS
-                else:
-                    os.write(started_w, b".")
-                    os.close(started_w)
-                    job_dir.wait_until_made()
-                    _run_child(memoryview(request), frames_writer, memory, job_dir)
+                code = _JobProcess(FrameWriter(frames_w), status_w, next_r, memory).serve(requests_fd)
             except BaseException:  # a bug here must still end the job, not the server
                 traceback.print_exc()
-                code = 70
             finally:
                 os._exit(code)
-        for fd in (stdout_w, stderr_w, frames_w, started_w):
+        for fd in (stdout_w, stderr_w, frames_w, status_w, next_r):
             os.close(fd)
-        memory.start()
-        job_dir.make(previous)  # while the job's process waits for its request (then it may start)
-        previous = job_dir
-        relay = _ChildRelay(frames, stdout_r, stderr_r, frames_r, requests_fd, started_r, memory)
-        status, rusage = relay.run(pid)
+        relay = _ChildRelay(frames, pid, stdout_r, stderr_r, frames_r, requests_fd, status_r, next_w, memory)
+        while True:  # the process's jobs
+            memory.start()
+            job_dir.make(previous)  # while the job's process waits for its request (then it may start)
+            previous = job_dir
+            relay.next_job(job_dir)
+            ended = relay.run()
+            if ended is not None:
+                break
+            job_dir = workdir.JobDirectory(code=job_dir.code)  # its next job's
+            oom_kills, before = oom_counter.value(), oom_kills
+            relay.keep()
+            frames.write(protocol.FRAME_END, json.dumps({"kept": True, "oom_kills": oom_kills - before}).encode())
+        status, rusage = ended
         while True:  # we are PID 1: reap whatever was reparented to us
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
                     break
             except ChildProcessError:
                 break
-        if relay.orphaned or os.WIFEXITED(status) and os.WEXITSTATUS(status) == _EXIT_NO_MORE_REQUESTS:
+        exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if relay.orphaned or exited == _EXIT_NO_MORE_REQUESTS:
             return 0
+        if exited == _EXIT_RETIRED:
+            continue  # (no END: the next process runs the request that follows)
         oom_kills, before = oom_counter.value(), oom_kills
         frames.write(protocol.FRAME_END, json.dumps({
-            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "exit": exited,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
             "oom_kills": oom_kills - before,
             "usage": _usage([rusage], memory.peak()),

@@ -1,8 +1,8 @@
 """A job's own directory in the container, and what goes in and out of it.
 
 The fork server names one per job, makes it while the job's process waits for its request
-(having removed the previous job's first), and the job starts only once it is there: no job,
-warm container or not, sees another's files. It is the job's current directory: its
+(having removed the previous job's first) and then tells the process its name: the job starts
+only once it is there, and no job, warm container or kept process or not, sees another's files. It is the job's current directory: its
 ``--upload`` files are written there and its ``--download`` globs matched there. The kernel's
 local modules shipped with the job go to a folder of their own on /dev/shm, first on the job's
 ``sys.path``, so they import as in the kernel (packages, ``__file__``, relative imports). The
@@ -60,38 +60,30 @@ class Downloads:
                          "unmatched": self.unmatched})
 
 
+NAME_SIZE = 12  # characters of a job directory's name, as the server tells it to the job's process
+
+
 class JobDirectory:
     """A job's working directory ``work`` and the folder ``code`` of its local modules (made
-    only when it has some), owned by the job's user. Named before the job's process is forked;
-    ``make`` (the server) and ``wait_until_made`` (the job's process) meet at a pipe."""
+    only when it has some), owned by the job's user. The server names and makes it, then tells
+    the job's process its ``name`` (NAME_SIZE characters). A process that runs the next job of
+    its kernel too keeps its ``code`` folder (the same modules: they are part of what makes the
+    jobs its kernel's), whose modules it may have imported already."""
 
-    def __init__(self) -> None:
-        name = os.urandom(6).hex()
-        self.work = os.path.join(_writable(_WORK_PARENTS), "celery_nb-job-" + name)
-        self.code = os.path.join(_writable(_CODE_PARENTS), "celery_nb-code-" + name)
-        self._made_r, self._made_w = os.pipe()
+    def __init__(self, name: Optional[str] = None, code: Optional[str] = None) -> None:
+        self.name = name or os.urandom(NAME_SIZE // 2).hex()
+        self.work = os.path.join(_writable(_WORK_PARENTS), "celery_nb-job-" + self.name)
+        self.code = code or os.path.join(_writable(_CODE_PARENTS), "celery_nb-code-" + self.name)
 
     def make(self, previous: Optional[JobDirectory]) -> None:
-        """In the server, once the job's process is forked: remove ``previous`` (the last job's
-        directory), make this one (mode 0700) and let the job start."""
-        os.close(self._made_r)
+        """In the server, while the job's process waits: remove ``previous`` (the last job's
+        directory, and its modules' folder unless this job keeps it) and make this one (mode 0700)."""
         if previous is not None:
-            previous.remove()
+            previous.remove(keep_code=previous.code == self.code)
         try:
             os.mkdir(self.work, 0o700)
         except OSError:
             pass  # the job's process says so (enter)
-        try:
-            os.write(self._made_w, b".")
-        except BrokenPipeError:
-            pass  # the job's process has ended already: no request came
-        os.close(self._made_w)
-
-    def wait_until_made(self) -> None:
-        """In the job's process, before it enters the directory."""
-        os.close(self._made_w)
-        os.read(self._made_r, 1)
-        os.close(self._made_r)
 
     def enter(self, header: Dict[str, Any], sections: List[memoryview], code: List[memoryview]) -> None:
         """In the job's process, before its code runs: make the working directory its current
@@ -104,8 +96,11 @@ class JobDirectory:
                 os.makedirs(_inside(self.work, folder), exist_ok=True)
             for path, index, mode in files.get("upload", ()):
                 _write(_inside(self.work, path), sections[index], mode)
-            if code:
+            if code and os.path.isdir(self.code):  # the process's earlier job wrote them: they may be imported
+                code = []
+            elif code:
                 os.mkdir(self.code, 0o700)
+                sys.path.insert(0, self.code)
             for bundle in code:
                 listing, sources = protocol.unpack_bundle(bundle)
                 for path, index in listing["files"]:
@@ -113,8 +108,6 @@ class JobDirectory:
         except OSError as exc:
             raise WorkdirError("input", "the job's files could not be written to its working directory %s in "
                                         "the container: %s" % (self.work, exc)) from None
-        if code:
-            sys.path.insert(0, self.code)
 
     def downloads(self, header: Dict[str, Any]) -> Downloads:
         """After the job succeeded: the files its ``--download`` patterns match, in pattern
@@ -135,10 +128,11 @@ class JobDirectory:
                                            % (pattern, path, exc)) from None
         return Downloads(list(found.items()), unmatched, bool(patterns))
 
-    def remove(self) -> None:
-        """Remove the directory and the modules' folder, and all in them (the job's process
-        group has been killed): at once where the job left them empty (or made none), as most do."""
-        for folder in (self.work, self.code):
+    def remove(self, keep_code: bool = False) -> None:
+        """Remove the directory and (unless ``keep_code``) the modules' folder, and all in them
+        (the job's process has ended or stays idle, its processes are gone): at once where the
+        job left them empty (or made none), as most do."""
+        for folder in (self.work,) if keep_code else (self.work, self.code):
             try:
                 os.rmdir(folder)
             except FileNotFoundError:

@@ -116,6 +116,21 @@ def test_an_edited_module_is_picked_up_by_the_next_job(client: Client, notebook_
     assert second["copies"] == [second["mine"]]  # the first job's copy is gone
 
 
+def test_a_kept_process_imports_more_of_an_unchanged_package_later(client: Client, notebook_dir: Path) -> None:
+    """The next job of the kernel runs in the process its last one left: the package is still
+    imported, and a module of it that only the second job imports comes from the same copy."""
+    pkg = _unique("lazy")
+    _write(notebook_dir / pkg / "__init__.py", "A = 1\ndef load_later():\n    from . import later\n    return later.B\n")
+    _write(notebook_dir / pkg / "later.py", "B = 2\n")
+    cell = f"import os, sys, {pkg}\npid = os.getpid()\ncopy = {pkg}.__file__\n"
+    first = client.submit_cell(cell + f"a = {pkg}.A\n", {}, image=IMAGE, memory="140m").result(timeout=60)
+    second = client.submit_cell(cell + f"b = {pkg}.load_later()\nb_file = sys.modules['{pkg}.later'].__file__\n",
+                                {}, image=IMAGE, memory="140m")
+    out = second.result(timeout=60)
+    assert (out["pid"], out["copy"], out["b"]) == (first["pid"], first["copy"], 2)
+    assert out["b_file"] == first["copy"].replace("__init__.py", "later.py")
+
+
 def test_an_unchanged_module_is_sent_once_and_fetched_once(redis_client: Client, redis_url: str,
                                                            notebook_dir: Path) -> None:
     server = redis.Redis.from_url(redis_url)

@@ -19,6 +19,7 @@ from celery_nb.worker.docker_api import LABEL_OWNER, LABEL_WORKER
 from celery_nb.worker.policy import ContainerSpec
 from celery_nb.worker.pool import PoolBook
 from celery_nb.worker.settings import WorkerSettings
+from celery_nb_runtime import protocol
 from tests.conftest import (IMAGE, ROOT, assert_container_removed, server_sockets, start_worker, stop_process, wait_for,
                             worker_containers)
 
@@ -65,6 +66,54 @@ def test_warm_jobs_do_not_share_globals_env_or_processes(client: Client) -> None
     assert job.container == "warm"
 
 
+PROCESS = "import os, sys\npid = os.getpid()\ncwd = os.getcwd()\nloaded = 'wave' in sys.modules\n"
+
+
+def test_a_kernels_next_job_runs_in_the_process_its_job_left_as_it_found_it(client: Client) -> None:
+    memory = "72m"
+    first = client.submit_cell(PROCESS + "import wave\nleak = 1\n", {}, image=IMAGE, memory=memory).result(timeout=60)
+    job = client.submit_cell(PROCESS + "seen = 'leak' in globals()\n", {}, image=IMAGE, memory=memory)
+    second = job.result(timeout=60)
+    assert job.container == "warm"
+    # the same process, its modules still imported; the cell's globals and directory are its own
+    assert (second["pid"], second["loaded"], second["seen"]) == (first["pid"], True, False)
+    assert second["cwd"] != first["cwd"]
+    own = client.submit_cell(PROCESS, {}, image=IMAGE, memory=memory, new_process=True).result(timeout=60)
+    assert own["pid"] != first["pid"] and not own["loaded"]
+    after = client.submit_cell(PROCESS, {}, image=IMAGE, memory=memory).result(timeout=60)
+    assert after["pid"] not in (first["pid"], own["pid"])  # --new-process's process did not stay
+    assert client.submit(os.getpid, image=IMAGE, memory=memory).result(timeout=60) == after["pid"]  # functions too
+
+
+@pytest.mark.parametrize("left_behind", [
+    "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n",
+    "import subprocess\nsubprocess.Popen(['sleep', '30'])\n",
+    "os.environ['LEFT'] = '1'\n",
+    "sys.path.append('/left')\n",
+    "import signal\nsignal.setitimer(signal.ITIMER_REAL, 30)\n",
+    "raise ValueError('failed')\n"])
+def test_a_job_that_leaves_its_process_changed_ends_it(redis_client: Client, left_behind: str) -> None:
+    memory = "76m"
+    first = redis_client.submit_cell(PROCESS, {}, image=IMAGE, memory=memory).result(timeout=60)
+    changing = redis_client.submit_cell(PROCESS + left_behind, {}, image=IMAGE, memory=memory)
+    try:
+        assert changing.result(timeout=60)["pid"] == first["pid"]
+    except ValueError:
+        pass  # (the failing job's)
+    after = redis_client.submit_cell(PROCESS, {}, image=IMAGE, memory=memory)
+    assert after.result(timeout=60)["pid"] != first["pid"]
+    assert after.container == "warm"
+
+
+def test_jobs_of_two_kernels_never_share_a_process(redis_client: Client, redis_url: str) -> None:
+    other = Client(redis_url)
+    memory = "84m"
+    ran = [(client.submit_cell(PROCESS + "host = __import__('socket').gethostname()\n", {}, image=IMAGE, memory=memory)
+            .result(timeout=60)) for client in (redis_client, other, redis_client)]
+    assert len({out["host"] for out in ran}) == 1  # one warm container ...
+    assert len({out["pid"] for out in ran}) == 3  # ... whose kept process is retired for the other kernel's job
+
+
 def test_a_job_cannot_read_the_next_jobs_request(client: Client) -> None:
     """A warm container's requests arrive on its stdin: a job (or a process it leaves behind)
     reading stdin gets end of file, not the next job's request."""
@@ -92,14 +141,18 @@ PIPES = ("import os\npipes = []\n"
          "for fd in os.listdir('/proc/self/fd'):\n"
          "    try:\n        link = os.readlink(f'/proc/self/fd/{fd}')\n"
          "    except FileNotFoundError:\n        continue\n"
-         "    if int(fd) > 2 and link.startswith('pipe:'):\n        pipes.append(link)\n")
+         "    if int(fd) > 2 and link.startswith('pipe:'):\n        pipes.append(link)\n"
+         "server = {os.readlink(f'/proc/1/fd/{fd}') for fd in (0, 1)}\n")
 
 
 def test_a_job_holds_no_pipe_of_its_server(client: Client) -> None:
-    """Its server's frames to the worker (stdout, one-shot or over Docker's stream) are not the job's to write."""
+    """Its server's frames to the worker (stdout, one-shot or over Docker's stream) are not the
+    job's to write, nor its requests (stdin) the job's to read: the job's process holds its own
+    frames, status and next-job pipes to the server only."""
     for fresh in (True, False):
-        job = client.submit_cell(PIPES, {}, outputs=["pipes"], image=IMAGE, fresh=fresh)
-        assert len(job.result(timeout=60)["pipes"]) == 1, (fresh, job.result())
+        job = client.submit_cell(PIPES, {}, outputs=["pipes", "server"], image=IMAGE, fresh=fresh)
+        out = job.result(timeout=60)
+        assert len(out["pipes"]) == 3 and len(out["server"]) == 2 and not set(out["pipes"]) & out["server"], (fresh, out)
 
 
 def test_a_worker_on_the_containers_host_talks_to_a_warm_container_over_its_own_socket(
@@ -215,9 +268,8 @@ def test_a_warm_container_that_died_while_idle_is_replaced(redis_client: Client,
     out = first.result(timeout=60)
     host = out["host"]
     idle = docker_client.containers.get(first.container_id)
-    # idle: the job's process is gone; the server (pid 1) and the next job's process wait
-    wait_for(lambda: len(_namespace_pids(idle) - {out["pid"]}) == 2 == len(_namespace_pids(idle)), 10,
-                "the container did not go idle")
+    # idle: the server (pid 1) and the process kept for the kernel's next job wait
+    wait_for(lambda: _namespace_pids(idle) == {1, out["pid"]}, 10, "the container did not go idle")
     idle.kill()
     job = redis_client.submit_cell(WHOAMI, {}, image=IMAGE, memory=memory)
     assert job.result(timeout=60)["host"] != host
@@ -274,6 +326,41 @@ def test_the_book_keeps_idle_containers_per_key_most_recent_first_up_to_the_pool
     assert [book.take(key), book.take(key), book.take(key)] == [b, a, None]
     assert book.take(other.spec.pool_key) is other
     assert a.jobs_run == 1 and book.check_in(a, ran=False, stopped=False) == (True, False) and a.jobs_run == 1
+
+
+def test_a_job_gets_the_container_that_keeps_its_kernels_process_else_one_that_keeps_none() -> None:
+    book = _book(pool_size=4)
+    theirs, ours, none, newest = _runtime(), _runtime(), _runtime(), _runtime()
+    theirs.process, ours.process, newest.process = "theirs", "ours", "newest"
+    for runtime in (theirs, ours, none, newest):
+        book.check_in(runtime, ran=True, stopped=False)
+    key = ours.spec.pool_key
+    assert [book.take(key, "ours"), book.take(key, "ours"), book.take(key, "ours"), book.take(key, "ours")] == [
+        ours, none, newest, theirs]
+
+
+def test_a_request_retires_a_process_kept_for_another_key_first() -> None:
+    """The frames a worker writes: a RETIRE before a job of another key (or of none) than the
+    process the container keeps; the END of a job whose process stays makes it the kept one."""
+    import socket
+
+    worker_side, container_side = socket.socketpair()
+    runtime = _runtime()
+    runtime.sock = worker_side
+    decoder = protocol.FrameDecoder()
+
+    def sent(process: str | None, kept: bool) -> list[int]:
+        runtime.send(b"job", process)
+        runtime.ended({"kept": True, "oom_kills": 0} if kept else {"exit": 0})
+        return [kind for kind, _body in decoder.feed(container_side.recv(1 << 16))]
+
+    request, retire = protocol.FRAME_REQUEST, protocol.FRAME_RETIRE
+    assert sent("a", kept=True) == [request] and runtime.process == "a"
+    assert sent("a", kept=True) == [request]
+    assert sent("b", kept=False) == [retire, request] and runtime.process is None
+    assert sent("b", kept=True) == [request]
+    assert sent(None, kept=False) == [retire, request]
+    assert sent(None, kept=False) == [request]
 
 
 def test_a_worn_out_container_serves_on_until_its_replacement_is_in() -> None:

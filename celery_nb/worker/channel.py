@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import docker
 import docker.errors
@@ -49,19 +50,31 @@ class RuntimeContainer:
     last_used: float = field(default_factory=time.monotonic)
     stderr_tail: bytearray = field(default_factory=bytearray)  # the server's own errors (no python3, ...)
     direct: socket.socket | None = None  # the connection to the server's socket (connect_direct), if any
+    process: str | None = None  # the key of the job's process its server keeps for the next job of that key
+    _sent_process: str | None = None  # the key of the last request sent
     _attached: object = None
     _pid: int | None = None  # of its main process, as this process sees it
     _raw: bytearray = field(default_factory=bytearray)
     _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
 
-    def send(self, request: bytes) -> None:
+    def send(self, request: bytes, process: str | None = None) -> None:
+        """A REQUEST frame of a job whose process key is ``process`` (pack_request's): a job
+        process kept for another key, or for none, is retired first, so a new process runs it."""
         sock = self.direct or self.sock
         sock.settimeout(None)  # a big request blocks until the server has read it
+        head = protocol.frame_header(protocol.FRAME_REQUEST, len(request))
+        if self.process is not None and self.process != process:
+            head = protocol.frame_header(protocol.FRAME_RETIRE, 0) + head
+        self._sent_process, self.process = process, None
         if len(request) < 65536:  # one write: one wake-up of the container's reader
-            sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)) + request)
+            sock.sendall(head + request)
         else:
-            sock.sendall(protocol.frame_header(protocol.FRAME_REQUEST, len(request)))
+            sock.sendall(head)
             sock.sendall(request)
+
+    def ended(self, end: dict[str, Any]) -> None:
+        """The server's END frame of the last job sent: its process may stay for the next job of its key."""
+        self.process = self._sent_process if end.get("kept") else None
 
     def read_frames(self, timeout: float) -> list[tuple[int, bytes]]:
         """Frames that arrive within ``timeout`` s ([] if none); ContainerExited at EOF."""

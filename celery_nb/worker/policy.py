@@ -74,13 +74,15 @@ class ContainerSpec:
 @dataclass(frozen=True)
 class JobPlan:
     """How one job runs: in a container of ``container``, for at most ``timeout`` s, in a
-    brand-new container (``fresh``) or a warm one, with ``env`` (its variables that do not act at
-    start: those are the container's) in its process's environment."""
+    brand-new container (``fresh``) or a warm one, in a process of its own (``new_process``) or
+    one its kernel's previous job ran in, with ``env`` (its variables that do not act at start:
+    those are the container's) in its process's environment."""
 
     container: ContainerSpec
     timeout: float | None
     fresh: bool
     env: dict[str, str]
+    new_process: bool = False
     requirements: tuple[str, ...] = ()  # installed on top of container.image: the job's environment (sorted)
 
 
@@ -152,6 +154,7 @@ class WorkerPolicy:
             mounts=self._check_mounts(options.mount or ()))
         return JobPlan(container=container, timeout=timeout, fresh=bool(options.fresh),
                        env={name: value for name, value in options.env.items() if name not in start_env},
+                       new_process=bool(options.new_process),
                        requirements=self._check_requirements(options))
 
     def _check_requirements(self, options: JobOptions) -> tuple[str, ...]:

@@ -32,10 +32,18 @@ class PoolBook:
         self._idle: dict[str, list[RuntimeContainer]] = {}
         self._returning: dict[str, int] = {}  # containers whose job is reported done, process still exiting
 
-    def take(self, key: str) -> RuntimeContainer | None:
-        """The most recently used idle container of pool key ``key``, out of the book, or None."""
+    def take(self, key: str, process: str | None = None) -> RuntimeContainer | None:
+        """An idle container of pool key ``key``, out of the book, or None: the most recently used
+        one that keeps a process for jobs of process key ``process``, else that keeps none (its
+        next process is forked already), else any."""
         idle = self._idle.get(key)
-        return idle.pop() if idle else None
+        if not idle:
+            return None
+        for wanted in (process, None):
+            for index in range(len(idle) - 1, -1, -1):
+                if idle[index].process == wanted:
+                    return idle.pop(index)
+        return idle.pop()
 
     def coming_back(self, key: str) -> bool:
         """True when no container of ``key`` is idle but one whose job is ending will be."""
@@ -96,9 +104,10 @@ class PoolBook:
 class ContainerPool:
     """Idle runtime containers per ContainerSpec (its pool_key), reused by later jobs of that spec.
 
-    Each job still runs in a fresh process forked by the container's server, in a working
-    directory of its own, so globals and those files do not leak between jobs; files written
-    elsewhere in the container do persist (use --fresh).
+    Each job runs in a process forked by the container's server (or kept from its kernel's
+    previous job there: the process key's), in a working directory of its own, so globals and
+    those files do not leak between jobs; files written elsewhere in the container do persist
+    (use --fresh).
     """
 
     def __init__(self, worker: str, settings: WorkerSettings) -> None:
@@ -109,16 +118,17 @@ class ContainerPool:
         self._stopped = threading.Event()
         self._reaper: threading.Thread | None = None
 
-    def checkout(self, spec: ContainerSpec) -> RuntimeContainer | None:
-        """A live idle container of ``spec``, most recently used first, or None. A container
-        whose last job was just reported done is worth a short wait: a kernel that runs cells
-        one after the other must not get a cold start because it was quick."""
+    def checkout(self, spec: ContainerSpec, process: str | None = None) -> RuntimeContainer | None:
+        """A live idle container of ``spec`` (one that keeps a process of key ``process`` first,
+        see PoolBook.take), or None. A container whose last job was just reported done is worth a
+        short wait: a kernel that runs cells one after the other must not get a cold start
+        because it was quick."""
         key = spec.pool_key
         while True:
             with self._lock:
                 if self._book.coming_back(key):
                     self._lock.wait_for(lambda: not self._book.coming_back(key), timeout=_RETURN_WAIT)
-                runtime = self._book.take(key)
+                runtime = self._book.take(key, process)
             if runtime is None or runtime.alive():
                 return runtime
             runtime.remove()  # it died while idle (killed, OOM, daemon restart)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import logging
 import mmap
@@ -142,7 +143,7 @@ class JobRun:
             plan = refusal  # reported once the job is claimed
         if isinstance(plan, JobPlan) and plan.requirements:  # its environment, if this process knows it already
             self._environment = self.environments.cached(plan.container.image, plan.requirements)
-        warm = (self.pool.checkout(self._spec(plan)) if isinstance(plan, JobPlan) and not plan.fresh
+        warm = (self.pool.checkout(self._spec(plan), self._process_key(plan)) if isinstance(plan, JobPlan) and not plan.fresh
                 and (self._environment is not None or not plan.requirements) else None)
         try:
             claim, warm = self._claim(warm)
@@ -208,11 +209,11 @@ class JobRun:
             if isinstance(plan, CeleryNBError):
                 raise plan
             if runtime is not None:
-                runtime.send(self._request_for(runtime, plan))
+                self._send(runtime, plan)
             else:
                 self._report_starting()  # a container start takes a while: say so now
                 runtime = self._start_cold(plan)
-                runtime.send(self._request_for(runtime, plan))
+                self._send(runtime, plan)
                 self.store.append_many(self.job_id, self._start_events("cold", runtime))
             status, reusable = self._supervise(runtime, plan.timeout)
             return status
@@ -289,6 +290,7 @@ class JobRun:
             for kind, body in frames:
                 if kind == protocol.FRAME_END:
                     end = json.loads(body)
+                    runtime.ended(end)
                     break
                 self._relay(runtime, kind, body)
                 if status is None and (self._result is not None or self._error is not None):
@@ -359,12 +361,24 @@ class JobRun:
             f"the container of image {runtime.spec.image!r} exited with code {status.code} without a "
             f"result" + (f"; its last output:\n{stderr[-2000:]}" if stderr else ""))}
 
-    def _request_for(self, runtime: RuntimeContainer, plan: JobPlan) -> bytes:
-        """The REQUEST frame body: env, the job's payload (a big one is handed over as a file where
-        the worker can, when the job's process asks), and the code of the kernel's local modules."""
+    def _send(self, runtime: RuntimeContainer, plan: JobPlan) -> None:
+        """The job's request to ``runtime``: env, the job's payload (a big one is handed over as a
+        file where the worker can, when the job's process asks), the code of the kernel's local
+        modules, and the key of the process it may share."""
         payload = self._payload(runtime.reachable)
         code = [self.code.get(module) for module in self.request.get("code", ())]
-        return protocol.pack_request(payload, plan.env, runtime.reachable, code)
+        process = None if runtime.one_shot else self._process_key(plan)
+        runtime.send(protocol.pack_request(payload, plan.env, runtime.reachable, code, process), process)
+
+    def _process_key(self, plan: JobPlan) -> str | None:
+        """The key of the job processes this job may share, kept by a container after a job: its
+        client's jobs with the same env and local modules (the rest of what they run with is the
+        container's). None: a process of its own."""
+        client = self.request.get("client")
+        if client is None or plan.new_process:
+            return None
+        return hashlib.sha256(json.dumps([client, plan.env, self.request.get("code", [])],
+                                         sort_keys=True).encode()).hexdigest()
 
     @functools.cached_property
     def _kernel_files(self) -> shm.Exchange | None:
