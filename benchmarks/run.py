@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import functools
 import io
+import json
 import os
 import shutil
 import socket
@@ -77,6 +78,7 @@ PRELOADED = ("cloudpickle", "celery_nb_runtime.runner")  # what celery_nb's serv
 RUNTIME_CALLS = 1000  # trivial calls a round of the runtime-alone rows
 RUNTIME_ROUNDS = 3
 IN_CONTAINER = "raw Celery + container"  # raw Celery's task calling benchmarks/fork_server.py
+NEW_PROCESS = "--new-process"  # celery_nb's jobs each in a process of its own
 
 
 def identity(value: object) -> object:  # defined in __main__: travels by value to the container
@@ -182,15 +184,19 @@ def round_trips(client: Client, peers: list[Peer]) -> list[Row]:
     in_container = lambda: echo_in_container.delay(1).get(timeout=60)  # noqa: E731
     cell = lambda: client.submit_cell("a = 1", {}, image=IMAGE).result(60)  # noqa: E731
     function = lambda: client.submit(identity, 1, image=IMAGE).result(60)  # noqa: E731
-    sides = {"cell": cell, "function": function, "raw Celery": raw, IN_CONTAINER: in_container,
+    # what keeping the kernel's process saves: a new process per job, as before
+    own = lambda: client.submit(identity, 1, image=IMAGE, new_process=True).result(60)  # noqa: E731
+    sides = {"cell": cell, "function": function, NEW_PROCESS: own, "raw Celery": raw, IN_CONTAINER: in_container,
              **{p.name: p.round_trip for p in peers}}
     for side in sides.values():
         side()
     times = alternating(sides, runs=200, block=50, settle=5)
     baselines = {name: times[name].median * 1e3 for name in ("raw Celery", IN_CONTAINER, *(p.name for p in peers))}
     targets = {"raw Celery": ("<=", 1.5), "ipyparallel": ("<=", 1.0)}
-    return [Row(f"warm trivial {kind} round trip", times[kind].median * 1e3, "ms", baselines, targets,
-                times[kind].p90 * 1e3) for kind in ("cell", "function")]
+    measures = {"cell": "warm trivial cell round trip", "function": "warm trivial function round trip",
+                NEW_PROCESS: f"warm trivial function round trip, {NEW_PROCESS}"}
+    return [Row(measure, times[kind].median * 1e3, "ms", baselines, targets if kind != NEW_PROCESS else {},
+                times[kind].p90 * 1e3) for kind, measure in measures.items()]
 
 
 def kernel_round_trip() -> Row:
@@ -226,21 +232,22 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 def throughput(client: Client, peers: list[Peer], pids: dict[str, dict[str, int]]) -> list[Row]:
     """Individual jobs per second, and the CPU each took: the machine's, and for celery_nb and
     raw Celery that of the kernel (this process), the worker and Redis (``pids``: of each side)."""
-    def individual_jobs() -> None:
-        for job in [client.submit(identity, i, image=IMAGE) for i in range(MANY)]:
+    def individual_jobs(new_process: bool) -> None:
+        for job in [client.submit(identity, i, image=IMAGE, new_process=new_process) for i in range(MANY)]:
             job.result(120)
 
     def raw_tasks(task: Callable[..., Any]) -> None:
         for result in [task.delay(i) for i in range(MANY)]:
             result.get(timeout=120)
 
-    sides = {"celery_nb": individual_jobs, "raw Celery": functools.partial(raw_tasks, echo),
+    sides = {"celery_nb": functools.partial(individual_jobs, False), NEW_PROCESS: functools.partial(individual_jobs, True),
+             "raw Celery": functools.partial(raw_tasks, echo),
              IN_CONTAINER: functools.partial(raw_tasks, echo_in_container), **{p.name: lambda p=p: p.many(MANY) for p in peers}}
     used: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
 
     def accounted(name: str, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            watched = {"kernel": os.getpid(), **pids.get(name, {})}
+            watched = {"kernel": os.getpid(), **pids.get("celery_nb" if name == NEW_PROCESS else name, {})}
             before = cpu_seconds(watched)
             target()
             after = cpu_seconds(watched)
@@ -255,11 +262,14 @@ def throughput(client: Client, peers: list[Peer], pids: dict[str, dict[str, int]
         rest = parts["machine"] - sum(parts[what] for what in named)
         print(f"CPU per individual job, {name}: machine {parts['machine']:.2f} ms, idle {parts['idle']:.2f} ms; "
               + "".join(f"{what} {parts[what]:.2f}, " for what in named) + f"the rest {rest:.2f} ms"
-              + (" (containers, Docker, the system)" if name in ("celery_nb", IN_CONTAINER) else ""))
+              + (" (containers, Docker, the system)" if name in ("celery_nb", NEW_PROCESS, IN_CONTAINER) else ""))
     machine = {name: parts["machine"] for name, parts in cpu.items()}
+    own_rate, own_machine = rates.pop(NEW_PROCESS), machine.pop(NEW_PROCESS)
     return [Row(f"{MANY} individual jobs (submit each, no chunks)", rates.pop("celery_nb"), "/s", rates,
                 {"raw Celery": (">=", 0.75), "ipyparallel": (">=", 1.0)}),
-            Row("machine CPU per individual job", machine.pop("celery_nb"), "ms", machine, {})]
+            Row("machine CPU per individual job", machine.pop("celery_nb"), "ms", machine, {}),
+            Row(f"{MANY} individual jobs, {NEW_PROCESS}", own_rate, "/s", rates, {}),
+            Row(f"machine CPU per individual job, {NEW_PROCESS}", own_machine, "ms", machine, {})]
 
 
 def cold_start(client: Client) -> Row:
@@ -426,7 +436,7 @@ def run_all(client: Client, pids: dict[str, dict[str, int]]) -> list[Row]:
         rows = round_trips(client, peers)
         many = throughput(client, peers, pids)
         rows.extend(many)
-    raw_rate = many[0].baselines["raw Celery"]
+    raw_rate = many[0].baselines["raw Celery"]  # (the first row's)
     rows.append(kernel_round_trip())
     rows.append(cold_start(client))
     rows.append(chunked_map(client, raw_rate))
@@ -437,7 +447,8 @@ def run_all(client: Client, pids: dict[str, dict[str, int]]) -> list[Row]:
 
 def print_table(rows: list[Row]) -> None:
     print(f"\ncelery_nb benchmarks (image {IMAGE}, numpy image {NUMPY_IMAGE}, Redis {BROKER_URL})\n")
-    print(f"{'measure':<52}{'celery_nb':>22}  {'baseline':<22}{'value':>10}{'ratio':>8}  target")
+    width = max(len(row.measure) for row in rows) + 2
+    print(f"{'measure':<{width}}{'celery_nb':>22}  {'baseline':<22}{'value':>10}{'ratio':>8}  target")
     for row in rows:
         value = f"{row.value:.4g} {row.unit}"
         if row.p90 is not None:
@@ -453,7 +464,7 @@ def print_table(rows: list[Row]) -> None:
                 else:
                     met, verdict = (ratio <= bound if op == "<=" else ratio >= bound), f"{op} {bound:g}x "
                 verdict += "met" if met else "NOT met"
-            left = f"{row.measure:<52}{value:>22}" if i == 0 else " " * 74
+            left = f"{row.measure:<{width}}{value:>22}" if i == 0 else " " * (width + 22)
             print(f"{left}  {name:<22}{baseline:>10.4g}{ratio:>8.2f}  {verdict}")
 
 
@@ -501,18 +512,22 @@ def fork_server_call(socket_path: str) -> Callable[[], object]:
     return functools.partial(ask, conn, 1)
 
 
-def runtime_call(runtime: RuntimeContainer) -> Callable[[], None]:
-    """One trivial function call to celery_nb's runtime in ``runtime``, as a worker sends it,
-    until the runtime's END (its job's process has exited and been reaped)."""
-    request = protocol.pack_request(b"".join(payload.call_payload(identity, (1,), {})), {}, runtime.reachable)
+def runtime_call(runtime: RuntimeContainer, process: str | None) -> Callable[[], None]:
+    """One trivial function call to celery_nb's runtime in ``runtime``, as a worker sends it, with
+    the process key ``process``, until the runtime's END (its job's process has exited and been
+    reaped, or stays for the next call of that key)."""
+    request = protocol.pack_request(b"".join(payload.call_payload(identity, (1,), {})), {}, runtime.reachable,
+                                    process=process)
 
     def call() -> None:
-        runtime.send(request)
+        runtime.send(request, process)
         while True:
             frames = runtime.read_frames(10)
             if not frames:
                 raise SystemExit(f"celery_nb's runtime in {IMAGE} did not answer a call within 10 s")
-            if any(kind == protocol.FRAME_END for kind, _body in frames):
+            end = next((body for kind, body in frames if kind == protocol.FRAME_END), None)
+            if end is not None:
+                runtime.ended(json.loads(end))
                 return
     return call
 
@@ -523,12 +538,14 @@ def runtime_alone() -> list[Row]:
     benchmarks/fork_server.py in a container of the same image, bare and with the modules
     celery_nb's server keeps loaded: the container's CPU and page faults per trivial call, one
     call after another (RUNTIME_CALLS a round, rounds alternating, medians)."""
-    runtime = docker_api.create_container(docker.from_env(), WorkerPolicy().plan(JobOptions(image=IMAGE)).container,
-                                          {}, "never", one_shot=False)
+    spec = WorkerPolicy().plan(JobOptions(image=IMAGE)).container
+    runtime, kept = (docker_api.create_container(docker.from_env(), spec, {}, "never", one_shot=False) for _ in "ab")
     try:
         docker_api.start(runtime)
+        docker_api.start(kept)
         with fork_server() as (bare_socket, bare), fork_server(PRELOADED) as (loaded_socket, loaded):
-            sides = {"celery_nb runtime": (runtime.container, runtime_call(runtime)),
+            sides = {"celery_nb runtime, a process a call": (runtime.container, runtime_call(runtime, None)),
+                     "celery_nb runtime, process kept": (kept.container, runtime_call(kept, "benchmark")),
                      "fork server": (bare, fork_server_call(bare_socket)),
                      "fork server + imports": (loaded, fork_server_call(loaded_socket))}
             cpu: dict[str, list[float]] = {name: [] for name in sides}
@@ -545,15 +562,16 @@ def runtime_alone() -> list[Row]:
                     faults[name].append((faults_after - faults_before) / RUNTIME_CALLS)
     finally:
         runtime.remove()
+        kept.remove()
     for name in sides:
         print(f"runtime alone, {name}: {', '.join(f'{v:.2f}' for v in cpu[name])} ms of CPU and "
               f"{', '.join(f'{v:.0f}' for v in faults[name])} page faults a call")
     median = {name: (statistics.median(cpu[name]), statistics.median(faults[name])) for name in sides}
-    ours, *baselines = median
-    return [Row("runtime alone: container CPU per trivial call", median[ours][0], "ms",
-                {name: median[name][0] for name in baselines}, {}),
-            Row("runtime alone: page faults per trivial call", median[ours][1], "faults",
-                {name: median[name][1] for name in baselines}, {})]
+    ours = [name for name in sides if name.startswith("celery_nb runtime, ")]
+    baselines = [name for name in sides if name not in ours]
+    return [Row(f"runtime alone, {name[len('celery_nb runtime, '):]}: {what} per trivial call", median[name][i], unit,
+                {baseline: median[baseline][i] for baseline in baselines}, {})
+            for name in ours for i, (what, unit) in enumerate((("container CPU", "ms"), ("page faults", "faults")))]
 
 
 def local_redis_pid() -> int | None:
