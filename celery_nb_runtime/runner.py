@@ -341,11 +341,11 @@ class _JobProcess:
             return _EXIT_NO_MORE_REQUESTS
         job_dir: Optional[workdir.JobDirectory] = None
         name = _read_exactly(self._next_r, workdir.NAME_SIZE)
+        kind, request = message
+        if kind == protocol.FRAME_RETIRE or name is None:
+            return _EXIT_RETIRED
+        os.write(self._status_w, _STARTED)  # (the server knows when it hands on a request)
         while True:
-            kind, request = message
-            if kind == protocol.FRAME_RETIRE or name is None:
-                return _EXIT_RETIRED
-            os.write(self._status_w, _STARTED)
             job_dir = workdir.JobDirectory(name.decode(), code=None if job_dir is None else job_dir.code)
             if not self._run(memoryview(request), job_dir):
                 return 0
@@ -355,6 +355,7 @@ class _JobProcess:
             message = None if name is None else _next_request(self._next_r)
             if message is None:  # the worker retired it
                 return _EXIT_RETIRED
+            request = message[1]  # (a REQUEST: the server reads a RETIRE itself)
 
     def _run(self, request: memoryview, job_dir: workdir.JobDirectory) -> bool:
         """The job, in ``job_dir``, with fd 1/2 the log pipes; whether the process may stay."""
@@ -621,7 +622,7 @@ class _JobMemory:
         return _SHARED.unpack_from(self._shared)[0]
 
 
-_STARTED = b"s"  # a job's process to the server: its job's request has come
+_STARTED = b"s"  # a job's process to the server: its first job's request has come
 _KEPT = b"k"  # a job's process to the server: its job has ended (its last frame written), and it stays
 
 
@@ -694,6 +695,7 @@ class _ChildRelay:
             os.close(self._next_w)
             self._next_w = -1
             return
+        self._memory.running()
         piece: Any = header
         while True:
             try:

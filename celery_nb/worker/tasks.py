@@ -97,6 +97,7 @@ class JobRun:
         self._returning = False  # announced to the pool as coming back
         self._error: dict[str, Any] | None = None
         self._usage: dict[str, Any] | None = None  # what the job used (its container's memory limit with it)
+        self._process: str | None = None  # the key of the job processes it may share (_process_key)
         self.log = JobLog(self.store, self.blobs, self.job_id, self.pool.settings, before_write=self._take_held_back)
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -143,7 +144,9 @@ class JobRun:
             plan = refusal  # reported once the job is claimed
         if isinstance(plan, JobPlan) and plan.requirements:  # its environment, if this process knows it already
             self._environment = self.environments.cached(plan.container.image, plan.requirements)
-        warm = (self.pool.checkout(self._spec(plan), self._process_key(plan)) if isinstance(plan, JobPlan) and not plan.fresh
+        if isinstance(plan, JobPlan):
+            self._process = self._process_key(plan)
+        warm = (self.pool.checkout(self._spec(plan), self._process) if isinstance(plan, JobPlan) and not plan.fresh
                 and (self._environment is not None or not plan.requirements) else None)
         try:
             claim, warm = self._claim(warm)
@@ -367,7 +370,7 @@ class JobRun:
         modules, and the key of the process it may share."""
         payload = self._payload(runtime.reachable)
         code = [self.code.get(module) for module in self.request.get("code", ())]
-        process = None if runtime.one_shot else self._process_key(plan)
+        process = None if runtime.one_shot else self._process
         runtime.send(protocol.pack_request(payload, plan.env, runtime.reachable, code, process), process)
 
     def _process_key(self, plan: JobPlan) -> str | None:
@@ -377,8 +380,7 @@ class JobRun:
         client = self.request.get("client")
         if client is None or plan.new_process:
             return None
-        return hashlib.sha256(json.dumps([client, plan.env, self.request.get("code", [])],
-                                         sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(repr((client, sorted(plan.env.items()), self.request.get("code", []))).encode()).hexdigest()
 
     @functools.cached_property
     def _kernel_files(self) -> shm.Exchange | None:
