@@ -59,8 +59,9 @@ class WorkerSettings(EnvConfigurable):
     pool_idle_timeout = Float(300.0, help="Seconds before an idle container is removed.").tag(
         config=True, env="CELERY_NB_POOL_IDLE_TIMEOUT")
     pool_max_jobs = Int(
-        1000, help="Jobs a container runs before it is replaced (its replacement starts in the background while "
-                   "it serves on, so that no job waits for it; a replacement costs about 0.2 s of CPU).",
+        10_000, help="Jobs a container runs before it is replaced (its replacement starts in the background while "
+                     "it serves on, so that no job waits for it; a replacement costs about 0.2 s of CPU, and the "
+                     "process kept for a kernel's jobs there, with what they imported).",
     ).tag(config=True, env="CELERY_NB_POOL_MAX_JOBS")
     orphan_interval = Float(
         10.0, help="Seconds between two looks for containers of dead worker processes on this host (a worker "
