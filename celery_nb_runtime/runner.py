@@ -388,6 +388,8 @@ class _JobProcess:
             kind, result = protocol.FRAME_ERROR, [json.dumps(JobFailed(failure.kind, str(failure)).as_json()).encode()]
         sys.stdout.flush()
         sys.stderr.flush()  # the job's output is in the pipes before its last frame
+        if "asyncio" in sys.modules:  # a loop it set (asyncio.run, a cell's await) is not the next job's
+            sys.modules["asyncio"].set_event_loop_policy(None)
         size = sum(memoryview(piece).nbytes for piece in result)
         if (kind == protocol.FRAME_RESULT and outer.get("files") and size >= FILE_THRESHOLD
                 and _result_to_worker(self._frames, result, size)):

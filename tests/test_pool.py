@@ -85,6 +85,16 @@ def test_a_kernels_next_job_runs_in_the_process_its_job_left_as_it_found_it(clie
     assert client.submit(os.getpid, image=IMAGE, memory=memory).result(timeout=60) == after["pid"]  # functions too
 
 
+def test_a_cell_that_awaited_leaves_no_closed_event_loop_to_the_next(client: Client) -> None:
+    memory = "80m"
+    awaited = client.submit_cell(PROCESS + "import asyncio\nawait asyncio.sleep(0)\n", {}, image=IMAGE, memory=memory)
+    first = awaited.result(timeout=60)
+    job = client.submit_cell(PROCESS + "import asyncio\nasync def one():\n    return 1\n"
+                             "value = asyncio.get_event_loop().run_until_complete(one())\n", {}, image=IMAGE,
+                             memory=memory)
+    assert (job.result(timeout=60)["value"], job.result()["pid"]) == (1, first["pid"])
+
+
 @pytest.mark.parametrize("left_behind", [
     "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n",
     "import subprocess\nsubprocess.Popen(['sleep', '30'])\n",
