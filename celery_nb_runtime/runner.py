@@ -315,8 +315,8 @@ class _JobProcess:
     it as it found it, the next jobs of the same process key (the worker's: one kernel's jobs with
     the same env and local modules). Modules a job imported stay imported for the next, as in an
     ipyparallel engine or a Dask worker; a job with no key, a failed one, or one that leaves a
-    thread, a process, a timer, changed environment variables, sys.path or sys.stdout behind ends
-    the process, and the next job gets a new one."""
+    thread, a process, a timer, a tracer or profiler, changed environment variables, sys.path or
+    sys.stdout behind ends the process, and the next job gets a new one."""
 
     def __init__(self, frames: FrameWriter, status_w: int, next_r: int, memory: _JobMemory) -> None:
         self._frames = frames
@@ -397,6 +397,7 @@ class _JobProcess:
         stays = (self._key is not None and kind != protocol.FRAME_ERROR
                  and (sys.stdout, sys.stderr) == self._stdio and dict(os.environ) == environ and sys.path == path
                  and threading.active_count() == 1 and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+                 and sys.gettrace() is None and sys.getprofile() is None
                  and _alone_with_server() and self._measures_each_job())
         added = self._memory.peak()
         used = usage.used(added) if usage is not None else _usage(

@@ -101,6 +101,7 @@ def test_a_cell_that_awaited_leaves_no_closed_event_loop_to_the_next(client: Cli
     "os.environ['LEFT'] = '1'\n",
     "sys.path.append('/left')\n",
     "import signal\nsignal.setitimer(signal.ITIMER_REAL, 30)\n",
+    "sys.setprofile(lambda *args: None)\n",
     "raise ValueError('failed')\n"])
 def test_a_job_that_leaves_its_process_changed_ends_it(redis_client: Client, left_behind: str) -> None:
     memory = "76m"
