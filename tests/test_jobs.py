@@ -181,8 +181,10 @@ def test_map_batches_items_streams_results_in_order_and_counts_items(client: Cli
 
 
 def test_cancelling_a_queued_job_reports_it_cancelled_and_never_runs_it(redis_client: Client) -> None:
-    busy = [redis_client.submit_cell("import time\ntime.sleep(2)\n", {}, image=IMAGE) for _ in range(4)]
-    queued = redis_client.submit_cell("print('ran')\n", {}, image=IMAGE)  # the worker runs 4 at a time
+    # the worker runs 4 at a time; the 4 busy jobs run long enough to all be running at once, also
+    # when some of them wait for a container to start on a loaded machine
+    busy = [redis_client.submit_cell("import time\ntime.sleep(5)\n", {}, image=IMAGE) for _ in range(4)]
+    queued = redis_client.submit_cell("print('ran')\n", {}, image=IMAGE)
     while not all(job.status == "running" for job in busy):
         assert not queued.wait(0.05)
     assert queued.status == "queued"
