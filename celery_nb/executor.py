@@ -143,9 +143,11 @@ class Executor(concurrent.futures.Executor):
 
 def stop(futures: Iterable[JobFuture]) -> None:
     """Cancel the calls not sent yet and the jobs queued, and stop the running ones (their
-    containers are killed; their futures raise JobCancelled)."""
-    for future in futures:
-        if not future.cancel() and future.job is not None:
+    containers are killed; their futures raise JobCancelled). The queued first: a worker slot
+    that a stopped job frees must not start one of them."""
+    running = [future for future in futures if not future.cancel()]
+    for future in running:
+        if future.job is not None:
             future.job.cancel()  # running (or done: then nothing happens)
 
 
