@@ -1,5 +1,6 @@
 """How celery_nb fits into the IPython shell it runs in: work handed to the shell's main thread
-between cells, and widget clicks served while a blocking cell keeps the main thread busy.
+between cells, widget states sent again there, and widget clicks served while a blocking cell
+keeps the main thread busy.
 
 ipykernel 7 reads the shell channel in a thread of its own and hands each message to the main
 shell (the main thread, busy while a cell runs) or to a subshell (a thread each). A widget's
@@ -24,6 +25,7 @@ _SUBSHELL_TIMEOUT = 10.0  # s to wait for the kernel's shell channel thread to o
 _subshell_id: str | None = None
 _subshell_lock = threading.Lock()
 _said = False  # that the Cancel button cannot be served here
+_between_cells_lock = threading.Lock()
 
 
 class BetweenCells:
@@ -33,18 +35,71 @@ class BetweenCells:
 
     def __init__(self, shell: Any) -> None:
         self._pending: deque[Callable[[], None]] = deque()  # appends and pops are thread-safe
-        shell.events.register("pre_run_cell", self._run_pending)
-        shell.events.register("post_run_cell", self._run_pending)
+        self.cell_running = False  # on the main thread, between its pre_run_cell and post_run_cell
+        shell.events.register("pre_run_cell", self._cell_starts)
+        shell.events.register("post_run_cell", self._cell_ended)
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` on the main thread once the running cell (if any) has ended."""
         self._pending.append(fn)
 
-    def _run_pending(self, *_event: Any) -> None:
-        if threading.current_thread() is not threading.main_thread():  # a cell run by a subshell
-            return
+    def _cell_starts(self, *_event: Any) -> None:
+        if threading.current_thread() is threading.main_thread():  # (not a cell run by a subshell)
+            self._run_pending()
+            self.cell_running = True
+
+    def _cell_ended(self, *_event: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.cell_running = False
+            self._run_pending()
+
+    def _run_pending(self) -> None:
         while self._pending:
             self._pending.popleft()()
+
+
+def between_cells(shell: Any) -> BetweenCells:
+    """The shell's BetweenCells (made on first use: one per shell, so that what is handed over
+    runs once)."""
+    with _between_cells_lock:
+        if not isinstance(getattr(shell, "_celery_nb_between_cells", None), BetweenCells):
+            shell._celery_nb_between_cells = BetweenCells(shell)
+        return shell._celery_nb_between_cells
+
+
+def again_between_cells(send: Callable[[], None]) -> bool:
+    """Called by a thread after it sent messages to the frontend (``send()``): when no cell runs
+    now, call ``send()`` again on the main thread between cells (and return True).
+
+    A thread's messages sent while no cell runs carry the last cell's id, and reach the frontend
+    after that cell's end: a live frontend applies them, but nbclient (nbconvert, papermill) keeps
+    only the messages of the cell it runs, so the notebook it saves would show what was before
+    them. Sent again from the main thread, they carry the id of the cell that runs. (Messages sent
+    while a cell runs reach the frontend before its end: they need nothing.)
+    """
+    shell = get_ipython()
+    if shell is None or threading.current_thread() is threading.main_thread() or between_cells(shell).cell_running:
+        return False
+    between_cells(shell).call(send)
+    return True
+
+
+def send_state_again(widget: w.Widget) -> None:
+    """Send the whole state of ``widget`` and of every widget its state holds (children, layouts,
+    styles), once each."""
+    sent: set[int] = set()
+    held = [widget]
+    while held:
+        current = held.pop()
+        if id(current) in sent or current.comm is None:  # (a closed widget sends nothing)
+            continue
+        sent.add(id(current))
+        # not an Output widget's msg_id (what it captures; unchanged): nbclient 0.11 fails on a
+        # state that sets it empty for an Output widget that never had one
+        current.send_state(key=[name for name in current.keys if name != "msg_id"])
+        for name in current.keys:
+            value = getattr(current, name)
+            held.extend(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, w.Widget))
 
 
 def serve_while_busy(widget: w.Widget) -> None:

@@ -12,7 +12,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from celery_nb.client import default_client
 from celery_nb.errors import CeleryNBError
 from celery_nb.job import Job
-from celery_nb.kernel_hooks import BetweenCells
+from celery_nb.kernel_hooks import between_cells
 from celery_nb.options import JobOptions
 from celery_nb.widgets import JobView, jobs_view
 
@@ -41,7 +41,7 @@ def job_option_flags(func: F) -> F:
 class CeleryDockerMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
-        self._between_cells = BetweenCells(shell)
+        self._between_cells = between_cells(shell)
 
     @magic_arguments()
     @argument("--in", dest="inputs", metavar="A,B",

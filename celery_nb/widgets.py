@@ -23,7 +23,7 @@ from IPython.display import display
 
 from celery_nb.job import Job, JobFuture, collapse_carriage_returns
 from celery_nb.errors import JobCancelled
-from celery_nb.kernel_hooks import serve_while_busy
+from celery_nb.kernel_hooks import again_between_cells, send_state_again, serve_while_busy
 from celery_nb.options import format_size
 
 LOG_TAIL_LINES = 30
@@ -178,16 +178,27 @@ def finished_html(job: Job) -> str:
 
 
 class _RedrawnOnEvents:
-    """A view that redraws when its jobs' events arrive (throttled) and when they end."""
+    """A view that redraws when its jobs' events arrive (throttled) and when they end; a job
+    that ends between cells has the view's state sent again in the next (kernel_hooks.again_between_cells)."""
 
     _drawn_at = 0.0
     _redraw_took = 0.0  # s, the last throttled redraw
+    _sending_again = False  # the view's state is due to be sent again (once for the jobs that end before)
 
     def _follow(self, jobs: list[Job]) -> None:
         self.redraw()
         for job in jobs:
             job.add_listener(self._on_change)
-            job.add_done_callback(lambda _job: self.redraw())
+            job.add_done_callback(self._on_end)
+
+    def _on_end(self, _job: Job) -> None:
+        self.redraw()
+        if not self._sending_again:
+            self._sending_again = again_between_cells(self._send_again)
+
+    def _send_again(self) -> None:
+        self._sending_again = False
+        send_state_again(self)  # type: ignore[arg-type]  # (the views are widgets)
 
     def _on_change(self, _job: Job) -> None:
         started = time.monotonic()
@@ -403,8 +414,11 @@ class JobView:
     def _show_widget(self, show_displays: bool) -> JobWidget:
         widget = JobWidget(self.job, show_displays)
         handle = display(widget, display_id=True)
-        # once final, refresh the text/plain that nbconvert and GitHub show
-        self.job.add_done_callback(lambda _job: handle.update(widget))
+
+        def ended(_job: Job) -> None:  # once final, refresh the text/plain that nbconvert and GitHub show
+            handle.update(widget)
+            again_between_cells(lambda: handle.update(widget))
+        self.job.add_done_callback(ended)
         return widget
 
     def _show_new_displays(self) -> None:

@@ -170,6 +170,26 @@ def test_no_wait_returns_a_job_and_outputs_land_between_cells(kernel: Kernel) ->
     assert kernel.run("print(awaited)").stream_text() == "MainThread\n"
 
 
+def test_a_no_wait_job_that_ends_between_cells_has_its_widget_saved_by_the_next(kernel: Kernel) -> None:
+    """nbclient (nbconvert, papermill) keeps only the messages of the cell it runs: the widget of
+    a job that ended while no cell ran has its final state sent again in the next cell."""
+    ex = kernel.run("%%celery_docker --no-wait\nimport time\ntime.sleep(0.5)\nprint('ended between cells')\n6 * 7\n")
+    assert ex.error() is None
+    widgets = {c["comm_id"]: c["data"]["state"]["_model_name"] for c in ex.comm_opens("OutputModel")
+               + ex.comm_opens("HTMLModel")}
+    time.sleep(5)  # the job ends meanwhile
+    following = kernel.run("pass")
+    own = [m["content"] for m in following.messages if m["parent_header"].get("msg_id") == following.msg_id
+           and m["msg_type"] == "comm_msg" and m["content"]["comm_id"] in widgets]
+    html = [c["data"]["state"].get("value", "") for c in own if widgets[c["comm_id"]] == "HTMLModel"]
+    assert any(">succeeded<" in v for v in html) and any("ended between cells" in v for v in html), html
+    outputs = [o for c in own if widgets[c["comm_id"]] == "OutputModel" for o in c["data"]["state"]["outputs"]]
+    assert [o["data"]["text/plain"] for o in outputs] == ["42"], outputs
+    texts = [m["content"]["data"]["text/plain"] for m in following.messages
+             if m["msg_type"] == "update_display_data" and m["parent_header"].get("msg_id") == following.msg_id]
+    assert len(texts) == 1 and "succeeded" in texts[0]
+
+
 # a line of 3 MB (shown for a second), then 50 MB of lines: more than the log keeps (CELERY_NB_MAX_LOG_BYTES, 4 MiB)
 FLOOD_CELL = ("%%celery_docker\nimport time\nprint('y' * 3_000_000, flush=True)\ntime.sleep(1)\npad = 'x' * 90\n"
               "for i in range(500_000):\n    print(f'step {i:8d} {pad}')\nprint('the end')\n")
