@@ -516,11 +516,10 @@ def runtime_call(runtime: RuntimeContainer, process: str | None) -> Callable[[],
     """One trivial function call to celery_nb's runtime in ``runtime``, as a worker sends it, with
     the process key ``process``, until the runtime's END (its job's process has exited and been
     reaped, or stays for the next call of that key)."""
-    request = protocol.pack_request(b"".join(payload.call_payload(identity, (1,), {})), {}, runtime.reachable,
-                                    process=process)
+    call_payload = b"".join(payload.call_payload(identity, (1,), {}))
 
     def call() -> None:
-        runtime.send(request, process)
+        runtime.send(call_payload, {}, process=process)
         while True:
             frames = runtime.read_frames(10)
             if not frames:

@@ -352,7 +352,8 @@ def test_a_job_gets_the_container_that_keeps_its_kernels_process_else_one_that_k
 
 def test_a_request_retires_a_process_kept_for_another_key_first() -> None:
     """The frames a worker writes: a RETIRE before a job of another key (or of none) than the
-    process the container keeps; the END of a job whose process stays makes it the kept one."""
+    process the container keeps, and the REQUEST naming the job's key; the END of a job whose
+    process stays makes it the kept one."""
     import socket
 
     worker_side, container_side = socket.socketpair()
@@ -361,9 +362,12 @@ def test_a_request_retires_a_process_kept_for_another_key_first() -> None:
     decoder = protocol.FrameDecoder()
 
     def sent(process: str | None, kept: bool) -> list[int]:
-        runtime.send(b"job", process)
+        runtime.send(b"job", {}, process=process)
         runtime.ended({"kept": True, "oom_kills": 0} if kept else {"exit": 0})
-        return [kind for kind, _body in decoder.feed(container_side.recv(1 << 16))]
+        frames = decoder.feed(container_side.recv(1 << 16))
+        header, (payload, *_code) = protocol.unpack_bundle(frames[-1][1])
+        assert header["process"] == process and bytes(payload) == b"job"
+        return [kind for kind, _body in frames]
 
     request, retire = protocol.FRAME_REQUEST, protocol.FRAME_RETIRE
     assert sent("a", kept=True) == [request] and runtime.process == "a"

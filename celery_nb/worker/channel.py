@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import docker
@@ -57,9 +58,13 @@ class RuntimeContainer:
     _raw: bytearray = field(default_factory=bytearray)
     _frames: protocol.FrameDecoder = field(default_factory=protocol.FrameDecoder)
 
-    def send(self, request: bytes, process: str | None = None) -> None:
-        """A REQUEST frame of a job whose process key is ``process`` (pack_request's): a job
-        process kept for another key, or for none, is retired first, so a new process runs it."""
+    def send(self, payload: bytes | None, env: dict[str, str], code: Sequence[protocol.Buffer] = (),
+             process: str | None = None) -> None:
+        """A job's REQUEST frame (protocol.pack_request): its payload (None: handed over as a file
+        when its process asks), environment, local modules' code, and the key of the ``process``
+        it may share. A job process kept for another key, or for none, is retired first, so a new
+        process runs it."""
+        request = protocol.pack_request(payload, env, self.reachable, code, process)
         sock = self.direct or self.sock
         sock.settimeout(None)  # a big request blocks until the server has read it
         head = protocol.frame_header(protocol.FRAME_REQUEST, len(request))

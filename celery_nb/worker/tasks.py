@@ -370,8 +370,7 @@ class JobRun:
         modules, and the key of the process it may share."""
         payload = self._payload(runtime.reachable)
         code = [self.code.get(module) for module in self.request.get("code", ())]
-        process = None if runtime.one_shot else self._process
-        runtime.send(protocol.pack_request(payload, plan.env, runtime.reachable, code, process), process)
+        runtime.send(payload, plan.env, code, None if runtime.one_shot else self._process)
 
     def _process_key(self, plan: JobPlan) -> str | None:
         """The key of the job processes this job may share, kept by a container after a job: its
