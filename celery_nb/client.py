@@ -221,12 +221,12 @@ class Client:
             return
         files = self._payload_files_for(queue)  # big inputs stay out of the Celery message
         in_files = files.put(data) if files is not None else None
-        if in_files is not None:
+        if in_files is not None:  # (signed by its name: see celery_nb.signing)
             request["payload_shm"] = in_files
         else:
             request["payload_ref"] = self.blobs.put(data)
-        if self.signer.enabled:
-            request["payload_digest"] = digest(data)
+            if self.signer.enabled:
+                request["payload_digest"] = digest(data)
 
     def _publish(self, job: Job, request: dict[str, Any], options: JobOptions) -> None:
         """The job's first event ("queued") and its task message, and follow the job."""
@@ -302,8 +302,9 @@ class Client:
             self.blobs.delete(ref)
         else:  # (below the blob threshold) copied into a writable buffer: the arrays loaded from it are writable
             data = bytearray(inline) if isinstance(inline, bytes) else inline
-        if self.signer.enabled:  # what was signed: this job's id and this result's digest
-            signed = {**(signature if isinstance(signature, dict) else {}), "job_id": job_id, "digest": digest(data)}
+        if self.signer.enabled:  # what was signed: this job's id, and this kernel's file or these bytes' digest
+            content = {"file": ref} if ref is not None and "shm" in ref else {"digest": digest(data)}
+            signed = {**(signature if isinstance(signature, dict) else {}), "job_id": job_id, **content}
             try:
                 self.signer.check(signed, "this kernel's")
             except SignatureError as problem:

@@ -44,8 +44,12 @@ def signed_client(redis_url: str, signed_worker: subprocess.Popen) -> Client:
 def test_signed_jobs_run(signed_client: Client) -> None:
     job = signed_client.submit_cell("y = x * 2\n", {"x": 21}, image=IMAGE, queue="signed")
     assert job.result(timeout=60) == {"y": 42}
-    big = signed_client.submit_cell("n = len(blob)\n", {"blob": b"b" * (3 << 20)}, image=IMAGE, queue="signed")
-    assert big.result(timeout=60) == {"n": 3 << 20}  # payload by reference, checked by digest
+    # big data both ways, in the kernel's shared memory folder (this worker's host): signed by the files' names
+    big = signed_client.submit_cell("n = len(blob)\nback = blob[::-1]\n", {"blob": b"ab" * (3 << 20)}, image=IMAGE,
+                                    queue="signed")
+    assert big.result(timeout=60) == {"n": 6 << 20, "back": b"ba" * (3 << 20)}
+    events = signed_client.store.read(big.id, "0", timeout=1)[0]
+    assert "shm" in [e for e in events if e["type"] == "done"][0]["result_ref"]
 
 
 def test_an_unsigned_request_is_refused_and_nothing_runs(redis_url: str, signed_worker: subprocess.Popen) -> None:
@@ -95,6 +99,41 @@ def test_a_forged_result_is_not_unpickled(signed_client: Client, redis_url: str,
     with pytest.raises(SignatureError, match="was not unpickled"):
         job.result(timeout=30)
     assert not os.path.exists(planted)
+
+
+def test_a_result_file_an_end_event_names_is_unpickled_only_if_signed_by_that_name(signed_client: Client,
+                                                                                    redis_url: str, tmp_path) -> None:
+    """A big result in the kernel's shared memory folder is signed by its name, not its bytes': an
+    end event naming a file there (one planted as an attacker with a foothold would) is refused
+    with a signature made for another file, and (the control) accepted with one made for it."""
+    def planted_result(planted: str) -> dict:
+        bundle = b"".join(protocol.pack_bundle({"outputs": {"a": [0]}, "skipped": {}},
+                                               [pickle.dumps(PlantsAFile(planted))]))
+        path = os.path.join(signed_client.kernel_files.folder, f"out-{uuid.uuid4().hex}")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(bundle)
+        return {"shm": path, "size": len(bundle)}
+
+    def ended_with(job: Job, ref: dict, signed_file: dict) -> None:
+        done = {"type": "done", "status": "succeeded", "error": None, "worker": "attacker", "timings": {},
+                "result_ref": ref, "result_sig": _signed_at({"job_id": job.id, "file": signed_file}, time.time()),
+                "t": 0}
+        redis.Redis.from_url(redis_url).xadd(f"celery_nb:events:{job.id}", {"e": json.dumps(done)})
+
+    forged = signed_client.submit_cell("a = 1\n", {}, image=IMAGE, queue="nobody-consumes-this")
+    refused = tmp_path / "refused"
+    ref = planted_result(str(refused))
+    ended_with(forged, ref, {**ref, "shm": ref["shm"][:-1] + "0"})
+    with pytest.raises(SignatureError, match="was not unpickled"):
+        forged.result(timeout=30)
+    assert not refused.exists()
+
+    control = signed_client.submit_cell("a = 1\n", {}, image=IMAGE, queue="nobody-consumes-this")
+    accepted = tmp_path / "accepted"
+    ref = planted_result(str(accepted))
+    ended_with(control, ref, ref)
+    control.result(timeout=30)
+    assert accepted.exists()
 
 
 def _signed_at(message: dict, signed_at: float) -> dict:

@@ -387,24 +387,22 @@ class JobRun:
         return kernel_files(self.pool.settings, self.request)
 
     def _payload(self, as_file: bool) -> Any:
-        """The job's payload bundle (bytes-like), checked against its signed digest; None once it
-        is ready to be handed over as a file (``as_file``)."""
-        if "payload_shm" in self.request:
+        """The job's payload bundle (bytes-like; one from the blob store checked against its signed
+        digest); None once it is ready to be handed over as a file (``as_file``)."""
+        if "payload_shm" in self.request:  # (signed by its name: see celery_nb.signing)
             self._payload_file = self._kernel_payload_file()
-            if as_file and not self.signer.enabled:
+            if as_file:
                 return None
-            payload: Any = mmap.mmap(self._payload_file, self.request["payload_shm"]["size"], prot=mmap.PROT_READ)
-        elif "payload_ref" in self.request:
-            payload = self.blobs.get(self.request["payload_ref"])
-        else:
+            return mmap.mmap(self._payload_file, self.request["payload_shm"]["size"], prot=mmap.PROT_READ)
+        if "payload_ref" not in self.request:
             return base64.b64decode(self.request["payload"])
+        payload = self.blobs.get(self.request["payload_ref"])
         if self.signer.enabled and digest(payload) != self.request.get("payload_digest"):
             raise SignatureError(f"the payload of job {self.job_id} in the blob store does not match its "
                                  f"signed request: it was altered; nothing ran")
         if not as_file:
             return payload
-        if self._payload_file is None:
-            self._payload_file = handover.memory_file_of(payload)
+        self._payload_file = handover.memory_file_of(payload)
         return None
 
     def _kernel_payload_file(self) -> int:
@@ -474,12 +472,17 @@ class JobRun:
                 "container": self._container, "container_id": self._container_id, "attempt": self._attempt,
                 "usage": self._usage, **self._environment_state()}
         result = self._result if status == "succeeded" else None
-        if result is not None and self.signer.enabled:  # checked by the kernel before it unpickles
-            signed = result.contents() if isinstance(result, handover.SharedFile) else result
-            done["result_sig"] = self.signer.sign({"job_id": self.job_id, "digest": digest(signed)})
         if result is not None:
+            # checked by the kernel before it unpickles: a file in its shared memory folder by its
+            # name (see celery_nb.signing), other bytes by their digest, made before they are stored
+            written_there = isinstance(result, handover.SharedFile) and result.ref is not None
+            checked = (digest(result.contents() if isinstance(result, handover.SharedFile) else result)
+                       if self.signer.enabled and not written_there else None)
             result, ref = self._stored_result(result)
             done.update({"result_ref": ref} if ref else {})
+            if self.signer.enabled:
+                content = {"file": ref} if ref is not None and "shm" in ref else {"digest": checked}
+                done["result_sig"] = self.signer.sign({"job_id": self.job_id, **content})
         self._release_files()
         message = unacked_records(self.delivery_tag) if self.acks_with_finish and self.delivery_tag else None
         finished = self.store.finish(self.job_id, {**done, "t": time.time()}, blob=result, message=message)
