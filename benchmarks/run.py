@@ -11,8 +11,9 @@ images BENCH_IMAGE (python3; default local/py311) and BENCH_NUMPY_IMAGE (with nu
 local/py311-numpy), both with the kernel's Python minor version for the function benchmarks,
 and the package index (the environment rows build numpy environments, and remove them and
 uv's download cache first). Starts its own `celery-nb worker`, another one as on another host
-(CELERY_NB_KERNEL_SHARED_MEMORY=0: big data through Redis, on queue ELSEWHERE) and a plain
-Celery worker (threads, 4 each); a container of BENCH_IMAGE running benchmarks/fork_server.py,
+(CELERY_NB_KERNEL_SHARED_MEMORY=0: big data through Redis, on queue ELSEWHERE), for the
+signing rows one with CELERY_NB_SECRET (on queue SIGNED), and a plain Celery worker (threads, 4
+each); a container of BENCH_IMAGE running benchmarks/fork_server.py,
 the least a warm container does to run each call in a fresh process, which a raw Celery task
 calls ("raw Celery + container"); ipyparallel (two engines) and Dask (two single-threaded worker
 processes) when they are installed.
@@ -68,7 +69,7 @@ BIG_CELL = f"import numpy as np\nresult = np.ones({BIG // 8})\n"
 NO_RESULT_CELL = f"import numpy as np\nnp.ones({BIG // 8})\nresult = 1\n"  # the same work, nothing big back
 ONE_GB_PER_S = BIG / 1e9 * 1e3  # ms that BIG bytes take at 1 GB/s
 ELSEWHERE = "elsewhere"  # the queue of the worker as on another host (and its node name's start)
-BIG_RUNS = 7  # timings of each big data side
+BIG_RUNS = 11  # timings of each big data side
 MANY = 2000
 CACHED_PIP = "numpy tqdm"  # the environment of the cache-hit row (the quickstart's)
 BUILT_PIP = "numpy"  # the environment the first-build rows build, again and again
@@ -79,6 +80,7 @@ RUNTIME_CALLS = 1000  # trivial calls a round of the runtime-alone rows
 RUNTIME_ROUNDS = 3
 IN_CONTAINER = "raw Celery + container"  # raw Celery's task calling benchmarks/fork_server.py
 NEW_PROCESS = "--new-process"  # celery_nb's jobs each in a process of its own
+SIGNED = "signed"  # the queue of the worker with CELERY_NB_SECRET set (and its node name's start)
 
 
 def identity(value: object) -> object:  # defined in __main__: travels by value to the container
@@ -145,10 +147,15 @@ def per_second(count: int, samples: Samples) -> float:
 def start(args: list[str], env: dict[str, str], ready: Callable[[], bool], log: str) -> subprocess.Popen:
     proc = subprocess.Popen(args, env={**os.environ, **env}, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{args[:4]} did not start; see {log}")
-        time.sleep(0.2)
+    try:
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{args[:4]} did not start; see {log}")
+            time.sleep(0.2)
+    except BaseException:  # not left behind to take a later run's jobs
+        proc.terminate()
+        proc.wait(30)
+        raise
     return proc
 
 
@@ -346,7 +353,43 @@ def big_data_rows(client: Client) -> list[Row]:
         rows = big_data(client, embedded)
     finally:
         embedded.shutdown()
-    return [*rows, kernel_memory()]
+    return [*rows, kernel_memory(), *signing_rows(client)]
+
+
+def signing_rows(client: Client) -> list[Row]:
+    """What signing costs (CELERY_NB_SECRET on the kernel and on a worker of this host: each
+    request signed and checked, a big payload's and each result's SHA-256 made on one side and
+    checked on the other): a warm function round trip, a 100 MiB result and a 100 MiB input,
+    against the same unsigned (``client``, the benchmark's own worker)."""
+    secret = os.urandom(16).hex()
+    signed = Client(BROKER_URL, secret=secret)
+    node = f"{SIGNED}{os.getpid()}@{socket.gethostname()}"  # (pinged alone: the raw Celery worker answers in pickle)
+    worker = start([sys.executable, "-m", "celery_nb.worker.cli", "worker", "--broker", BROKER_URL, "-c", "4", "-Q",
+                    SIGNED, "-n", node, "-l", "WARNING"], {"CELERY_NB_SECRET": secret},
+                   lambda: bool(client.app.control.ping(destination=[node], timeout=0.5)),
+                   str(ROOT / "build/bench-signed-worker.log"))
+    data = b"x" * BIG
+    try:
+        ways = {"function": lambda c, queue: c.submit(identity, 1, image=IMAGE, queue=queue).result(60),
+                "result": lambda c, queue: c.submit_cell(BIG_CELL, {}, image=NUMPY_IMAGE, memory="1g",
+                                                         queue=queue).result(120),
+                "input": lambda c, queue: c.submit_cell("n = len(data)\n", {"data": data}, image=IMAGE, memory="1g",
+                                                        queue=queue).result(120)}
+        sides = {(way, kind): functools.partial(call, *where) for way, call in ways.items()
+                 for kind, where in (("unsigned", (client, None)), ("signed", (signed, SIGNED)))}
+        for side in sides.values():
+            side()
+        times = alternating({k: v for k, v in sides.items() if k[0] == "function"}, runs=200, block=50, settle=5)
+        times.update(alternating({k: v for k, v in sides.items() if k[0] != "function"}, runs=BIG_RUNS, block=1,
+                                 pause=0.3))
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        signed.shutdown()
+    measures = {"function": "warm trivial function round trip, signed", "result": "100 MiB numpy result, signed",
+                "input": "100 MiB bytes input, signed"}
+    return [Row(measure, times[(way, "signed")].median * 1e3, "ms", {"unsigned": times[(way, "unsigned")].median * 1e3},
+                {}, times[(way, "signed")].p90 * 1e3) for way, measure in measures.items()]
 
 
 def remove_environment(docker_client: docker.DockerClient, requirements: str) -> None:
