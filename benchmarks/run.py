@@ -375,8 +375,11 @@ def signing_rows(client: Client) -> list[Row]:
                                                          queue=queue).result(120),
                 "input": lambda c, queue: c.submit_cell("n = len(data)\n", {"data": data}, image=IMAGE, memory="1g",
                                                         queue=queue).result(120)}
-        sides = {(way, kind): functools.partial(call, *where) for way, call in ways.items()
-                 for kind, where in (("unsigned", (client, None)), ("signed", (signed, SIGNED)))}
+        # signed and unsigned alike, a result after an input and an input after a result (a side's
+        # time depends on what the one before it freed: see README, Benchmarks)
+        sides = {(way, kind): functools.partial(call, *where)
+                 for kind, where in (("unsigned", (client, None)), ("signed", (signed, SIGNED)))
+                 for way, call in ways.items()}
         for side in sides.values():
             side()
         times = alternating({k: v for k, v in sides.items() if k[0] == "function"}, runs=200, block=50, settle=5)
