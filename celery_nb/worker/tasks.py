@@ -473,15 +473,14 @@ class JobRun:
                 "usage": self._usage, **self._environment_state()}
         result = self._result if status == "succeeded" else None
         if result is not None:
-            # checked by the kernel before it unpickles: a file in its shared memory folder by its
-            # name (see celery_nb.signing), other bytes by their digest, made before they are stored
-            written_there = isinstance(result, handover.SharedFile) and result.ref is not None
-            checked = (digest(result.contents() if isinstance(result, handover.SharedFile) else result)
-                       if self.signer.enabled and not written_there else None)
+            # (a mapping outlives its file's descriptor, which storing the result closes)
+            stored = ((result.contents() if isinstance(result, handover.SharedFile) else result)
+                      if self.signer.enabled else None)
             result, ref = self._stored_result(result)
             done.update({"result_ref": ref} if ref else {})
-            if self.signer.enabled:
-                content = {"file": ref} if ref is not None and "shm" in ref else {"digest": checked}
+            if self.signer.enabled:  # checked by the kernel before it unpickles: a file in its shared
+                # memory folder by its name (see celery_nb.signing), other bytes by their digest
+                content = {"file": ref} if ref is not None and "shm" in ref else {"digest": digest(stored)}
                 done["result_sig"] = self.signer.sign({"job_id": self.job_id, **content})
         self._release_files()
         message = unacked_records(self.delivery_tag) if self.acks_with_finish and self.delivery_tag else None
