@@ -358,9 +358,9 @@ def big_data_rows(client: Client) -> list[Row]:
 
 def signing_rows(client: Client) -> list[Row]:
     """What signing costs (CELERY_NB_SECRET on the kernel and on a worker of this host: each
-    request signed and checked, a big payload's and each result's SHA-256 made on one side and
-    checked on the other): a warm function round trip, a 100 MiB result and a 100 MiB input,
-    against the same unsigned (``client``, the benchmark's own worker)."""
+    request and end event signed and checked; big data here goes through the kernel's shared
+    memory folder, signed by its file's name): a warm function round trip, a 100 MiB result and a
+    100 MiB input, against the same unsigned (``client``, the benchmark's own worker)."""
     secret = os.urandom(16).hex()
     signed = Client(BROKER_URL, secret=secret)
     node = f"{SIGNED}{os.getpid()}@{socket.gethostname()}"  # (pinged alone: the raw Celery worker answers in pickle)
