@@ -53,8 +53,11 @@ FRAME_USAGE = 9  # JSON {"cpu_seconds", "peak_memory"}: what the job used, just 
 # worker for a file, to be handed over on the unix socket it listens on (a path in the container)
 FRAME_FILE_WANTED = 10
 FRAME_RETIRE = 11  # worker -> container, empty, before a REQUEST: the kept process ends, a new one takes it
+# a job's process -> its server only, empty, right after its job's last frame (in the same write): the
+# process stays for the next job of its key; the server sends END {"kept": true} with those frames
+FRAME_KEPT = 12
 FRAME_KINDS = (FRAME_STDOUT, FRAME_STDERR, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR, FRAME_END, FRAME_REQUEST,
-               FRAME_RESULT_FILE, FRAME_USAGE, FRAME_FILE_WANTED, FRAME_RETIRE)
+               FRAME_RESULT_FILE, FRAME_USAGE, FRAME_FILE_WANTED, FRAME_RETIRE, FRAME_KEPT)
 OUT_OF_BAND_MIN = 1 << 16  # bytes and bytearrays from this size travel as out-of-band buffers
 
 # The container's folder that a worker on its host reaches through /proc/<pid>/root: the server's

@@ -320,7 +320,7 @@ class _JobProcess:
 
     def __init__(self, frames: FrameWriter, status_w: int, next_r: int, memory: _JobMemory) -> None:
         self._frames = frames
-        self._status_w = status_w  # to the server: _STARTED, _KEPT
+        self._status_w = status_w  # to the server: _STARTED
         self._next_r = next_r  # from the server: each job's directory once made, then a kept process's requests
         self._memory = memory
         self._key: Optional[str] = None  # of its jobs
@@ -350,7 +350,6 @@ class _JobProcess:
             if not self._run(memoryview(request), job_dir):
                 return 0
             self._jobs_run += 1
-            os.write(self._status_w, _KEPT)
             name = _read_exactly(self._next_r, workdir.NAME_SIZE)  # made while it waits for its request
             message = None if name is None else _next_request(self._next_r)
             if message is None:  # the worker retired it
@@ -358,7 +357,8 @@ class _JobProcess:
             request = message[1]  # (a REQUEST: the server reads a RETIRE itself)
 
     def _run(self, request: memoryview, job_dir: workdir.JobDirectory) -> bool:
-        """The job, in ``job_dir``, with fd 1/2 the log pipes; whether the process may stay."""
+        """The job, in ``job_dir``, with fd 1/2 the log pipes; whether the process stays (its last
+        frames then say so to the server)."""
         usage = None if self._peak is None else _JobUsage(self._peak)  # (a first job's are its process's)
         outer, (payload, *code) = protocol.unpack_bundle(request)
         kept_for, self._key = self._key, outer.get("process")
@@ -402,7 +402,8 @@ class _JobProcess:
         added = self._memory.peak()
         used = usage.used(added) if usage is not None else _usage(
             [resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)], added)
-        self._frames.write_frames([(protocol.FRAME_USAGE, [json.dumps(used).encode()]), (kind, result)])
+        self._frames.write_frames([(protocol.FRAME_USAGE, [json.dumps(used).encode()]), (kind, result)]
+                                  + ([(protocol.FRAME_KEPT, [])] if stays else []))
         return stays
 
     def _measures_each_job(self) -> bool:
@@ -626,12 +627,13 @@ class _JobMemory:
 
 
 _STARTED = b"s"  # a job's process to the server: its first job's request has come
-_KEPT = b"k"  # a job's process to the server: its job has ended (its last frame written), and it stays
 
 
 class _ChildRelay:
     """The server's side of one job's process: relays its output pipes as log frames and its
     frame pipe verbatim, never splitting a frame, so all of a job's output precedes its last frame.
+    What one read brought goes on in one write (the worker wakes once for a job's last frames
+    and, when its process stays, the END that says so).
 
     It also watches the request channel (``requests_fd``) for the worker hanging up: the
     worker died (or dropped the container), so nobody will hear of the job again, and another
@@ -639,9 +641,9 @@ class _ChildRelay:
     next job of its key, the server reads that job's request there and hands it on (``next_w``,
     which also tells the process each job's directory): the process never holds the channel
     while a job runs, so nothing a job leaves behind reads another's request. It waits for
-    something to happen, not in turns: output, what the process says on its status pipe (its
-    job started, or ended with the process staying for the next), its exit (a pidfd), a request
-    or a hang-up, or a memory sample due."""
+    something to happen, not in turns: output, frames (the last of a job whose process stays
+    says so: FRAME_KEPT), its first job's start on its status pipe, its exit (a pidfd), a
+    request or a hang-up, or a memory sample due."""
 
     def __init__(self, frames: FrameWriter, pid: int, stdout_r: int, stderr_r: int, frames_r: int,
                  requests_fd: int, status_r: int, next_w: int, memory: _JobMemory) -> None:
@@ -654,6 +656,9 @@ class _ChildRelay:
         self._next_w = next_w
         self._requests_fd = requests_fd
         self._kept = False  # the process waits for the next request of its key, which the server hands on
+        self._stays = False  # its job's last frames said it stays (FRAME_KEPT): END is to follow them
+        self._out: List[Any] = []  # frame bytes to write to the worker, in order
+        self._out_size = 0
         self._frame_left = 0  # bytes of the child's current frame still to relay
         self._head = b""  # a partial frame header from the child
         self._poll = select.poll()
@@ -678,10 +683,27 @@ class _ChildRelay:
         except BrokenPipeError:
             pass  # it has ended already: no request came, or it died
 
-    def keep(self) -> None:
-        """The process stays for the next job of its key: its request is to be handed on."""
+    def keep(self, end: bytes) -> None:
+        """The process stays for the next job of its key: the END frame ``end`` goes to the worker
+        in one write with the job's last frames, and the next request is to be handed on."""
+        self._stays = False
+        self._queue(protocol.frame_header(protocol.FRAME_END, len(end)), end)
+        self._flush()
         self._kept = True
         self._poll.modify(self._requests_fd, select.POLLIN)
+
+    def _queue(self, *pieces: Any) -> None:
+        """Frame bytes for the worker, written by _flush (at once, past _JOINED bytes: a job's
+        output piles up in the server no further)."""
+        self._out.extend(pieces)
+        self._out_size += sum(memoryview(piece).nbytes for piece in pieces)
+        if self._out_size > _JOINED:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            self._frames.write_raw(b"".join(self._out) if len(self._out) > 1 else self._out[0])
+            self._out, self._out_size = [], 0
 
     def _hand_on_request(self) -> None:
         """The worker's next frame, to the kept process: a REQUEST is copied to it; a RETIRE
@@ -723,31 +745,33 @@ class _ChildRelay:
                     self._close(fd)
                     del self._logs[fd]
                     break
-                self._frames.write(kind, chunk)
+                self._queue(protocol.frame_header(kind, len(chunk)), chunk)
 
-    def _read_frames(self) -> bool:
-        """Relay what the frame pipe holds now; False once it holds nothing more for now."""
+    def _read_frames(self) -> None:
+        """Relay what the frame pipe holds now (the job's last frames, when its process stays,
+        wait for the END that keep adds)."""
         try:
             chunk = os.read(self._frames_r, _READ_CHUNK)
         except BlockingIOError:
-            return False
+            return
         if not chunk:
             self._close(self._frames_r)
             self._frames_r = -1
-            return False
-        self._relay_frames(chunk)
-        return True
+        else:
+            self._relay_frames(chunk)
+        if not self._stays:
+            self._flush()
 
     def _relay_frames(self, chunk: bytes) -> None:
-        """Forward the child's frame bytes, whole frames in one write where possible; log
-        output is drained in between frames only."""
+        """Queue the child's frame bytes as they came, but a KEPT frame (the server's: the job's
+        process stays); log output is drained in between frames only."""
         view = memoryview(chunk)
-        start = pos = 0  # bytes before ``start`` are written
+        start = pos = 0  # bytes before ``start`` are queued
         while pos < view.nbytes:
             if self._frame_left == 0:
                 if not self._head:  # a frame boundary
                     if pos > start:
-                        self._frames.write_raw(view[start:pos])
+                        self._queue(view[start:pos])
                         start = pos
                     self._drain_logs()  # what the child printed before this frame goes first
                 piece = view[pos:pos + protocol.FRAME_HEADER_SIZE - len(self._head)]
@@ -756,8 +780,11 @@ class _ChildRelay:
                 if len(self._head) < protocol.FRAME_HEADER_SIZE:
                     return  # the rest of the header comes with the next chunk
                 self._frame_left = protocol.frame_size(self._head)
-                if pos - start != protocol.FRAME_HEADER_SIZE:  # the header began in an earlier chunk
-                    self._frames.write_raw(self._head)
+                if self._head[len(protocol.FRAME_MAGIC)] == protocol.FRAME_KEPT:
+                    self._stays = True
+                    start = pos
+                elif pos - start != protocol.FRAME_HEADER_SIZE:  # the header began in an earlier chunk
+                    self._queue(self._head)
                     start = pos
                 self._head = b""
                 continue
@@ -765,7 +792,7 @@ class _ChildRelay:
             self._frame_left -= take
             pos += take
         if pos > start:
-            self._frames.write_raw(view[start:pos])
+            self._queue(view[start:pos])
 
     def _wait_ms(self, deadline: Optional[float]) -> int:
         """How long to wait for the next event: until a memory sample or the deadline is due;
@@ -787,8 +814,11 @@ class _ChildRelay:
             between_frames = self._frame_left == 0 and not self._head
             if self._frames_r in ready:
                 self._read_frames()
+                if self._stays:  # (its last frames wait for keep's END)
+                    return None
             elif ready & self._logs.keys() and between_frames:
                 self._drain_logs()
+                self._flush()
             if self._status_r >= 0 and self._status_r in ready:
                 said = os.read(self._status_r, 64)
                 if not said:  # the process has ended
@@ -796,10 +826,6 @@ class _ChildRelay:
                     self._status_r = -1
                 if _STARTED in said:
                     self._memory.running()
-                if _KEPT in said:
-                    while self._frames_r >= 0 and self._read_frames():
-                        pass  # the last frames it wrote before saying so
-                    return None
             if self._kept and events.get(self._requests_fd, 0) & select.POLLIN:
                 self._hand_on_request()
             elif self._requests_fd in ready and not self.orphaned:
@@ -929,7 +955,7 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         frames_r, frames_w = os.pipe()
-        status_r, status_w = os.pipe()  # _STARTED, _KEPT
+        status_r, status_w = os.pipe()  # _STARTED
         next_r, next_w = os.pipe()  # each job's directory, once made
         pid = os.fork()
         if pid == 0:
@@ -959,10 +985,9 @@ def serve(requests_fd: int = 0, one_shot: bool = False) -> int:
             ended = relay.run()
             if ended is not None:
                 break
-            job_dir = workdir.JobDirectory(code=job_dir.code)  # its next job's
+            job_dir = job_dir.for_next_job()
             oom_kills, before = oom_counter.value(), oom_kills
-            relay.keep()
-            frames.write(protocol.FRAME_END, json.dumps({"kept": True, "oom_kills": oom_kills - before}).encode())
+            relay.keep(json.dumps({"kept": True, "oom_kills": oom_kills - before}).encode())
         status, rusage = ended
         while True:  # we are PID 1: reap whatever was reparented to us
             try:

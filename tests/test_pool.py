@@ -71,13 +71,17 @@ PROCESS = "import os, sys\npid = os.getpid()\ncwd = os.getcwd()\nloaded = 'wave'
 
 def test_a_kernels_next_job_runs_in_the_process_its_job_left_as_it_found_it(client: Client) -> None:
     memory = "72m"
-    first = client.submit_cell(PROCESS + "import wave\nleak = 1\n", {}, image=IMAGE, memory=memory).result(timeout=60)
-    job = client.submit_cell(PROCESS + "seen = 'leak' in globals()\n", {}, image=IMAGE, memory=memory)
+    first = client.submit_cell(PROCESS + "import wave\nleak = 1\nopen('mine.txt', 'w').close()\n", {}, image=IMAGE,
+                               memory=memory).result(timeout=60)
+    job = client.submit_cell(PROCESS + "seen = 'leak' in globals()\nfiles = os.listdir()\n", {}, image=IMAGE,
+                             memory=memory)
     second = job.result(timeout=60)
     assert job.container == "warm"
     # the same process, its modules still imported; the cell's globals and directory are its own
-    assert (second["pid"], second["loaded"], second["seen"]) == (first["pid"], True, False)
-    assert second["cwd"] != first["cwd"]
+    assert (second["pid"], second["loaded"], second["seen"], second["files"]) == (first["pid"], True, False, [])
+    assert second["cwd"] != first["cwd"]  # (the first job left a file in its directory)
+    third = client.submit_cell(PROCESS + "files = os.listdir()\n", {}, image=IMAGE, memory=memory).result(timeout=60)
+    assert (third["pid"], third["cwd"], third["files"]) == (first["pid"], second["cwd"], [])  # left empty: kept
     own = client.submit_cell(PROCESS, {}, image=IMAGE, memory=memory, new_process=True).result(timeout=60)
     assert own["pid"] != first["pid"] and not own["loaded"]
     after = client.submit_cell(PROCESS, {}, image=IMAGE, memory=memory).result(timeout=60)
