@@ -8,7 +8,6 @@ no-new-privileges (see docker_api.start_container).
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -67,8 +66,7 @@ class ContainerSpec:
 
     @functools.cached_property  # asked several times a job
     def pool_key(self) -> str:
-        fields = "|".join(f"{name}={value!r}" for name, value in dataclasses.asdict(self).items())
-        return hashlib.sha256(fields.encode()).hexdigest()[:24]
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:24]  # (the dataclass's repr: every field)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import mmap
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class JobRun:
             claim, warm = self._claim(warm)
             if claim.outcome == "done":  # a message delivered again after its job had ended
                 log.info("celery_nb: job %s has already finished; its message delivered again is dropped", self.job_id)
-                drop_payload(self.blobs, self.request, self._kernel_files)
+                drop_payload(self.blobs, self.request, lambda: self._kernel_files)
                 return "duplicate"
             if claim.outcome == "cancelled":  # also covers a worker that missed the revoke broadcast
                 return self._finish("cancelled")
@@ -493,7 +494,7 @@ class JobRun:
             if "result_ref" in done:
                 delete_blob(self.blobs, self._kernel_files, done["result_ref"])
             return "superseded"
-        drop_payload(self.blobs, self.request, self._kernel_files)  # only the run that ends the job
+        drop_payload(self.blobs, self.request, lambda: self._kernel_files)  # only the run that ends the job
         return status
 
     def _stored_result(self, result: Any) -> tuple[Any, dict[str, Any] | None]:
@@ -562,11 +563,13 @@ def delete_blob(blobs: BlobStore, kernel_files: shm.Exchange | None, ref: dict[s
         kernel_files.delete(ref)
 
 
-def drop_payload(blobs: BlobStore, request: dict[str, Any], kernel_files: shm.Exchange | None) -> None:
-    """Delete a big payload kept by reference: its job has ended."""
-    for key in ("payload_ref", "payload_shm"):
-        if key in request:
-            delete_blob(blobs, kernel_files, request[key])
+def drop_payload(blobs: BlobStore, request: dict[str, Any], kernel_files: Callable[[], shm.Exchange | None]) -> None:
+    """Delete a big payload kept by reference: its job has ended. (``kernel_files``: the kernel's
+    shared memory folder, looked for only for a payload there.)"""
+    if "payload_ref" in request:
+        blobs.delete(request["payload_ref"])
+    if "payload_shm" in request and (files := kernel_files()) is not None:
+        files.delete(request["payload_shm"])
 
 
 def report_revoked(services: WorkerServices, job_id: str, worker: str, request: dict[str, Any] | None) -> None:
@@ -575,7 +578,7 @@ def report_revoked(services: WorkerServices, job_id: str, worker: str, request: 
     services.store.route(job_id, (request or {}).get("inbox"))
     if services.store.finish(job_id, {"type": "done", "status": "cancelled", "error": None, "worker": worker,
                                       "timings": {"received": now, "finished": now}, "t": now}) and request:
-        drop_payload(services.blobs, request, kernel_files(services.pool.settings, request))
+        drop_payload(services.blobs, request, lambda: kernel_files(services.pool.settings, request))
 
 
 def run_job(request: dict[str, Any], services: WorkerServices, worker: str,
