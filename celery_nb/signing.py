@@ -80,8 +80,10 @@ class Signer:
             return
         unsigned = {k: v for k, v in message.items() if k != "sig"}
         if not (isinstance(message.get("sig"), str) and hmac.compare_digest(message["sig"], self._mac(unsigned))):
-            raise SignatureError(f"is not signed with {whose} CELERY_NB_SECRET, or was altered on the way (set the "
-                                 f"same CELERY_NB_SECRET for the kernels and the workers)")
+            # (a kernel and a worker of different celery_nb versions may sign different fields)
+            raise SignatureError(f"is not signed with {whose} CELERY_NB_SECRET, or was altered on the way, or was "
+                                 f"signed by another celery_nb version (set the same CELERY_NB_SECRET, and install the "
+                                 f"same celery_nb version, for the kernels and the workers)")
         signed_at, expires_at = message.get("signed_at"), message.get("expires_at")
         if not isinstance(signed_at, (int, float)) or not isinstance(expires_at, (int, float)):
             raise SignatureError("carries no signing time: an older celery_nb signed it; use the same celery_nb "
