@@ -30,6 +30,7 @@ import functools
 import io
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ from benchmarks.in_kernel import BenchKernel  # noqa: E402
 from benchmarks.peers import Peer, running_peers  # noqa: E402
 from benchmarks.raw_celery import BROKER_URL, echo, echo_in_container, ones, size_of  # noqa: E402
 from celery_nb import Client, JobOptions, payload  # noqa: E402
+from celery_nb.jobstore import LEASE  # noqa: E402
 from celery_nb.worker import docker_api, environments  # noqa: E402
 from celery_nb.worker.channel import RuntimeContainer  # noqa: E402
 from celery_nb.worker.policy import WorkerPolicy  # noqa: E402
@@ -113,14 +116,20 @@ def timed(fn: Callable[[], object], repeat: int) -> Samples:
 
 
 def alternating(sides: dict[str, Callable[[], object]], runs: int, block: int, settle: int = 0,
-                pause: float = 0.0) -> dict[str, Samples]:
+                pause: float = 0.0, shuffled: bool = False) -> dict[str, Samples]:
     """``runs`` timings of each side, taken in alternating blocks of ``block`` back-to-back runs,
     so that all meet the machine's load as it drifts over the run. What one side leaves behind
     (a standby process being forked, a container being removed) must not be timed against
-    another: each block starts with ``settle`` untimed runs, or after ``pause`` seconds."""
+    another: each block starts with ``settle`` untimed runs, or after ``pause`` seconds; and
+    (``shuffled``) each round takes the sides in a new random order, so that what one side does
+    to the next (memory it freed) falls on each side alike, not always on the same one."""
     samples = {name: Samples() for name in sides}
-    while len(samples[next(iter(sides))].values) < runs:
-        for name, target in sides.items():
+    order = list(sides)
+    while len(samples[order[0]].values) < runs:
+        if shuffled:
+            random.shuffle(order)
+        for name in order:
+            target = sides[name]
             time.sleep(pause)
             for _ in range(settle):
                 target()
@@ -222,6 +231,18 @@ def kernel_round_trip() -> Row:
                times["magic"].p90 * 1e3)
 
 
+def lease_claim(client: Client) -> Row:
+    """What a job's lease costs it: the claim, one Redis round trip (a Lua script) before the job
+    runs, against a PING of the same Redis. (The lease is what makes a message delivered again
+    run once, and another worker take over from a dead one; renewing the leases of running jobs
+    is one round trip per worker every RENEW_INTERVAL, and the job's end releases its lease.)"""
+    ping = redis.Redis.from_url(BROKER_URL).ping
+    claim = lambda: client.store.claim(uuid.uuid4().hex, "benchmark", LEASE)  # noqa: E731
+    times = alternating({"claim": claim, "PING": ping}, runs=1000, block=100, settle=5)
+    return Row("a job's lease claim (one Redis round trip)", times["claim"].median * 1e3, "ms",
+               {"Redis PING": times["PING"].median * 1e3}, {}, times["claim"].p90 * 1e3)
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """CPU time so far: the machine's (busy: user, nice, system, irq, softirq; idle: idle, iowait;
     a hypervisor's steal is neither) and each named process's, with its reaped children's."""
@@ -317,7 +338,7 @@ def big_data(client: Client, embedded: Client) -> list[Row]:
             sides[f"no input, {where}"] = functools.partial(given, c, {"data": b""})
     for side in sides.values():
         side()
-    times = alternating(sides, runs=BIG_RUNS, block=1, pause=0.3)  # what the previous side freed, freed first
+    times = alternating(sides, runs=BIG_RUNS, block=1, pause=0.3, shuffled=True)  # (what the previous side freed, freed first)
     for name, samples in times.items():
         print(f"{name}: median {samples.median * 1e3:.1f} ms, {min(samples.values) * 1e3:.1f}-"
               f"{max(samples.values) * 1e3:.1f} ms over {len(samples.values)}")
@@ -484,6 +505,7 @@ def run_all(client: Client, pids: dict[str, dict[str, int]]) -> list[Row]:
         rows.extend(many)
     raw_rate = many[0].baselines["raw Celery"]  # (the first row's)
     rows.append(kernel_round_trip())
+    rows.append(lease_claim(client))
     rows.append(cold_start(client))
     rows.append(chunked_map(client, raw_rate))
     rows.extend(big_data_rows(client))
