@@ -492,7 +492,7 @@ class JobRun:
             log.warning("celery_nb: job %s was finished by another run first; this run's end (%s) is dropped",
                         self.job_id, status)
             if "result_ref" in done:
-                delete_blob(self.blobs, self._kernel_files, done["result_ref"])
+                delete_blob(self.blobs, lambda: self._kernel_files, done["result_ref"])
             return "superseded"
         drop_payload(self.blobs, self.request, lambda: self._kernel_files)  # only the run that ends the job
         return status
@@ -555,21 +555,20 @@ def kernel_files(settings: WorkerSettings, request: dict[str, Any]) -> shm.Excha
     return shm.Exchange.of(request.get("kernel_shm")) if settings.kernel_shared_memory else None
 
 
-def delete_blob(blobs: BlobStore, kernel_files: shm.Exchange | None, ref: dict[str, Any]) -> None:
-    """Delete a payload or result kept by reference: in the blob store, or a kernel's shared memory file."""
+def delete_blob(blobs: BlobStore, kernel_files: Callable[[], shm.Exchange | None], ref: dict[str, Any]) -> None:
+    """Delete a payload or result kept by reference: in the blob store, or a kernel's shared memory
+    file (``kernel_files``: that kernel's folder, looked for only then)."""
     if "shm" not in ref:
         blobs.delete(ref)
-    elif kernel_files is not None:
-        kernel_files.delete(ref)
+    elif (files := kernel_files()) is not None:
+        files.delete(ref)
 
 
 def drop_payload(blobs: BlobStore, request: dict[str, Any], kernel_files: Callable[[], shm.Exchange | None]) -> None:
-    """Delete a big payload kept by reference: its job has ended. (``kernel_files``: the kernel's
-    shared memory folder, looked for only for a payload there.)"""
-    if "payload_ref" in request:
-        blobs.delete(request["payload_ref"])
-    if "payload_shm" in request and (files := kernel_files()) is not None:
-        files.delete(request["payload_shm"])
+    """Delete a big payload kept by reference: its job has ended."""
+    for key in ("payload_ref", "payload_shm"):
+        if key in request:
+            delete_blob(blobs, kernel_files, request[key])
 
 
 def report_revoked(services: WorkerServices, job_id: str, worker: str, request: dict[str, Any] | None) -> None:
