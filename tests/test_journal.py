@@ -1,7 +1,9 @@
 """The local journal of jobs sent to a broker (no Docker): kernels writing at once lose nothing,
-and what it keeps expires with the jobs' events."""
+an entry is written at once and a burst's together, and what it keeps expires with the jobs'
+events."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sqlite3
@@ -79,3 +81,53 @@ def test_a_file_that_is_no_journal_is_moved_aside(journal_file: Path) -> None:
                                         time.time(), 1))
     assert [e.job_id for e in journal.entries(BROKER)] == ["f00d"]
     assert "older celery_nb" in (journal_file.parent / "jobs.sqlite3.damaged").read_text()
+
+
+def _rows_in(path: Path) -> int:
+    """How many entries the file holds now (what a kernel started now would find)."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        try:
+            return db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        except sqlite3.OperationalError:  # (no table yet)
+            return 0
+
+
+def _wait_for_rows(path: Path, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while _rows_in(path) != count:
+        assert time.monotonic() < deadline, f"{_rows_in(path)} entries written, not {count}"
+        time.sleep(0.005)
+
+
+def test_an_entry_alone_is_written_at_once_and_a_burst_together(journal_file: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    writes = []
+
+    def counted_write() -> None:
+        writes.append(time.monotonic())
+        real_write()
+
+    real_write = journal.write_pending
+    monkeypatch.setattr(journal, "write_pending", counted_write)  # (the background writer's)
+
+    def note(job_id: str) -> None:
+        journal.record(journal.JournalEntry(job_id, journal.public_url(BROKER), "call", "img", "q", "f()",
+                                            time.time(), 1))
+
+    time.sleep(journal._BURST_WINDOW)
+    started = time.monotonic()
+    note("alone")
+    _wait_for_rows(journal_file, 1)  # by the writer, unasked
+    assert time.monotonic() - started < 1
+    time.sleep(journal._BURST_WINDOW)
+    writes.clear()
+    started = time.monotonic()
+    for n in range(100):  # a job every 2 ms, for a fifth of a second or more
+        note(f"burst-{n:03d}")
+        time.sleep(0.002)
+    _wait_for_rows(journal_file, 101)
+    took = time.monotonic() - started
+    assert len(writes) <= took / journal._BURST_WINDOW + 2, f"{len(writes)} writes for 100 entries in {took:.2f} s"
+    assert [e.job_id for e in journal.entries(BROKER)] == ["alone"] + [f"burst-{n:03d}" for n in range(100)]
